@@ -1,0 +1,187 @@
+"""Parity checker: recomputes the original implementation's golden outputs with msk_jax.
+
+    python -m msk_jax.parity GOLDEN_DIR [--json OUT]
+
+For every known golden file present in GOLDEN_DIR, the outputs are recomputed from the file's
+*inputs only* (each checker sees the file through a view that refuses output keys), compared
+with the expected outputs under the tolerances of the golden README, and reported as one line
+per file. Exits non-zero if any file fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from typing import Callable, Iterable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One recomputed output, compared with the golden key of the same name."""
+
+    key: str
+    value: np.ndarray
+    atol: float | None = None  # pass if max |got - expected| <= atol
+    rtol: float | None = None  # pass if max |got - expected| / |expected| <= rtol
+
+
+class GoldenInputs:
+    """Read-only view of a golden .npz that only serves input keys."""
+
+    def __init__(self, npz, is_input: Callable[[str], bool], name: str):
+        self._npz, self._is_input, self._name = npz, is_input, name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if not self._is_input(key):
+            raise KeyError(f"{self._name}: '{key}' is an expected output, not an input.")
+        if key not in self._npz.files:
+            raise KeyError(f"{self._name}: missing input '{key}'.")
+        return self._npz[key]
+
+    def keys(self) -> list[str]:
+        return [k for k in self._npz.files if self._is_input(k)]
+
+
+def _matches(*patterns: str) -> Callable[[str], bool]:
+    compiled = [re.compile(p) for p in patterns]
+    return lambda key: any(p.fullmatch(key) for p in compiled)
+
+
+# --- multisk.npz -------------------------------------------------------------------------------
+
+def _check_multisk(inputs: GoldenInputs) -> Iterable[Output]:
+    import jax.numpy as jnp
+
+    from msk_jax import objectives, sinkhorn
+
+    for i in range(int(inputs["n_cases"])):
+        scores = inputs[f"case{i}_scores"]
+        eps, niters, fraction, required = inputs[f"case{i}_params"]
+        settings = dict(eps=float(eps), num_iters=int(niters), required_fraction=float(fraction))
+        if sinkhorn.num_required_slots(scores.shape[1], settings["required_fraction"]) != int(required):
+            raise ValueError(f"multisk.npz case {i}: R={int(required)} disagrees with "
+                             f"int(K * fraction) for K={scores.shape[1]}, fraction={fraction}.")
+        target = sinkhorn.multi_sinkhorn(scores, **settings).target
+        tensor = sinkhorn.multi_sinkhorn_assignment(scores, **settings)
+        cost = objectives.consistency_cost(jnp.asarray(inputs[f"case{i}_cost_input"]), target)
+        yield Output(f"case{i}_multi_sinkhorn", np.asarray(tensor), atol=1e-4)
+        yield Output(f"case{i}_calculate_sk", np.asarray(target), atol=1e-4)
+        yield Output(f"case{i}_cost", np.asarray(cost), rtol=1e-5)
+
+
+# --- retrieval.npz -----------------------------------------------------------------------------
+
+def _check_retrieval(inputs: GoldenInputs) -> Iterable[Output]:
+    from msk_jax import retrieval
+
+    for i in range(int(inputs["n_cases"])):
+        complete = int(inputs[f"case{i}_complete"])
+        metrics = retrieval.retrieval_metrics(inputs[f"case{i}_sims"], complete if complete >= 0 else None)
+        for name in retrieval.METRIC_NAMES:
+            yield Output(f"case{i}_{name}", np.asarray(metrics[name]), atol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldenFile:
+    is_input: Callable[[str], bool]
+    check: Callable[[GoldenInputs], Iterable[Output]] | None  # None: not yet supported
+
+
+GOLDEN_FILES = {
+    "multisk.npz": GoldenFile(_matches("n_cases", r"case\d+_(scores|params|cost_input)"), _check_multisk),
+    "retrieval.npz": GoldenFile(_matches("n_cases", r"case\d+_(sims|complete)"), _check_retrieval),
+    "model_forward.npz": GoldenFile(_matches(), None),
+    "train_steps.npz": GoldenFile(_matches(), None),
+}
+
+
+REL_ERR_FLOOR = 1e-6
+"""Relative errors divide by max(|expected|, this), so exact zeros do not report infinities."""
+
+
+def _errors(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(max absolute error, max relative error) of got against expected."""
+    got = np.asarray(got, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if got.shape != expected.shape:
+        raise ValueError(f"shape {got.shape} != expected {expected.shape}")
+    if got.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(got - expected)
+    if not np.all(np.isfinite(got)):
+        return float("inf"), float("inf")
+    rel = diff / np.maximum(np.abs(expected), REL_ERR_FLOOR)
+    return float(diff.max()), float(rel.max())
+
+
+def check_file(path: str) -> dict:
+    """Checks one golden file; returns {'max_abs_err', 'max_rel_err', 'pass', ...}."""
+    name = os.path.basename(path)
+    spec = GOLDEN_FILES[name]
+    if spec.check is None:
+        return {"pass": None, "status": "not yet supported"}
+    with np.load(path, allow_pickle=False) as npz:
+        inputs = GoldenInputs(npz, spec.is_input, name)
+        outputs = list(spec.check(inputs))  # computed from inputs only
+        result = {"max_abs_err": 0.0, "max_rel_err": 0.0, "pass": True, "outputs": len(outputs),
+                  "failures": []}
+        for out in outputs:
+            abs_err, rel_err = _errors(out.value, npz[out.key])
+            result["max_abs_err"] = max(result["max_abs_err"], abs_err)
+            result["max_rel_err"] = max(result["max_rel_err"], rel_err)
+            ok = ((out.atol is None or abs_err <= out.atol) and (out.rtol is None or rel_err <= out.rtol))
+            if not ok:
+                result["pass"] = False
+                result["failures"].append(
+                    f"{out.key}: abs {abs_err:.3g} rel {rel_err:.3g} "
+                    f"(tolerance {'abs %g' % out.atol if out.atol is not None else 'rel %g' % out.rtol})")
+    return result
+
+
+def check_dir(golden_dir: str) -> dict[str, dict]:
+    """Checks every known golden file present in golden_dir."""
+    if not os.path.isdir(golden_dir):
+        raise FileNotFoundError(f"parity: golden folder '{golden_dir}' does not exist.")
+    present = [n for n in GOLDEN_FILES if os.path.exists(os.path.join(golden_dir, n))]
+    if not present:
+        raise FileNotFoundError(f"parity: no golden file ({', '.join(GOLDEN_FILES)}) in '{golden_dir}'.")
+    return {n: check_file(os.path.join(golden_dir, n)) for n in present}
+
+
+def format_line(name: str, result: dict) -> str:
+    if result["pass"] is None:
+        return f"{name:<20} {result['status']}"
+    verdict = "PASS" if result["pass"] else "FAIL"
+    line = (f"{name:<20} max_abs_err {result['max_abs_err']:.3e}  max_rel_err {result['max_rel_err']:.3e}"
+            f"  {verdict}  ({result['outputs']} outputs)")
+    for failure in result["failures"][:10]:
+        line += f"\n    {failure}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m msk_jax.parity", description=__doc__.split("\n")[0])
+    parser.add_argument("golden_dir", help="folder with the golden .npz files")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    args = parser.parse_args(argv)
+    try:
+        results = check_dir(args.golden_dir)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    for name, result in results.items():
+        print(format_line(name, result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 1 if any(r["pass"] is False for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
