@@ -2,7 +2,7 @@
 
 Modules, named after the paper's parts:
   sinkhorn   -- the Multi-Assignment Sinkhorn-Knopp solver (targets for anchor consistency).
-  objectives -- the consistency cost and the NormSoftmax contrastive loss.
+  loss       -- the objective: consistency cost, NormSoftmax contrastive loss, their sum.
   retrieval  -- zero-shot retrieval metrics (R@k, MedR, MeanR).
   parity     -- checks msk_jax against the original implementation's golden numbers.
 """

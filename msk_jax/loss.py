@@ -1,4 +1,4 @@
-"""The Multi-SK objective terms as pure functions.
+"""The Multi-SK objective: its terms as pure functions, and their sum.
 
 - :func:`consistency_cost`: the anchor consistency cost, BCE-with-logits of exp(s / 0.1) against
   a Multi-SK target (the logits are exponentiated, exactly as in the original).

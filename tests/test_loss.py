@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msk_jax import objectives
+from msk_jax import loss
 
 
 def _log_softmax(x, axis):
@@ -26,24 +26,24 @@ def test_consistency_cost_is_bce_of_exponentiated_logits():
     x = np.exp(s.astype(np.float64) / 0.1)
     sig = 1 / (1 + np.exp(-x))
     expected = np.mean(-(p * np.log(sig) + (1 - p) * np.log(1 - sig)))
-    np.testing.assert_allclose(objectives.consistency_cost(s, p), expected, rtol=1e-5)
+    np.testing.assert_allclose(loss.consistency_cost(s, p), expected, rtol=1e-5)
 
 
 def test_consistency_cost_gradient_only_through_similarity():
     s = jnp.full((2, 3), 0.2)
     p = jnp.full((2, 3), 0.5)
-    grad_p = jax.grad(lambda p: objectives.consistency_cost(s, p))(p)
+    grad_p = jax.grad(lambda p: loss.consistency_cost(s, p))(p)
     np.testing.assert_array_equal(grad_p, 0.0)
-    assert np.all(np.asarray(jax.grad(lambda s: objectives.consistency_cost(s, p))(s)) != 0)
+    assert np.all(np.asarray(jax.grad(lambda s: loss.consistency_cost(s, p))(s)) != 0)
 
 
 def test_masking_equals_indexing():
     rng = np.random.default_rng(2)
     sims = rng.uniform(-1, 1, size=(9, 9)).astype(np.float32)
     valid = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
-    masked = objectives.norm_softmax_loss(jnp.asarray(sims), jnp.asarray(valid))
+    masked = loss.norm_softmax_loss(jnp.asarray(sims), jnp.asarray(valid))
     np.testing.assert_allclose(masked, _reference_norm_softmax(sims[valid][:, valid]), rtol=1e-5)
-    np.testing.assert_allclose(objectives.norm_softmax_loss(sims), _reference_norm_softmax(sims), rtol=1e-5)
+    np.testing.assert_allclose(loss.norm_softmax_loss(sims), _reference_norm_softmax(sims), rtol=1e-5)
 
 
 def test_masked_samples_get_no_gradient_and_stay_finite():
@@ -52,10 +52,10 @@ def test_masked_samples_get_no_gradient_and_stay_finite():
     b = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     valid = jnp.array([True, False, True, True, True, False])
 
-    def loss(a):
-        return objectives.norm_softmax_loss(objectives.cosine_similarity_matrix(a, b), valid)
+    def objective(a):
+        return loss.norm_softmax_loss(loss.cosine_similarity_matrix(a, b), valid)
 
-    grad = np.asarray(jax.grad(loss)(a))
+    grad = np.asarray(jax.grad(objective)(a))
     assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(grad[~np.asarray(valid)], 0.0)
     assert np.all(np.abs(grad[np.asarray(valid)]).sum(axis=1) > 0)
@@ -63,12 +63,12 @@ def test_masked_samples_get_no_gradient_and_stay_finite():
 
 def test_no_valid_sample_gives_zero_loss():
     sims = jnp.eye(4)
-    assert float(objectives.norm_softmax_loss(sims, jnp.zeros(4, bool))) == 0.0
+    assert float(loss.norm_softmax_loss(sims, jnp.zeros(4, bool))) == 0.0
 
 
 def test_cosine_similarity_matrix_matches_original_eps():
     a = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
-    sims = np.asarray(objectives.cosine_similarity_matrix(a, a))
+    sims = np.asarray(loss.cosine_similarity_matrix(a, a))
     np.testing.assert_allclose(sims, [[1.0, 0.0], [0.0, 0.0]], atol=1e-7)
 
 
@@ -78,8 +78,8 @@ def test_contrastive_objective_weights_pairs():
     nonempty = {"text": jnp.array([0, 1, 1, 1, 1, 1, 1, 1], bool),
                 "video": jnp.ones(8, bool),
                 "audio": jnp.array([1, 0, 1, 1, 1, 1, 0, 1], bool)}
-    total, losses = objectives.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.1, "va": 0.1})
-    for name, (m1, m2) in objectives.CONTRASTIVE_PAIRS.items():
+    total, losses = loss.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.1, "va": 0.1})
+    for name, (m1, m2) in loss.CONTRASTIVE_PAIRS.items():
         valid = np.asarray(nonempty[m1] & nonempty[m2])
         a, b = np.asarray(emb[m1])[valid], np.asarray(emb[m2])[valid]
         a = a / np.linalg.norm(a, axis=1, keepdims=True)
@@ -92,8 +92,8 @@ def test_contrastive_objective_weights_pairs():
 def test_contrastive_objective_skips_zero_weights_and_rejects_all_zero():
     emb = {m: jnp.eye(3) for m in ("text", "video", "audio")}
     nonempty = {m: jnp.ones(3, bool) for m in emb}
-    total, losses = objectives.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.0, "va": 0.0})
+    total, losses = loss.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.0, "va": 0.0})
     assert set(losses) == {"tv"}
     np.testing.assert_allclose(total, losses["tv"])
     with pytest.raises(ValueError, match="non-zero weight"):
-        objectives.contrastive_objective(emb, nonempty, {"tv": 0.0})
+        loss.contrastive_objective(emb, nonempty, {"tv": 0.0})
