@@ -10,18 +10,7 @@ Fields can be overridden on the command line, e.g. ``--config.optimizer.lr=1e-4`
 
 import ml_collections
 
-MODALITIES = ("text", "video", "audio")
-
-
-def consistency_weights(text_video: float = 1.0, audio: float = 0.1) -> dict:
-    """Weights of the 18 consistency terms c_loss_i_j (i = 1..6, j = 1..3; 1 text, 2 video,
-    3 audio): `audio` for any term involving audio, `text_video` otherwise."""
-    weights = {}
-    for i in range(1, 7):
-        for j in range(1, 4):
-            involves_audio = (i - 1) % 3 == 2 or j == 3
-            weights[f"c_loss_{i}_{j}"] = audio if involves_audio else text_video
-    return weights
+from msk_jax.loss import consistency_weights
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -48,7 +37,7 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
     objective.pair_weights = {"tv": 1.0, "ta": 0.1, "va": 0.1}
     objective.consistency = consistency
     objective.consistency_temperature = 0.1
-    objective.consistency_weights = consistency_weights()
+    objective.consistency_weights = consistency_weights(text_video=1.0, audio=0.1)
     objective.queue_len = 5500
     objective.sinkhorn = ml_collections.ConfigDict(
         {"eps": 0.07, "num_iters": 20, "required_fraction": 0.5})

@@ -1,5 +1,7 @@
 """The Multi-SK objective: its terms as pure functions, and their sum.
 
+- :func:`multisk_loss`: the full objective, L_con + the 18 weighted consistency terms, with
+  the feature queues as explicit state (see :mod:`msk_jax.queues`).
 - :func:`consistency_cost`: the anchor consistency cost, BCE-with-logits of exp(s / 0.1) against
   a Multi-SK target (the logits are exponentiated, exactly as in the original).
 - :func:`norm_softmax_loss`: the symmetric NormSoftmax (InfoNCE) loss over a cosine similarity
@@ -11,10 +13,16 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from msk_jax import sinkhorn
+from msk_jax.model import MODALITIES, anchor_similarity
+from msk_jax.queues import FeatureQueues
 
 CONSISTENCY_TEMPERATURE = 0.1
 CONTRASTIVE_TEMPERATURE = 0.05
@@ -101,3 +109,126 @@ def contrastive_objective(embeddings: Mapping[str, jax.Array], nonempty: Mapping
     if weight_sum == 0:
         raise ValueError(f"contrastive_objective: no pair has a non-zero weight in {dict(pair_weights)}.")
     return weighted_sum / weight_sum, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# The full objective.
+
+# The 12 Multi-SK problems of a step: (queue, batch similarity, anchors) per problem.
+# Input space: sim(x_m, Z_m). Joint space: sim(y^_x, Z^_a) for every embedding x and anchors a.
+SK_PROBLEMS = tuple(
+    [(f"in_{m}", f"in_{m}_assignment", f"input_anchors_{m}") for m in MODALITIES]
+    + [(f"out_{x}", f"trans_{x}_a{a}_assignment", f"joint_anchors_{a}") for x in MODALITIES for a in MODALITIES])
+
+
+def consistency_weights(text_video: float = 1.0, audio: float = 0.1) -> dict[str, float]:
+    """Weights of the 18 terms c_loss_i_j (i = 1..6, j = 1..3; 1 text, 2 video, 3 audio):
+    `audio` for any term involving audio, `text_video` otherwise (the paper: 1.0 and 0.1)."""
+    weights = {}
+    for i in range(1, 7):
+        for j in range(1, 4):
+            involves_audio = (i - 1) % 3 == 2 or j == 3
+            weights[f"c_loss_{i}_{j}"] = audio if involves_audio else text_video
+    return weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Settings of the full objective (hashable, so it can be a static jit argument)."""
+
+    pair_weights: tuple[tuple[str, float], ...] = (("tv", 1.0), ("ta", 0.1), ("va", 0.1))
+    contrastive_temperature: float = CONTRASTIVE_TEMPERATURE
+    consistency: bool = True  # False: the EAO per-modality baseline (contrastive only)
+    consistency_weights: tuple[tuple[str, float], ...] = tuple(sorted(consistency_weights().items()))
+    consistency_temperature: float = CONSISTENCY_TEMPERATURE
+    queue_len: int = 5500
+    sinkhorn_eps: float = 0.07
+    sinkhorn_iters: int = 20
+    required_fraction: float = 0.5
+
+    @classmethod
+    def from_config(cls, objective: Any) -> "ObjectiveConfig":
+        """From the `objective` block of a configs/ file (an ml_collections ConfigDict)."""
+        return cls(
+            pair_weights=tuple(sorted(dict(objective.pair_weights).items())),
+            contrastive_temperature=objective.contrastive_temperature,
+            consistency=objective.consistency,
+            consistency_weights=tuple(sorted(dict(objective.consistency_weights).items())),
+            consistency_temperature=objective.consistency_temperature,
+            queue_len=objective.queue_len,
+            sinkhorn_eps=objective.sinkhorn.eps,
+            sinkhorn_iters=objective.sinkhorn.num_iters,
+            required_fraction=objective.sinkhorn.required_fraction)
+
+
+def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], queues: FeatureQueues,
+                    config: ObjectiveConfig) -> tuple[dict[str, jax.Array], sinkhorn.MultiSKResult]:
+    """Solves the 12 Multi-SK problems of a step in one batched call.
+
+    Problem p stacks [queue_p x current anchors_p ; batch similarities_p] and its target's last
+    B rows belong to the batch. Returns ({batch similarity name: (B, K) target}, stacked result).
+    """
+    scores = []
+    for queue, assignment, anchors in SK_PROBLEMS:
+        queue_scores = anchor_similarity(queues.features[queue], params[anchors])
+        scores.append(jnp.concatenate([queue_scores, outputs[assignment].astype(queue_scores.dtype)], axis=0))
+    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=config.sinkhorn_eps,
+                              num_iters=config.sinkhorn_iters, required_fraction=config.required_fraction)
+    result = jax.vmap(solve)(jnp.stack(scores))
+    batch = outputs["in_text_assignment"].shape[0]
+    targets = {assignment: result.target[p, -batch:] for p, (_, assignment, _) in enumerate(SK_PROBLEMS)}
+    return targets, result
+
+
+def consistency_terms(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
+                      config: ObjectiveConfig) -> dict[str, jax.Array]:
+    """The 18 weighted consistency terms `loss_pair_i_j` (1 text, 2 video, 3 audio):
+
+    i <= 3: L(sim(x_i, Z_i), P(sim(y^_j, Z^_i)))      -- input space guided by the joint space
+    i > 3:  L(sim(y^_i', Z^_j), P(sim(x_j, Z_j)))     -- joint space guided by the input space
+    """
+    weights = dict(config.consistency_weights)
+    terms = {}
+    for i, mi in enumerate(MODALITIES, start=1):
+        for j, mj in enumerate(MODALITIES, start=1):
+            pairs = ((i, f"in_{mi}_assignment", f"trans_{mj}_a{mi}_assignment"),
+                     (3 + i, f"trans_{mi}_a{mj}_assignment", f"in_{mj}_assignment"))
+            for row, similarity, target in pairs:
+                weight = weights.get(f"c_loss_{row}_{j}", 0.0)
+                cost = consistency_cost(outputs[similarity], targets[target], config.consistency_temperature)
+                terms[f"loss_pair_{row}_{j}"] = weight * cost
+    return dict(sorted(terms.items()))
+
+
+def multisk_loss(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], queues: FeatureQueues | None,
+                 config: ObjectiveConfig) -> tuple[jax.Array, dict[str, jax.Array], FeatureQueues | None]:
+    """The full objective of one step.
+
+    outputs: the model's outputs for the batch; params: the model parameters (for the anchors);
+    queues: the feature queues before this step (None when the consistency loss is off).
+    Returns (total, metrics, queues after this step). Metrics: `tv`, `ta`, `va`, `contrastive`
+    (weighted L_con), `loss_pair_i_j` (weighted), `consistency` (their sum, 0 during warm-up),
+    `loss` (the total), and the Multi-SK iterations and marginal error.
+    """
+    embeddings = {m: outputs[f"{m}_embed"] for m in MODALITIES}
+    nonempty = {m: outputs[f"{m}_nonempty_input_mask"] for m in MODALITIES}
+    contrastive, pair_losses = contrastive_objective(embeddings, nonempty, dict(config.pair_weights),
+                                                     config.contrastive_temperature)
+    metrics = dict(pair_losses)
+    metrics["contrastive"] = contrastive
+    total = contrastive
+    if config.consistency:
+        if queues is None:
+            raise ValueError("multisk_loss: the consistency loss needs the feature queues.")
+        targets, result = multisk_targets(outputs, params, queues, config)
+        on = queues.is_full.astype(contrastive.dtype)  # warm-up: off until the queue was filled
+        terms = {name: on * value for name, value in consistency_terms(outputs, targets, config).items()}
+        metrics.update(terms)
+        metrics["consistency"] = sum(terms.values())
+        metrics["consistency_on"] = on
+        metrics["sinkhorn_iterations"] = jnp.max(result.iterations)
+        metrics["sinkhorn_marginal_error"] = jnp.max(result.marginal_error)
+        total = total + metrics["consistency"]
+        queues = queues.push(outputs)
+    metrics["loss"] = total
+    return total, metrics, queues

@@ -1,0 +1,127 @@
+"""The Multi-SK model (the original's `TransformerPerModalityModel2`).
+
+Per modality m in (text, video, audio):
+  tokens    = LayerNorm(GatedEmbeddingUnit(features))     (audio: DAVEnet-v2 tokens first)
+  empty     : a clip whose mask is all zero gets the masking token in slot 0 (mask 1)
+  x_m       = l2norm(masked_mean(tokens))                  input-space embedding
+  y_m       = GatedEmbeddingUnit(masked_mean(Transformer_m(tokens)))   joint embedding
+Anchors: `input_anchors_m` (K, embed_dim) and `joint_anchors_m` (K, projection_dim), used with
+L2-normalised rows. Similarities: sim(x_m, Z_m) for each m (3) and sim(y^_j, Z^_i) for every
+pair (9), where y^ = l2norm(y).
+
+Outputs use the original's names: `in_{m}_embed`, `{m}_embed`, `{m}_embed_norm`,
+`{m}_nonempty_input_mask`, `in_{m}_assignment`, `trans_{m}_a{n}_assignment`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msk_jax.davenet import DAVEnet
+from msk_jax.layers import VIT_INIT, Dtype, GatedEmbeddingUnit, TransformerBlock, layer_norm, masked_mean
+
+MODALITIES = ("text", "video", "audio")
+L2_EPS = 1e-12  # torch.nn.functional.normalize
+
+
+def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def anchor_similarity(embeddings: jax.Array, anchors: jax.Array) -> jax.Array:
+    """Cosine-style similarity of (already normalised) embeddings to L2-normalised anchor rows."""
+    return embeddings @ l2_normalize(anchors.astype(embeddings.dtype)).T
+
+
+def pool_audio_mask(mask: jax.Array, num_tokens: int) -> jax.Array:
+    """Max-pools the (B, frames) frame mask to the token rate, as the original does
+    (window ceil(frames / tokens), stride the same)."""
+    frames = mask.shape[1]
+    window = math.ceil(frames / num_tokens)
+    if frames // window != num_tokens:
+        raise ValueError(f"audio: {frames} frames give {num_tokens} tokens but a pooled mask of "
+                         f"{frames // window}; use a frame count divisible by the DAVEnet stride.")
+    return mask[:, : num_tokens * window].reshape(mask.shape[0], num_tokens, window).max(axis=-1)
+
+
+class ModalityTransformer(nn.Module):
+    """`depth` transformer blocks; output is the masked mean of the tokens."""
+
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, mask):
+        for i in range(self.depth):
+            tokens = TransformerBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(tokens, mask)
+        return masked_mean(tokens, mask)
+
+
+class MultiSKModel(nn.Module):
+    """Video-audio-text embedding model with input-space and joint-space anchors."""
+
+    video_dim: int = 4096
+    text_dim: int = 300
+    audio_feat_dim: int = 40
+    davenet_layers: Sequence[int] = (2, 2, 1, 1, 1, 1)
+    davenet_widths: Sequence[int] = (128, 128, 256, 512, 1024, 2048, 4096)
+    davenet_kernel: int = 9
+    embed_dim: int = 4096
+    num_heads: int = 64
+    mlp_ratio: float = 1.0
+    depth: int = 1
+    projection_dim: int = 6144
+    num_anchors: int = 64
+    dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
+
+    def _tokens(self, name: str, features, mask, masking_token):
+        """Token projection + LayerNorm, then the masking token for empty clips."""
+        x = GatedEmbeddingUnit(self.embed_dim, self.dtype, name=f"{name}_token_proj")(features)
+        x = layer_norm(f"{name}_norm", self.dtype)(x)
+        nonempty = jnp.sum(mask, axis=-1) != 0
+        first = jnp.where(nonempty[:, None], x[:, 0], masking_token.astype(x.dtype)[None])
+        x = x.at[:, 0].set(first)
+        mask = mask.at[:, 0].set(jnp.where(nonempty, mask[:, 0], jnp.ones_like(mask[:, 0])))
+        return x, mask, nonempty
+
+    @nn.compact
+    def __call__(self, batch, train: bool = False):
+        """batch: video (B, Tv, video_dim) + video_mask (B, Tv); text (B, Tt, text_dim) +
+        text_mask (B, Tt); audio (B, bins, frames) log-mel + audio_mask (B, frames)."""
+        masking_token = self.param("masking_token", VIT_INIT, (self.embed_dim,))
+        davenet = DAVEnet(self.davenet_layers, self.davenet_widths, self.davenet_kernel, self.dtype, name="davenet")
+        audio = davenet(jnp.swapaxes(jnp.asarray(batch["audio"], self.dtype), 1, 2), train)
+        inputs = {
+            "text": (batch["text"], batch["text_mask"]),
+            "video": (batch["video"], batch["video_mask"]),
+            "audio": (audio, pool_audio_mask(jnp.asarray(batch["audio_mask"]), audio.shape[1])),
+        }
+        out = {}
+        for m in MODALITIES:
+            features, mask = inputs[m]
+            tokens, mask, nonempty = self._tokens(m, jnp.asarray(features, self.dtype),
+                                                  jnp.asarray(mask, jnp.float32), masking_token)
+            out[f"in_{m}_embed"] = l2_normalize(masked_mean(tokens, mask))
+            out[f"{m}_nonempty_input_mask"] = nonempty
+            pooled = ModalityTransformer(self.depth, self.num_heads, self.mlp_ratio, self.dtype,
+                                         name=f"{m}_transformer")(tokens, mask)
+            out[f"{m}_embed"] = GatedEmbeddingUnit(self.projection_dim, self.dtype, name=f"{m}_proj")(pooled)
+            out[f"{m}_embed_norm"] = l2_normalize(out[f"{m}_embed"])
+
+        normal = nn.initializers.normal(1.0)
+        input_anchors = {m: self.param(f"input_anchors_{m}", normal, (self.num_anchors, self.embed_dim))
+                         for m in MODALITIES}
+        joint_anchors = {m: self.param(f"joint_anchors_{m}", normal, (self.num_anchors, self.projection_dim))
+                         for m in MODALITIES}
+        for m in MODALITIES:
+            out[f"in_{m}_assignment"] = anchor_similarity(out[f"in_{m}_embed"], input_anchors[m])
+            for n in MODALITIES:
+                out[f"trans_{m}_a{n}_assignment"] = anchor_similarity(out[f"{m}_embed_norm"], joint_anchors[n])
+        return out

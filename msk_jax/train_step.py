@@ -1,0 +1,73 @@
+"""The train step: a pure function (state, batch) -> (state, metrics).
+
+`TrainState` carries everything that changes during training: the step count, parameters,
+BatchNorm statistics, the optimiser state and the feature queues (with their fill). The step
+runs the model in training mode (batch statistics), computes the full Multi-SK objective,
+applies the optimiser (Adam, no weight decay) and pushes the batch into the queues.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from msk_jax.loss import ObjectiveConfig, multisk_loss
+from msk_jax.queues import FeatureQueues
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    queues: FeatureQueues | None
+    model: nn.Module = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    objective: ObjectiveConfig = struct.field(pytree_node=False)
+
+
+def adam(lr: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """The original's optimiser: Adam without weight decay."""
+    return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, objective: ObjectiveConfig,
+                       tx: optax.GradientTransformation, sample_batch: dict,
+                       variables: dict | None = None, queues: FeatureQueues | None = None) -> TrainState:
+    """Initialises (or takes) the model variables, the optimiser state and the queues.
+
+    sample_batch fixes the input shapes; `variables` (e.g. converted PyTorch weights) and
+    `queues` override the fresh initialisation.
+    """
+    init_rng, queue_rng = jax.random.split(rng)
+    if variables is None:
+        variables = model.init(init_rng, sample_batch, train=False)
+    params = variables["params"]
+    if queues is None and objective.consistency:
+        queues = FeatureQueues.create(queue_rng, objective.queue_len, model.embed_dim, model.projection_dim)
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      queues=queues, model=model, tx=tx, objective=objective)
+
+
+def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on the full objective; returns the new state and every loss term."""
+
+    def objective_fn(params):
+        outputs, updates = state.model.apply({"params": params, "batch_stats": state.batch_stats},
+                                             batch, train=True, mutable=["batch_stats"])
+        total, metrics, queues = multisk_loss(outputs, params, state.queues, state.objective)
+        return total, (metrics, queues, updates["batch_stats"])
+
+    grads, (metrics, queues, batch_stats) = jax.grad(objective_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, queues=queues)
+    return new_state, metrics
