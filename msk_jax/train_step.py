@@ -67,7 +67,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, ja
     grads, (metrics, queues, batch_stats) = jax.grad(objective_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, queues=queues)
     return new_state, metrics

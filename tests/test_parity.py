@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ def test_golden_parity(golden_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert code == 0, printed
-    for name in ("multisk.npz", "retrieval.npz"):
+    for name in ("multisk.npz", "retrieval.npz", "model_forward.npz", "train_steps.npz"):
         assert results[name]["pass"] is True, printed
         assert results[name]["max_abs_err"] <= 1e-4
         assert f"{name}" in printed and "PASS" in printed
@@ -56,13 +55,14 @@ def test_checker_uses_inputs_not_expected_outputs(golden_dir, tmp_path):
             view["case0_R1"]
 
 
-def test_files_not_yet_supported_do_not_fail(golden_dir, tmp_path):
-    folder = tmp_path / "only_model"
-    folder.mkdir()
-    shutil.copy(os.path.join(golden_dir, "model_forward.npz"), folder / "model_forward.npz")
-    results = parity.check_dir(str(folder))
-    assert results["model_forward.npz"]["pass"] is not False
-    assert parity.main([str(folder)]) == 0
+def test_an_expected_output_left_uncomputed_fails(golden_dir, tmp_path):
+    def add(data):
+        data["case0_R100"] = np.float64(100.0)
+
+    folder = _copy_with(golden_dir, tmp_path, "retrieval.npz", add)
+    result = parity.check_dir(folder)["retrieval.npz"]
+    assert result["pass"] is False
+    assert any("case0_R100" in f and "not computed" in f for f in result["failures"])
 
 
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):

@@ -1,0 +1,86 @@
+"""The Multi-SK model: outputs, empty modalities, padding, BatchNorm semantics."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msk_jax.layers import BatchNorm
+from msk_jax.model import MODALITIES, MultiSKModel, pool_audio_mask
+from tests.conftest import TINY_MODEL, tiny_batch
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+    model = MultiSKModel(**TINY_MODEL)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), tiny_batch(0))
+    return model, variables, jax.jit(model.apply, static_argnames=("train",))
+
+
+def test_outputs(model_and_variables):
+    model, variables, apply = model_and_variables
+    out = apply(variables, tiny_batch(1), train=False)
+    k = TINY_MODEL["num_anchors"]
+    for m in MODALITIES:
+        assert out[f"in_{m}_embed"].shape == (6, TINY_MODEL["embed_dim"])
+        assert out[f"{m}_embed"].shape == (6, TINY_MODEL["projection_dim"])
+        np.testing.assert_allclose(jnp.linalg.norm(out[f"in_{m}_embed"], axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(jnp.linalg.norm(out[f"{m}_embed_norm"], axis=1), 1.0, rtol=1e-5)
+        assert out[f"in_{m}_assignment"].shape == (6, k)
+        for n in MODALITIES:
+            sims = np.asarray(out[f"trans_{m}_a{n}_assignment"])
+            assert sims.shape == (6, k) and np.all(np.abs(sims) <= 1 + 1e-5)
+
+
+def test_empty_modality_gets_the_masking_token(model_and_variables):
+    _, variables, apply = model_and_variables
+    batch = tiny_batch(2)  # clip 0: no text; clip 1: no audio
+    out = apply(variables, batch, train=False)
+    np.testing.assert_array_equal(out["text_nonempty_input_mask"], [0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(out["audio_nonempty_input_mask"], [1, 0, 1, 1, 1, 1])
+    token = np.asarray(variables["params"]["masking_token"])
+    np.testing.assert_allclose(out["in_text_embed"][0], token / np.linalg.norm(token), rtol=1e-5)
+    # An empty clip's features do not matter.
+    changed = dict(batch, text=batch["text"].copy(), audio=batch["audio"].copy())
+    changed["text"][0] += 5.0
+    changed["audio"][1] += 5.0
+    out2 = apply(variables, changed, train=False)
+    np.testing.assert_allclose(out2["text_embed"][0], out["text_embed"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out2["audio_embed"][1], out["audio_embed"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_padded_tokens_are_ignored(model_and_variables):
+    _, variables, apply = model_and_variables
+    batch = tiny_batch(3)
+    out = apply(variables, batch, train=False)
+    changed = dict(batch, text=np.where(batch["text_mask"][..., None] == 0, 100.0, batch["text"]))
+    out2 = apply(variables, changed, train=False)
+    np.testing.assert_allclose(out2["text_embed"], out["text_embed"], rtol=1e-5, atol=1e-6)
+
+
+def test_pool_audio_mask():
+    mask = jnp.asarray([[1] * 64 + [1] * 10 + [0] * 54 + [0] * 128])  # 256 frames, 4 tokens
+    np.testing.assert_array_equal(pool_audio_mask(mask, 4), [[1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="divisible"):
+        pool_audio_mask(jnp.ones((1, 250)), 4)
+
+
+def test_batch_norm_matches_pytorch_semantics():
+    rng = np.random.default_rng(4)
+    x = rng.normal(2.0, 3.0, size=(5, 7, 3)).astype(np.float32)
+    bn = BatchNorm()
+    variables = bn.init(jax.random.PRNGKey(0), x, train=False)
+    params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])}
+    y, updates = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                          mutable=["batch_stats"])
+    flat = x.reshape(-1, 3).astype(np.float64)
+    mean, var = flat.mean(0), flat.var(0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5) * params["scale"] + params["bias"], atol=1e-5)
+    stats = updates["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)  # unbiased
+    y_eval = bn.apply({"params": params, "batch_stats": stats}, x, train=False)
+    np.testing.assert_allclose(y_eval, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"]
+                               + params["bias"], atol=1e-5)
