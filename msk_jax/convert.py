@@ -182,9 +182,7 @@ def model_config_from_original(config: Mapping[str, Any]) -> dict:
     """MultiSKModel fields from the original's model arguments (TransformerPerModalityModel2)."""
     fusion = config["fusion_params"]
     davenet = config.get("davenet", {})
-    anchors = {fusion.get(k, 64) for k in ("anc_len_txt", "anc_len_vid", "anc_len_aud")}
-    if len(anchors) != 1:
-        raise ConversionError(f"msk_jax uses one anchor count for every modality, got {sorted(anchors)}.")
+    anchors = tuple(fusion.get(k, 64) for k in ("anc_len_txt", "anc_len_vid", "anc_len_aud"))
     for key, expected in (("token_projection", "gated"), ("projection", "gated"),
                           ("use_positional_emb", False), ("davenet_v2", True),
                           ("strategy_audio_pooling", "none")):
@@ -200,7 +198,8 @@ def model_config_from_original(config: Mapping[str, Any]) -> dict:
         davenet_kernel=davenet.get("convsize", 9),
         embed_dim=fusion["embed_dim"], num_heads=fusion["num_heads"],
         mlp_ratio=fusion.get("mlp_ratio", 4.0), depth=fusion.get("depth", 1),
-        projection_dim=config.get("projection_dim", 6144), num_anchors=anchors.pop())
+        projection_dim=config.get("projection_dim", 6144),
+        num_anchors=anchors[0] if len(set(anchors)) == 1 else anchors)
 
 
 def objective_config_from_original(config: Mapping[str, Any]):

@@ -166,17 +166,29 @@ def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any],
     """Solves the 12 Multi-SK problems of a step in one batched call.
 
     Problem p stacks [queue_p x current anchors_p ; batch similarities_p] and its target's last
-    B rows belong to the batch. Returns ({batch similarity name: (B, K) target}, stacked result).
+    B rows belong to the batch. Returns ({batch similarity name: (B, K) target}, a result whose
+    `iterations` and `marginal_error` hold one entry per problem; its `target` is None).
     """
-    scores = []
-    for queue, assignment, anchors in SK_PROBLEMS:
-        queue_scores = anchor_similarity(queues.features[queue], params[anchors])
-        scores.append(jnp.concatenate([queue_scores, outputs[assignment].astype(queue_scores.dtype)], axis=0))
-    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=config.sinkhorn_eps,
-                              num_iters=config.sinkhorn_iters, required_fraction=config.required_fraction)
-    result = jax.vmap(solve)(jnp.stack(scores))
+    solve = jax.vmap(functools.partial(sinkhorn.multi_sinkhorn, eps=config.sinkhorn_eps,
+                                       num_iters=config.sinkhorn_iters,
+                                       required_fraction=config.required_fraction))
     batch = outputs["in_text_assignment"].shape[0]
-    targets = {assignment: result.target[p, -batch:] for p, (_, assignment, _) in enumerate(SK_PROBLEMS)}
+    # Problems with the same anchor count (all 12 in the paper) are stacked into one call.
+    by_count: dict[int, list] = {}
+    for problem in SK_PROBLEMS:
+        by_count.setdefault(params[problem[2]].shape[0], []).append(problem)
+    targets, results = {}, []
+    for problems in by_count.values():
+        scores = []
+        for queue, assignment, anchors in problems:
+            queue_scores = anchor_similarity(queues.features[queue], params[anchors])
+            scores.append(jnp.concatenate([queue_scores, outputs[assignment].astype(queue_scores.dtype)], axis=0))
+        result = solve(jnp.stack(scores))
+        targets.update({assignment: result.target[p, -batch:] for p, (_, assignment, _) in enumerate(problems)})
+        results.append(result)
+    result = sinkhorn.MultiSKResult(
+        target=None, iterations=jnp.concatenate([r.iterations for r in results]),
+        marginal_error=jnp.concatenate([r.marginal_error for r in results]))
     return targets, result
 
 

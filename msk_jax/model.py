@@ -38,6 +38,15 @@ def anchor_similarity(embeddings: jax.Array, anchors: jax.Array) -> jax.Array:
     return embeddings @ l2_normalize(anchors.astype(embeddings.dtype)).T
 
 
+def anchor_counts(num_anchors: int | Sequence[int]) -> dict[str, int]:
+    """Anchors per modality (the same in the input and the joint space)."""
+    if isinstance(num_anchors, int):
+        return {m: num_anchors for m in MODALITIES}
+    if len(num_anchors) != len(MODALITIES):
+        raise ValueError(f"num_anchors: one count or one per modality {MODALITIES}, got {num_anchors}.")
+    return dict(zip(MODALITIES, (int(k) for k in num_anchors)))
+
+
 def pool_audio_mask(mask: jax.Array, num_tokens: int) -> jax.Array:
     """Max-pools the (B, frames) frame mask to the token rate, as the original does
     (window ceil(frames / tokens), stride the same)."""
@@ -78,7 +87,7 @@ class MultiSKModel(nn.Module):
     mlp_ratio: float = 1.0
     depth: int = 1
     projection_dim: int = 6144
-    num_anchors: int = 64
+    num_anchors: int | Sequence[int] = 64  # one count, or (text, video, audio)
     dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
 
     def _tokens(self, name: str, features, mask, masking_token):
@@ -116,9 +125,10 @@ class MultiSKModel(nn.Module):
             out[f"{m}_embed_norm"] = l2_normalize(out[f"{m}_embed"])
 
         normal = nn.initializers.normal(1.0)
-        input_anchors = {m: self.param(f"input_anchors_{m}", normal, (self.num_anchors, self.embed_dim))
+        counts = anchor_counts(self.num_anchors)
+        input_anchors = {m: self.param(f"input_anchors_{m}", normal, (counts[m], self.embed_dim))
                          for m in MODALITIES}
-        joint_anchors = {m: self.param(f"joint_anchors_{m}", normal, (self.num_anchors, self.projection_dim))
+        joint_anchors = {m: self.param(f"joint_anchors_{m}", normal, (counts[m], self.projection_dim))
                          for m in MODALITIES}
         for m in MODALITIES:
             out[f"in_{m}_assignment"] = anchor_similarity(out[f"in_{m}_embed"], input_anchors[m])

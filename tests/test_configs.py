@@ -32,3 +32,26 @@ def test_baseline_variant_turns_consistency_off():
     assert not _load("baseline").objective.consistency
     with pytest.raises(ValueError, match="unknown variant"):
         _load("nope")
+
+
+def test_config_builds_the_paper_model_and_objective():
+    import functools
+
+    import jax
+    import numpy as np
+
+    from msk_jax.loss import ObjectiveConfig
+    from msk_jax.model import MultiSKModel
+
+    config = _load()
+    objective = ObjectiveConfig.from_config(config.objective)
+    assert objective == ObjectiveConfig()  # the library defaults are the paper's numbers
+    model = MultiSKModel(**config.model)
+    batch = {"video": np.zeros((2, 12, 4096), np.float32), "video_mask": np.ones((2, 12), np.float32),
+             "text": np.zeros((2, 20, 300), np.float32), "text_mask": np.ones((2, 20), np.float32),
+             "audio": np.zeros((2, 40, 768), np.float32), "audio_mask": np.ones((2, 768), np.float32)}
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), batch)
+    params = shapes["params"]
+    assert params["joint_anchors_text"].shape == (64, 6144)
+    assert params["input_anchors_audio"].shape == (64, 4096)
+    assert params["text_transformer"]["block_0"]["attn"]["qkv"]["kernel"].shape == (4096, 3 * 4096)

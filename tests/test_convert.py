@@ -80,5 +80,5 @@ def test_golden_config_and_unsupported_settings(golden_dir):
     assert fields["embed_dim"] == 64 and fields["num_anchors"] == 8 and fields["davenet_widths"][-1] == 64
     with pytest.raises(convert.ConversionError, match="use_positional_emb"):
         convert.model_config_from_original(dict(config, use_positional_emb=True))
-    with pytest.raises(convert.ConversionError, match="one anchor count"):
-        convert.model_config_from_original(dict(config, fusion_params=dict(config["fusion_params"], anc_len_txt=3)))
+    mixed = convert.model_config_from_original(dict(config, fusion_params=dict(config["fusion_params"], anc_len_txt=3)))
+    assert mixed["num_anchors"] == (3, 8, 8)

@@ -9,26 +9,27 @@ from msk_jax.model import MODALITIES
 from msk_jax.queues import QUEUE_NAMES, FeatureQueues, queue_source
 
 
-def _outputs(seed, batch=4, dim=6, proj=5, anchors=3):
+def _outputs(seed, batch=4, dim=6, proj=5, anchors=(3, 3, 3)):
     rng = np.random.default_rng(seed)
+    counts = dict(zip(MODALITIES, anchors))
     out = {}
     for m in MODALITIES:
         out[f"in_{m}_embed"] = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
         out[f"{m}_embed"] = jnp.asarray(rng.normal(size=(batch, proj)), jnp.float32)
         out[f"{m}_embed_norm"] = out[f"{m}_embed"] / jnp.linalg.norm(out[f"{m}_embed"], axis=1, keepdims=True)
         out[f"{m}_nonempty_input_mask"] = jnp.ones(batch, bool)
-        out[f"in_{m}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, anchors)), jnp.float32)
+        out[f"in_{m}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, counts[m])), jnp.float32)
         for n in MODALITIES:
-            out[f"trans_{m}_a{n}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, anchors)), jnp.float32)
+            out[f"trans_{m}_a{n}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, counts[n])), jnp.float32)
     return out
 
 
-def _anchors(anchors=3, dim=6, proj=5):
+def _anchors(anchors=(3, 3, 3), dim=6, proj=5):
     rng = np.random.default_rng(9)
     params = {}
-    for m in MODALITIES:
-        params[f"input_anchors_{m}"] = jnp.asarray(rng.normal(size=(anchors, dim)), jnp.float32)
-        params[f"joint_anchors_{m}"] = jnp.asarray(rng.normal(size=(anchors, proj)), jnp.float32)
+    for m, k in zip(MODALITIES, anchors):
+        params[f"input_anchors_{m}"] = jnp.asarray(rng.normal(size=(k, dim)), jnp.float32)
+        params[f"joint_anchors_{m}"] = jnp.asarray(rng.normal(size=(k, proj)), jnp.float32)
     return params
 
 
@@ -87,3 +88,11 @@ def test_baseline_has_no_consistency_and_no_queues():
     assert queues is None
     assert not any(k.startswith("loss_pair_") for k in metrics)
     np.testing.assert_allclose(total, metrics["contrastive"])
+
+
+def test_anchor_counts_may_differ_per_modality():
+    counts = (2, 3, 5)
+    queues = FeatureQueues.create(jax.random.PRNGKey(0), 8, 6, 5, fill=8)
+    total, metrics, _ = multisk_loss(_outputs(0, anchors=counts), _anchors(counts), queues,
+                                     ObjectiveConfig(queue_len=8, sinkhorn_iters=5))
+    assert np.isfinite(float(total)) and float(metrics["consistency"]) > 0
