@@ -136,7 +136,7 @@ def consistency_weights(text_video: float = 1.0, audio: float = 0.1) -> dict[str
 class ObjectiveConfig:
     """Settings of the full objective (hashable, so it can be a static jit argument)."""
 
-    pair_weights: tuple[tuple[str, float], ...] = (("tv", 1.0), ("ta", 0.1), ("va", 0.1))
+    pair_weights: tuple[tuple[str, float], ...] = (("ta", 0.1), ("tv", 1.0), ("va", 0.1))  # sorted by name
     contrastive_temperature: float = CONTRASTIVE_TEMPERATURE
     consistency: bool = True  # False: the EAO per-modality baseline (contrastive only)
     consistency_weights: tuple[tuple[str, float], ...] = tuple(sorted(consistency_weights().items()))
