@@ -1,0 +1,126 @@
+"""Model inputs from raw features, exactly as the original data code builds them.
+
+- time <-> spectrogram frames (librosa's convention: 16 kHz, hop 160, n_fft 400 -> centre offset);
+- text: ASR words (regex ``[\\w']+``), out-of-vocabulary words dropped, the first `max_words`
+  word vectors, zero-padded with a mask (no word left: an empty, fully masked text);
+- audio: the log-mel (bins, frames) cropped or zero-padded to a fixed frame count, with a mask;
+- video: the 2D features nearest-upsampled to the 3D token count, each part L2-normalised and
+  concatenated, the first `n_tokens` kept (zero-padded, masked).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from msk_jax.data.word2vec import WordVectors
+
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160
+N_FFT = 400
+AUDIO_TOKEN_FRAMES = 64  # DAVEnet-v2 downsampling: one audio token per 64 frames
+
+_WORD = re.compile(r"[\w']+")
+
+
+class DataError(ValueError):
+    """A data file (or entry) that cannot be used; says which file and what is wrong."""
+
+    def __init__(self, path: str, problem: str, reason: str = "invalid"):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem, self.reason = path, problem, reason
+
+
+def time_to_frames(seconds) -> np.ndarray:
+    """Seconds -> spectrogram frame index (may be negative before the first centre)."""
+    samples = (np.asanyarray(seconds) * SAMPLE_RATE).astype(int)
+    return np.floor((samples - N_FFT // 2) // HOP_LENGTH).astype(int)
+
+
+def frames_to_time(frames) -> np.ndarray:
+    return (np.asanyarray(frames) * HOP_LENGTH + N_FFT // 2).astype(int) / float(SAMPLE_RATE)
+
+
+def tokenize(sentence) -> list[str]:
+    return _WORD.findall(str(sentence))
+
+
+def text_features(words: list[str], word_vectors: WordVectors, max_words: int):
+    """(max_words, dim) vectors of the first in-vocabulary words, mask, and the raw text."""
+    raw_text = " ".join(words)
+    known = [w for w in words if w in word_vectors][:max_words]
+    text = np.zeros((max_words, word_vectors.dim), np.float32)
+    mask = np.zeros(max_words, np.float32)
+    if known:
+        text[: len(known)] = word_vectors.lookup(known)
+        mask[: len(known)] = 1
+    return text, mask, raw_text
+
+
+def audio_features(log_mel: np.ndarray, num_frames: int):
+    """The first `num_frames` frames of a (bins, frames) log-mel, zero-padded, and the mask."""
+    audio = np.zeros((log_mel.shape[0], num_frames), np.float32)
+    mask = np.zeros(num_frames, np.float32)
+    n = min(log_mel.shape[1], num_frames)
+    audio[:, :n] = log_mel[:, :n]
+    mask[:n] = 1
+    return audio, mask
+
+
+def crop_log_mel(log_mel: np.ndarray, start: float, end: float) -> np.ndarray:
+    first, last = time_to_frames([start, end])
+    return log_mel[:, max(0, first):last]
+
+
+def _l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def nearest_resample(x: np.ndarray, size: int) -> np.ndarray:
+    """Rows of x resampled to `size` rows, nearest neighbour as torch computes it:
+    floor(i * scale) with scale = n / size, both in float32."""
+    scale = np.float32(len(x)) / np.float32(size)
+    index = np.floor(np.arange(size, dtype=np.float32) * scale).astype(int)
+    return x[np.minimum(index, len(x) - 1)]
+
+
+def video_features(feat_2d: np.ndarray, feat_3d: np.ndarray, n_tokens: int):
+    """(n_tokens, D2 + D3) video tokens and mask (the original's 'clip' strategy).
+
+    Empty 2D or 3D features give an all-masked (empty) video.
+    """
+    video = np.zeros((n_tokens, feat_2d.shape[1] + feat_3d.shape[1]), np.float32)
+    mask = np.zeros(n_tokens, np.float32)
+    if len(feat_2d) and len(feat_3d):
+        feat_2d = nearest_resample(feat_2d, len(feat_3d))
+        n = min(len(feat_3d), n_tokens)
+        video[:n, : feat_2d.shape[1]] = _l2_normalize_rows(feat_2d[:n].astype(np.float32))
+        video[:n, feat_2d.shape[1]:] = _l2_normalize_rows(feat_3d[:n].astype(np.float32))
+        mask[:n] = 1
+    return video, mask
+
+
+def check_features(path: str, array: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+    """A (T, dim) feature matrix, or a DataError naming the file."""
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise DataError(path, f"{what} must be a (time, dim) matrix, got shape {array.shape}", "bad shape")
+    if dim is not None and array.shape[1] != dim:
+        raise DataError(path, f"{what} has dimension {array.shape[1]}, expected {dim}", "wrong dimension")
+    if not np.all(np.isfinite(array)):
+        raise DataError(path, f"{what} contains NaN or infinity", "non-finite")
+    return array
+
+
+def check_log_mel(path: str, log_mel: np.ndarray, bins: int) -> np.ndarray:
+    log_mel = np.asarray(log_mel)
+    if log_mel.ndim != 2 or log_mel.shape[0] != bins:
+        raise DataError(path, f"log-mel must be ({bins} bins, frames), got shape {log_mel.shape}",
+                        "wrong dimension")
+    if log_mel.shape[1] < AUDIO_TOKEN_FRAMES:
+        raise DataError(path, f"audio has {log_mel.shape[1]} frames, shorter than one audio token "
+                              f"({AUDIO_TOKEN_FRAMES} frames = {AUDIO_TOKEN_FRAMES / 100:.2f} s)", "audio too short")
+    if not np.all(np.isfinite(log_mel)):
+        raise DataError(path, "log-mel contains NaN or infinity", "non-finite")
+    return log_mel

@@ -1,0 +1,227 @@
+"""HowTo100M training data in the original on-disk format, and the original's clip sampling.
+
+Layout: a csv with a column `path` listing videos (the id is the path's last component); per
+video `<root_2d>/<path>/<id>_2d.npz` and `<root_3d>/<path>/<id>_3d.npz` (key `features`, (T, D))
+and `<root_audio>/<path>/<id>_spec.npz` (key `arr_0`, (40, frames) log-mel at 100 frames/s);
+`caption.pickle` maps id -> {'start': [...], 'end': [...], 'text': [...]} (ASR segments, s).
+
+Clip sampling (per video, `n_clips` clips): a random start in [0, duration - min_time]; if an ASR
+segment covers the start (or else the end), take it and extend it with the nearer neighbouring
+segment (the previous one if its span is not longer, else the next) until it lasts >= min_time,
+joining their words (each neighbour's words are appended, whichever side it is on, as in the
+original); otherwise the clip has no text. With `text_audio_misaligned` the audio window starts
+0.5 * min_time after the text start. Video features of [start, end] at each rate:
+rows int(start * fps) : int(end * fps) + 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from msk_jax.data import features as F
+from msk_jax.data.word2vec import WordVectors
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSettings:
+    """How training clips are cut (the paper's values by default)."""
+
+    min_time: float = 8.0
+    n_video_tokens: int = 12          # int(1.5 * min_time) in the original
+    fps_2d: float = 1.0
+    fps_3d: float = 1.5
+    max_words: int = 20
+    num_audio_frames: int = 768
+    n_clips: int = 10
+    text_audio_misaligned: bool = True
+    audio_bins: int = 40
+
+
+@dataclasses.dataclass
+class Video:
+    """One video's raw features."""
+
+    id: str
+    features_2d: np.ndarray  # (T2, D2)
+    features_3d: np.ndarray  # (T3, D3)
+    log_mel: np.ndarray      # (bins, frames)
+    caption: dict            # {'start': (S,), 'end': (S,), 'text': [S str]}
+
+
+def read_csv_paths(csv_path: str) -> list[str]:
+    """The `path` column of the HowTo100M csv."""
+    if not os.path.exists(csv_path):
+        raise FileNotFoundError(f"HowTo100M csv '{csv_path}' does not exist.")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise F.DataError(csv_path, f"needs a 'path' column, found columns {reader.fieldnames}", "bad csv")
+        return [row["path"].replace("None/", "") for row in reader if row["path"]]
+
+
+def load_captions(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"caption file '{path}' does not exist.")
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def check_caption(source: str, video_id: str, caption: Any) -> dict:
+    """{'start', 'end', 'text'} with at least one segment, or a DataError."""
+    where = f"{source} [{video_id}]"
+    if caption is None:
+        raise F.DataError(where, "no ASR caption for this video", "no caption")
+    if not isinstance(caption, Mapping) or not {"start", "end", "text"} <= set(caption):
+        raise F.DataError(where, "caption must be a dict with 'start', 'end' and 'text'", "bad caption")
+    start = np.asarray(caption["start"], np.float64).reshape(-1)
+    end = np.asarray(caption["end"], np.float64).reshape(-1)
+    text = list(caption["text"])
+    if not (len(start) == len(end) == len(text)):
+        raise F.DataError(where, f"caption has {len(start)} starts, {len(end)} ends and {len(text)} texts",
+                          "bad caption")
+    if len(start) == 0:
+        raise F.DataError(where, "caption has no ASR segments", "no ASR segments")
+    return {"start": start, "end": end, "text": text}
+
+
+def _load_npz(path: str, key: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise F.DataError(path, "file does not exist", "missing features")
+    try:
+        with np.load(path) as data:
+            if key not in data.files:
+                raise F.DataError(path, f"has no key '{key}' (keys: {data.files})", "bad file")
+            return data[key]
+    except F.DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise F.DataError(path, f"cannot be read ({type(err).__name__}: {err}); truncated?", "unreadable") from err
+
+
+class HowTo100MReader:
+    """Random access to HowTo100M-format videos: `reader.video(i)`, `reader.sample_clips(i, rng)`."""
+
+    def __init__(self, csv_path: str, caption_path: str, features_2d: str, audio: str,
+                 word_vectors: WordVectors, features_3d: str | None = None,
+                 settings: ClipSettings = ClipSettings(), dim_2d: int | None = None, dim_3d: int | None = None):
+        self.paths = read_csv_paths(csv_path)
+        self.captions = load_captions(caption_path)
+        self.caption_path = caption_path
+        self.root_2d, self.root_3d, self.root_audio = features_2d, features_3d or features_2d, audio
+        self.word_vectors, self.settings = word_vectors, settings
+        self.dim_2d, self.dim_3d = dim_2d, dim_3d
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def video_id(self, index: int) -> str:
+        return self.paths[index].split("/")[-1]
+
+    def _feature_path(self, root: str, path: str, video_id: str, suffix: str) -> str:
+        candidate = os.path.join(root, path, f"{video_id}{suffix}")
+        if not os.path.exists(candidate):  # the original's fallback layouts
+            alternative = os.path.join(root, f"{path}{suffix}")
+            if os.path.exists(alternative):
+                return alternative
+        return candidate
+
+    def video(self, index: int) -> Video:
+        """Loads and validates one video; raises DataError naming the file on bad input."""
+        path, video_id = self.paths[index], self.video_id(index)
+        p2d = self._feature_path(self.root_2d, path, video_id, "_2d.npz")
+        p3d = self._feature_path(self.root_3d, path, video_id, "_3d.npz")
+        paudio = os.path.join(self.root_audio, path, f"{video_id}_spec.npz")
+        f2d = F.check_features(p2d, _load_npz(p2d, "features"), self.dim_2d, "2D features")
+        f3d = F.check_features(p3d, _load_npz(p3d, "features"), self.dim_3d, "3D features")
+        log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), self.settings.audio_bins)
+        caption = check_caption(self.caption_path, video_id, self.captions.get(video_id))
+        return Video(video_id, f2d, f3d, log_mel, caption)
+
+    def sample_clips(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng)
+
+
+def _extend_to_min_time(caption: dict, index: int, min_time: float) -> tuple[int, int, list[str]]:
+    """The original's neighbour extension around segment `index`: (first, last, words)."""
+    starts, ends, texts = caption["start"], caption["end"], caption["text"]
+    first = last = index
+    words = F.tokenize(texts[index])
+    while ends[last] - starts[first] < min_time:
+        if first > 0 and last < len(ends) - 1:
+            span_next = ends[last + 1] - starts[first]
+            span_prev = ends[last] - starts[first - 1]
+            if span_prev <= span_next:
+                first -= 1
+                words.extend(F.tokenize(texts[first]))
+            else:
+                last += 1
+                words.extend(F.tokenize(texts[last]))
+        elif first > 0:
+            first -= 1
+            words.extend(F.tokenize(texts[first]))
+        elif last < len(ends) - 1:
+            last += 1
+            words.extend(F.tokenize(texts[last]))
+        else:
+            break
+    return first, last, words
+
+
+def sample_clip(video: Video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator):
+    """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text)."""
+    duration = int(F.frames_to_time(video.log_mel.shape[1]))
+    start = rng.random() * max(0, duration - settings.min_time)
+    end = start + settings.min_time
+    starts, ends = video.caption["start"], video.caption["end"]
+    at_start = max(0, int(np.searchsorted(starts, start, side="left")) - 1)
+    at_end = max(0, int(np.searchsorted(starts, end, side="left")) - 1)
+    if starts[at_start] <= start <= ends[at_start]:
+        segment = at_start
+    elif starts[at_end] <= end <= ends[at_end]:
+        segment = at_end
+    else:
+        segment = None
+    if segment is None:  # no ASR narration in this clip
+        first_frame = max(0, int(F.time_to_frames(start)))
+        log_mel = video.log_mel[:, first_frame:first_frame + settings.num_audio_frames]
+        words = []
+    else:
+        first, last, words = _extend_to_min_time(video.caption, segment, settings.min_time)
+        start, end = float(starts[first]), float(ends[last])
+        audio_start, audio_end = start, end
+        if settings.text_audio_misaligned:
+            audio_start = start + 0.5 * settings.min_time
+            audio_end = audio_start + settings.min_time
+        log_mel = F.crop_log_mel(video.log_mel, audio_start, audio_end)
+    audio, audio_mask = F.audio_features(log_mel, settings.num_audio_frames)
+    text, text_mask, raw_text = F.text_features(words, word_vectors, settings.max_words)
+    return start, end, audio, audio_mask, text, text_mask, raw_text
+
+
+def _video_slice(features: np.ndarray, fps: float, start: float, end: float) -> np.ndarray:
+    return features[int(start * fps):int(end * fps) + 1]
+
+
+def sample_clips(video: Video, path: str, word_vectors: WordVectors, settings: ClipSettings,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """`settings.n_clips` clips of one video, stacked: video (n, tokens, D2 + D3), audio
+    (n, bins, frames), text (n, words, dim), their masks, and `start`, `end`, `raw_text`, `id`."""
+    clips = [sample_clip(video, word_vectors, settings, rng) for _ in range(settings.n_clips)]
+    videos = [F.video_features(_video_slice(video.features_2d, settings.fps_2d, s, e),
+                               _video_slice(video.features_3d, settings.fps_3d, s, e), settings.n_video_tokens)
+              for s, e, *_ in clips]
+    return {
+        "video": np.stack([v for v, _ in videos]), "video_mask": np.stack([m for _, m in videos]),
+        "audio": np.stack([c[2] for c in clips]), "audio_mask": np.stack([c[3] for c in clips]),
+        "text": np.stack([c[4] for c in clips]), "text_mask": np.stack([c[5] for c in clips]),
+        "start": np.array([c[0] for c in clips]), "end": np.array([c[1] for c in clips]),
+        "raw_text": np.array([c[6] for c in clips], dtype=object),
+        "id": np.array([f"{path}{c[0]}" for c in clips], dtype=object),
+    }

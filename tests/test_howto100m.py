@@ -1,0 +1,152 @@
+"""HowTo100M reader and clip sampling against hand-computed clips, and bad inputs."""
+
+import os
+
+import numpy as np
+import pytest
+
+from msk_jax.data import features as F
+from msk_jax.data.howto100m import ClipSettings, HowTo100MReader, sample_clip, sample_clips
+from msk_jax.data.word2vec import load_word2vec_binary
+from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
+
+
+class ScriptedRandom:
+    """Stands in for a numpy Generator: returns the scripted values of random()."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+CAPTION_A = segments((0.0, 3.0, "a b"), (3.5, 6.0, "c"), (6.5, 12.0, "d e"))
+CAPTION_B = segments((0.0, 2.0, "p"), (4.0, 6.0, "q"), (6.5, 7.5, "r"), (9.0, 10.0, "s"))
+
+
+@pytest.fixture(scope="module")
+def howto(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("howto"))
+    write_howto(root, [
+        ("demo/va", 20, CAPTION_A, {}),
+        ("demo/vb", 20, CAPTION_B, {}),
+        ("demo/vc", 30, segments((20.0, 25.0, "s s s")), {}),
+        ("demo/missing_2d", 20, CAPTION_A, {}),
+        ("demo/wrong_dim", 20, CAPTION_A, {"dim_3d": DIM_3D + 1}),
+        ("demo/no_segments", 20, segments(), {}),
+        ("demo/short_audio", 20, CAPTION_A, {"frames": 40}),
+        ("demo/truncated", 20, CAPTION_A, {}),
+    ])
+    os.remove(os.path.join(root, "features_2d", "demo/missing_2d", "missing_2d_2d.npz"))
+    path = os.path.join(root, "features_3d", "demo/truncated", "truncated_3d.npz")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return root
+
+
+def reader(root, **settings):
+    return HowTo100MReader(os.path.join(root, "howto_train.csv"), os.path.join(root, "caption.pickle"),
+                           os.path.join(root, "features_2d"), os.path.join(root, "audio"),
+                           load_word2vec_binary(os.path.join(root, "word2vec.bin")),
+                           features_3d=os.path.join(root, "features_3d"), settings=ClipSettings(**settings),
+                           dim_2d=DIM_2D, dim_3d=DIM_3D)
+
+
+def test_asr_clip_extends_forward_and_misaligns_audio(howto):
+    r = reader(howto)
+    video = r.video(0)
+    # start = 0.25 * (20 - 8) = 3.0, inside segment 0 -> extended with 1, then 2: [0, 12].
+    start, end, audio, audio_mask, text, text_mask, raw = sample_clip(video, r.word_vectors, r.settings,
+                                                                      ScriptedRandom(0.25))
+    assert (start, end) == (0.0, 12.0)
+    assert raw == "a b c d e"
+    np.testing.assert_array_equal(text_mask[:6], [1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(text[:5, 0], [1, 2, 3, 4, 5])  # word vectors hold the word's rank
+    # Audio starts 4 s after the text: frames time_to_frames(4)=398 .. time_to_frames(12)=1198.
+    assert audio.shape == (40, 768) and audio_mask.sum() == 768
+    assert audio[0, 0] == 398 and audio[0, -1] == 398 + 767
+
+
+def test_neighbour_choice_and_word_order(howto):
+    r = reader(howto)
+    video = r.video(1)
+    # start = 6.8 / 12 * 12: segment 2 [6.5, 7.5]; prev (3.5 <= 3.5) -> [4, 7.5]; then next
+    # (6 < 7.5) -> [4, 10]; no next left -> prev: [0, 10]. Words are appended: r q s p.
+    start, end, *_, raw = sample_clip(video, r.word_vectors, r.settings, ScriptedRandom(6.8 / 12))
+    assert (start, end) == (0.0, 10.0)
+    assert raw == "r q s p"
+
+
+def test_end_inside_a_segment_anchors_the_clip(howto):
+    r = reader(howto)
+    video = r.video(2)  # duration 30, one segment [20, 25]
+    start, end, *_, raw = sample_clip(video, r.word_vectors, r.settings, ScriptedRandom(13.0 / 22))
+    # start 13 is in no segment; end 21 is inside [20, 25]; extension impossible (one segment).
+    assert (start, end) == (20.0, 25.0) and raw == "s s s"
+
+
+def test_clip_without_asr_has_empty_text_and_aligned_audio(howto):
+    r = reader(howto, text_audio_misaligned=True)
+    video = r.video(2)
+    start, end, audio, audio_mask, text, text_mask, raw = sample_clip(video, r.word_vectors, r.settings,
+                                                                      ScriptedRandom(1.0 / 22))
+    assert (start, end) == (1.0, 9.0) and raw == ""
+    assert text_mask.sum() == 0 and np.all(text == 0)
+    assert audio[0, 0] == F.time_to_frames(1.0) == 98
+
+
+def test_max_words_and_out_of_vocabulary(howto):
+    from msk_jax.data.word2vec import WordVectors
+    vectors = WordVectors(["a", "c"], np.eye(2, dtype=np.float32))
+    text, mask, raw = F.text_features(F.tokenize("a b, c! a's a"), vectors, max_words=2)
+    assert raw == "a b c a's a"
+    np.testing.assert_array_equal(mask, [1, 1])
+    np.testing.assert_array_equal(text, [[1, 0], [0, 1]])  # a, c (b and a's are unknown)
+    empty, empty_mask, _ = F.text_features(F.tokenize("zz yy"), vectors, max_words=3)
+    assert empty_mask.sum() == 0 and empty.shape == (3, 2)
+
+
+def test_video_tokens_from_2d_and_3d_rates(howto):
+    r = reader(howto)
+    clips = sample_clips(r.video(0), r.paths[0], r.word_vectors, r.settings, ScriptedRandom(*[0.25] * 10))
+    assert clips["video"].shape == (10, 12, DIM_2D + DIM_3D)
+    video = r.video(0)
+    # [0, 12]: 2D rows 0..12 (13), 3D rows 0..18 (19) -> 2D upsampled to 19, first 12 kept.
+    f2d, f3d = video.features_2d[0:13], video.features_3d[0:19]
+    index = np.floor(np.arange(19, dtype=np.float32) * np.float32(13 / 19)).astype(int)
+    expected_2d = f2d[index][:12] / np.linalg.norm(f2d[index][:12], axis=1, keepdims=True)
+    expected_3d = f3d[:12] / np.linalg.norm(f3d[:12], axis=1, keepdims=True)
+    np.testing.assert_allclose(clips["video"][0], np.concatenate([expected_2d, expected_3d], axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(clips["video_mask"][0], np.ones(12))
+    assert clips["id"][0] == "demo/va0.0"
+
+
+def test_short_video_slice_is_padded_and_masked():
+    f2d, f3d = np.ones((3, 2), np.float32), np.ones((4, 2), np.float32)
+    video, mask = F.video_features(f2d, f3d, 6)
+    np.testing.assert_array_equal(mask, [1, 1, 1, 1, 0, 0])
+    empty, empty_mask = F.video_features(f2d[:0], f3d, 6)
+    assert empty_mask.sum() == 0 and not empty.any()
+
+
+@pytest.mark.parametrize("index,reason,words", [
+    (3, "missing features", "does not exist"),
+    (4, "wrong dimension", "dimension 7, expected 6"),
+    (5, "no ASR segments", "no ASR segments"),
+    (6, "audio too short", "shorter than one audio token"),
+    (7, "unreadable", "cannot be read"),
+])
+def test_bad_inputs_name_the_file_and_the_problem(howto, index, reason, words):
+    r = reader(howto)
+    with pytest.raises(F.DataError) as err:
+        r.video(index)
+    assert err.value.reason == reason
+    assert words in str(err.value)
+    assert r.video_id(index) in str(err.value)
+
+
+def test_csv_without_path_column(tmp_path):
+    (tmp_path / "bad.csv").write_text("video\nx\n")
+    with pytest.raises(F.DataError, match="'path' column"):
+        HowTo100MReader(str(tmp_path / "bad.csv"), "", "", "", None)

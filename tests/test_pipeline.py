@@ -1,0 +1,95 @@
+"""The training pipeline: determinism, resumption, process shards, skipping bad videos; TFDS."""
+
+import os
+
+import numpy as np
+import pytest
+
+from msk_jax.data.howto100m import ClipSettings
+from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.word2vec import load_word2vec_binary
+from tests.data_fixtures import segments, write_howto
+from tests.test_howto100m import reader
+
+SETTINGS = dict(n_clips=2, num_audio_frames=256)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    videos = [(f"demo/v{i:02d}", 12 + i, segments((1.0, 5.0, "a b"), (6.0, 9.0 + i / 2, "c d")), {})
+              for i in range(10)]
+    videos.append(("demo/empty", 15, segments(), {}))
+    videos.append(("demo/gone", 15, segments((1.0, 2.0, "a")), {}))
+    write_howto(root, videos)
+    os.remove(os.path.join(root, "audio", "demo/gone", "gone_spec.npz"))
+    return root
+
+
+def _take(pipeline, n):
+    return [next(pipeline) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_deterministic_for_a_seed(corpus):
+    first = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=3), 4)
+    second = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=3, workers=1, prefetch=0), 4)
+    other = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=4), 4)
+    assert _same(first, second)
+    assert not _same(first, other)
+    assert first[0]["video"].shape[0] == 4 * 2  # videos x clips
+
+
+def test_resume_continues_with_the_same_batches(corpus):
+    uninterrupted = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=1), 7)  # crosses epochs
+    pipeline = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=1)
+    _take(pipeline, 3)
+    state = pipeline.state()
+    resumed = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=1)
+    resumed.restore(state)
+    assert _same(_take(resumed, 4), uninterrupted[3:])
+    with pytest.raises(ValueError, match="seed"):
+        TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=2).restore(state)
+
+
+def test_processes_read_disjoint_shards(corpus):
+    shards = [TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=0, process_index=p, process_count=2)
+              for p in range(2)]
+    epoch0 = [set(s._shard(0)) for s in shards]
+    assert not epoch0[0] & epoch0[1] and len(epoch0[0] | epoch0[1]) == 12
+    batch = next(shards[1])
+    assert batch["video"].shape[0] == 2 * 2  # 4 videos over 2 processes, 2 clips each
+    with pytest.raises(ValueError, match="divisible"):
+        TrainingPipeline(reader(corpus, **SETTINGS), 3, process_count=2)
+
+
+def test_bad_videos_are_skipped_and_counted(corpus):
+    pipeline = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=0)
+    _take(pipeline, 6)  # two epochs of 12 videos
+    assert pipeline.skipped["no ASR segments"] >= 1 and pipeline.skipped["missing features"] >= 1
+    summary = pipeline.summary()
+    assert "skipped" in summary and "gone_spec.npz" in summary and "no ASR segments" in summary
+
+
+def test_tfds_builder_round_trip(corpus, tmp_path):
+    tfds_builders = pytest.importorskip("msk_jax.data.tfds_builders")
+    import tensorflow_datasets as tfds
+
+    builder = tfds_builders.Howto100mFeatures(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=corpus))
+    words = load_word2vec_binary(os.path.join(corpus, "word2vec.bin"))
+    source = tfds_builders.TFDSVideoSource.load(str(tmp_path), words, ClipSettings(**SETTINGS))
+    assert len(source) == 10  # the two bad videos were skipped at build time
+    raw = reader(corpus, **SETTINGS)
+    index_of = {raw.video_id(i): i for i in range(len(raw))}
+    for i in range(len(source)):
+        example_id = source.data[i]["id"].decode()
+        got = source.sample_clips(i, np.random.default_rng(7))
+        want = raw.sample_clips(index_of[example_id], np.random.default_rng(7))
+        for key in ("video", "audio", "text", "text_mask", "start"):
+            np.testing.assert_array_equal(got[key], want[key])
+    batches = _take(TrainingPipeline(source, 4, seed=0), 2)
+    assert batches[1]["audio"].shape == (8, 40, 256)
