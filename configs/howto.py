@@ -1,11 +1,14 @@
-"""Multi-SK pretraining on HowTo100M features: the paper's configuration.
+"""Multi-SK pretraining on HowTo100M features: the paper's configuration and its variants.
 
 Every number from the paper lives here once. Variants are selected by the config string:
 
-    --config=configs/howto.py            the paper (Multi-SK: contrastive + anchor consistency)
-    --config=configs/howto.py:baseline   EAO per-modality baseline (consistency loss off)
+    --config=configs/howto.py                 the paper (contrastive + anchor consistency)
+    --config=configs/howto.py:baseline        EAO per-modality baseline (consistency loss off)
+    --config=configs/howto.py:demo            the demo corpus on a laptop CPU (built if missing)
+    --config=configs/howto.py:demo,baseline   the demo without the consistency loss
 
 Fields can be overridden on the command line, e.g. ``--config.optimizer.lr=1e-4``.
+Set the data paths (``config.data.*``) to your copy of the features; see the README.
 """
 
 import ml_collections
@@ -28,6 +31,7 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.depth = 1
     model.projection_dim = 6144
     model.num_anchors = 64        # per modality, in the input space and in the joint space
+    model.dtype = "bfloat16"      # compute dtype (mixed precision); parameters stay float32
     return model
 
 
@@ -44,14 +48,48 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
     return objective
 
 
+def get_data_config() -> ml_collections.ConfigDict:
+    """Where the features are, and how clips are cut (REFERENCE: Data)."""
+    data = ml_collections.ConfigDict()
+    data.source = "files"          # "files": the original layout below; "tfds": built array_record
+    data.tfds_data_dir = ""        # for source="tfds" (python -m msk_jax.data.build_tfds ...)
+    data.csv = ""                  # HowTo100M csv with a `path` column
+    data.caption = ""              # caption.pickle
+    data.features_2d = ""          # root of <path>/<id>_2d.npz
+    data.features_3d = ""          # root of <path>/<id>_3d.npz
+    data.audio = ""                # root of <path>/<id>_spec.npz
+    data.word_vectors = ""         # GoogleNews-vectors-negative300.bin
+    data.dim_2d = 2048
+    data.dim_3d = 2048
+    data.min_time = 8.0
+    data.n_video_tokens = 12
+    data.fps_2d = 1.0
+    data.fps_3d = 1.5
+    data.max_words = 20
+    data.num_audio_frames = 768
+    data.n_clips = 10
+    data.text_audio_misaligned = True
+    data.workers = 4
+    data.prefetch = 2
+    # Zero-shot evaluation sets (EAO's data.tar pickles); empty paths are skipped.
+    data.msrvtt = ""               # msrvtt_jsfusion_test.pkl
+    data.youcook2 = ""             # youcook_val.pkl
+    data.msrvtt_complete_size = 1000
+    data.youcook2_complete_size = 3350
+    return data
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "paper"
-    if variant not in ("paper", "baseline"):
-        raise ValueError(f"configs/howto.py: unknown variant '{variant}'; use 'paper' or 'baseline'.")
+    variants = set(filter(None, (arg or "").split(",")))
+    unknown = variants - {"paper", "baseline", "demo"}
+    if unknown:
+        raise ValueError(f"configs/howto.py: unknown variant(s) {sorted(unknown)}; "
+                         "use paper, baseline, demo (comma-separated).")
     config = ml_collections.ConfigDict()
-    config.variant = variant
+    config.variant = ",".join(sorted(variants)) or "paper"
     config.model = get_model_config()
-    config.objective = get_objective_config(consistency=variant == "paper")
+    config.objective = get_objective_config(consistency="baseline" not in variants)
+    config.data = get_data_config()
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.lr = 5e-5
@@ -61,8 +99,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
     config.ema_decay = 0.9999
 
-    config.videos_per_batch = 216
-    config.clips_per_video = 10   # 2160 clips per step
+    config.videos_per_batch = 216  # x n_clips = 2160 clips per step
     config.num_epochs = 15
+    config.num_train_steps = -1    # > 0 overrides num_epochs
     config.seed = 0
+
+    config.mesh = [("data", -1), ("model", 1)]
+    config.sharding_rules = []     # extra (regex over parameter path, partition spec) rules
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.eval_every_steps = 5000  # and at the end; <= 0: only at the end
+    config.eval_batch_size = 64
+    config.eval_ema = True         # evaluate the EMA weights (else the online weights)
+
+    if "demo" in variants:
+        _demo(config)
     return config
+
+
+def _demo(config: ml_collections.ConfigDict) -> None:
+    """The spoken-digit demo corpus: small widths, a few minutes on 2 CPU cores."""
+    config.data.source = "demo"
+    config.data.demo_dir = ""      # default: ~/.cache/msk_jax/demo_corpus
+    config.data.dim_2d = 128
+    config.data.dim_3d = 128
+    config.data.workers = 2
+    config.data.msrvtt_complete_size = -1   # the demo sets are complete: their own size
+    config.data.youcook2_complete_size = -1
+    m = config.model
+    m.video_dim, m.text_dim = 256, 50
+    m.davenet_widths = (16, 16, 32, 32, 64, 64, 128)
+    m.embed_dim, m.num_heads, m.projection_dim, m.num_anchors = 128, 4, 192, 16
+    m.dtype = "float32"
+    config.objective.queue_len = 256
+    config.optimizer.lr = 1e-3
+    config.ema_decay = 0.99
+    config.videos_per_batch = 8    # x 10 clips = 80 clips per step
+    config.num_epochs = 20
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 100
+    config.eval_every_steps = 0
+    config.eval_batch_size = 64

@@ -182,7 +182,7 @@ def _voice_dir(lang: str) -> str | None:
     return None
 
 
-def ensure_voices(languages: Sequence[str], progress: bool = True) -> dict[str, str]:
+def ensure_voices(languages: Sequence[str]) -> dict[str, str]:
     """lang -> voice folder; installs the Asterisk sound packages with apt-get when root."""
     found = {lang: _voice_dir(lang) for lang in languages}
     missing = [lang for lang, path in found.items() if path is None]
@@ -371,7 +371,7 @@ def render(events: list[tuple[int, str, str]], duration: float, images: np.ndarr
         waveform[begin: begin + len(speech)] += speech[: len(waveform) - begin]
         segments.append((float(start), float(start + len(digits)), digit_text(digits, text_rng)))
     noise_std = SPEECH_RMS / 10 ** (SNR_DB / 20)
-    waveform += rng.normal(0.0, noise_std, size=waveform.shape).astype(np.float32)
+    waveform += noise_std * rng.standard_normal(waveform.shape, dtype=np.float32)
     return Clip(duration=duration, frames=frames, waveform=waveform, segments=segments,
                 strings=[e[1] for e in events], languages=[e[2] for e in events])
 
@@ -416,7 +416,7 @@ class Sources:
 def load_sources(seed: int, feature_dim: int, progress: bool) -> Sources:
     images, labels = load_digit_images()
     pools = image_pools(labels)
-    voice_dirs = ensure_voices(TRAIN_LANGUAGES + (HELD_OUT_LANGUAGE,), progress)
+    voice_dirs = ensure_voices(TRAIN_LANGUAGES + (HELD_OUT_LANGUAGE,))
     voices = {lang: load_voice(path) for lang, path in voice_dirs.items()}
     train_idx = np.concatenate(pools["train"])
     encoder = FrameEncoder.create(images[train_idx], feature_dim, seed)
@@ -426,45 +426,67 @@ def load_sources(seed: int, feature_dim: int, progress: bool) -> Sources:
     return Sources(images, pools, voices, voice_dirs, encoder)
 
 
-def _save_npz(path: str, **arrays: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, **arrays)
+def write_training_video(paths: DemoCorpusPaths, rel: str, clip: Clip, encoder: FrameEncoder) -> None:
+    """<id>_2d.npz / <id>_3d.npz (key 'features') and <id>_spec.npz (key 'arr_0') of one video."""
+    vid = rel.split("/")[-1]
+    f2d, f3d = encoder.features(clip.frames, clip.duration)
+    outputs = {(paths.features_2d, "_2d.npz"): {"features": f2d}, (paths.features_3d, "_3d.npz"): {"features": f3d}}
+    for (folder, suffix), arrays in outputs.items():
+        os.makedirs(os.path.join(folder, rel), exist_ok=True)
+        np.savez(os.path.join(folder, rel, vid + suffix), **arrays)
+    os.makedirs(os.path.join(paths.audio, rel), exist_ok=True)
+    np.savez(os.path.join(paths.audio, rel, f"{vid}_spec.npz"), log_mel_spectrogram(clip.waveform))
+
+
+def caption_entry(clip: Clip) -> dict:
+    """caption.pickle value: segment starts/ends (s) and texts."""
+    return {"start": np.array([s[0] for s in clip.segments], np.float64),
+            "end": np.array([s[1] for s in clip.segments], np.float64),
+            "text": [s[2] for s in clip.segments]}
 
 
 def build_training(paths: DemoCorpusPaths, src: Sources, cfg: SizeConfig, seed: int, held_out: set[str],
                    progress: bool) -> dict:
     """Writes the csv, per-video features/spectrograms and caption.pickle; returns statistics."""
-    captions, rows, strings, seconds, languages = {}, [], [], 0.0, {}
+    captions, rows, strings, languages, durations = {}, [], [], {}, {}
     step = max(1, cfg.train_videos // 10)
     for v in range(cfg.train_videos):
         rng = np.random.default_rng([seed, 1, v])
         events, duration = plan_training_video(rng, cfg.train_seconds, held_out)
         clip = render(events, duration, src.images, src.pools["train"], src.voices, rng, rng)
         vid = f"video_{v:04d}"
-        rel = f"demo/{vid}"
-        f2d, f3d = src.encoder.features(clip.frames, duration)
-        _save_npz(os.path.join(paths.features_2d, rel, f"{vid}_2d.npz"), features=f2d)
-        _save_npz(os.path.join(paths.features_3d, rel, f"{vid}_3d.npz"), features=f3d)
-        os.makedirs(os.path.join(paths.audio, rel), exist_ok=True)
-        np.savez(os.path.join(paths.audio, rel, f"{vid}_spec.npz"), log_mel_spectrogram(clip.waveform))
-        captions[vid] = {"start": np.array([s[0] for s in clip.segments], np.float64),
-                         "end": np.array([s[1] for s in clip.segments], np.float64),
-                         "text": [s[2] for s in clip.segments]}
-        rows.append(rel)
+        rows.append(f"demo/{vid}")
+        write_training_video(paths, rows[-1], clip, src.encoder)
+        captions[vid], durations[vid] = caption_entry(clip), duration
         strings += clip.strings
-        seconds += duration
         for lang in clip.languages:
             languages[lang] = languages.get(lang, 0) + 1
         if (v + 1) % step == 0 or v + 1 == cfg.train_videos:
-            _log(progress, f"training videos {v + 1}/{cfg.train_videos} ({seconds:.0f} s so far)")
+            _log(progress, f"training videos {v + 1}/{cfg.train_videos} ({sum(durations.values()):.0f} s so far)")
+    oov_counts = ensure_oov_words(captions)
     with open(paths.csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path"])
         writer.writerows([r] for r in rows)
     with open(paths.caption, "wb") as f:
         pickle.dump(captions, f)
-    return {"videos": len(rows), "segments": len(strings), "seconds": round(seconds, 2),
-            "strings": sorted(set(strings)), "languages": dict(sorted(languages.items()))}
+    return {"videos": len(rows), "segments": len(strings), "seconds": round(sum(durations.values()), 2),
+            "strings": sorted(set(strings)), "languages": dict(sorted(languages.items())),
+            "durations": durations, "oov_counts": oov_counts}
+
+
+def ensure_oov_words(captions: dict[str, dict]) -> dict[str, int]:
+    """Makes sure every word of OOV_WORDS occurs in some segment; returns their counts."""
+    texts = [(vid, i) for vid, c in captions.items() for i in range(len(c["text"]))]
+
+    def count(word: str) -> int:
+        return sum(captions[v]["text"][i].split().count(word) for v, i in texts)
+
+    for k, word in enumerate(OOV_WORDS):
+        if texts and count(word) == 0:
+            vid, i = texts[k % len(texts)]
+            captions[vid]["text"][i] = f"{word} {captions[vid]['text'][i]}"
+    return {word: count(word) for word in OOV_WORDS}
 
 
 def build_test_set(name: str, src: Sources, strings: list[str], languages: Sequence[str], seed: int,
@@ -481,7 +503,7 @@ def build_test_set(name: str, src: Sources, strings: list[str], languages: Seque
                         "caption": digit_text(digits), "variant": digit_text(digits, rng),
                         "duration": duration})
         clip_languages[cid] = clip.languages[0]
-    _log(progress, f"{name}: {len(entries)} test clips, languages {sorted(set(clip_languages.values()))}")
+    _log(progress, f"{name}: {len(entries)} clips rendered, languages {sorted(set(clip_languages.values()))}")
     return entries, clip_languages
 
 
@@ -535,6 +557,49 @@ def _clear(paths: DemoCorpusPaths) -> None:
         shutil.rmtree(howto)
 
 
+def _meta(settings: dict, src: Sources, train: dict, msrvtt_split: tuple, youcook_split: tuple,
+          missing_ids: list[str], vocabulary: int, seconds: float) -> dict:
+    """meta.json: settings, counts, per-clip strings/languages/durations, sources, build time."""
+    (msrvtt, msrvtt_strings, msrvtt_langs), (youcook, youcook_strings, youcook_langs) = msrvtt_split, youcook_split
+    feature_dim = settings["feature_dim"]
+    return {
+        "version": CORPUS_VERSION,
+        "settings": settings,
+        "feature_dim": feature_dim,
+        "word_dim": 50,
+        "counts": {"train_videos": train["videos"], "train_segments": train["segments"],
+                   "train_seconds": train["seconds"], "msrvtt": len(msrvtt),
+                   "youcook": len(youcook) - NUM_MISSING_YOUCOOK, "youcook_entries": len(youcook),
+                   "youcook_without_2d_full": NUM_MISSING_YOUCOOK, "vocabulary": vocabulary},
+        "languages": {"train": list(TRAIN_LANGUAGES), "msrvtt": list(TRAIN_LANGUAGES),
+                      "youcook": [HELD_OUT_LANGUAGE]},
+        "train_segments_per_language": train["languages"],
+        "voices": src.voice_dirs,
+        "msrvtt_strings": {e["id"]: s for e, s in zip(msrvtt, msrvtt_strings)},
+        "youcook_strings": {e["id"]: s for e, s in zip(youcook, youcook_strings)},
+        "msrvtt_languages": msrvtt_langs,
+        "youcook_languages": youcook_langs,
+        "youcook_without_2d_full": missing_ids,
+        "train_durations": train["durations"],
+        "msrvtt_durations": {e["id"]: e["duration"] for e in msrvtt},
+        "youcook_durations": {e["id"]: e["duration"] for e in youcook},
+        "train_oov_word_counts": train["oov_counts"],
+        "train_strings": train["strings"],
+        "vocabulary": list(DIGIT_WORDS + FILLER_WORDS),
+        "oov_words": list(OOV_WORDS),
+        "images": {"source": "sklearn.datasets.load_digits",
+                   "train": int(sum(map(len, src.pools["train"]))),
+                   "msrvtt": int(sum(map(len, src.pools["msrvtt"]))),
+                   "youcook": int(sum(map(len, src.pools["youcook"]))),
+                   "rule": f"last {OOD_IMAGE_FRACTION:.0%} of the images -> youcook; of the rest, "
+                           f"index % {INDOMAIN_TEST_EVERY} == {INDOMAIN_TEST_EVERY - 1} -> msrvtt, others -> train"},
+        "rates": {"features_2d_per_s": FPS_2D, "features_3d_per_s": FPS_3D, "audio_frames_per_s": 100,
+                  "sample_rate": SAMPLE_RATE},
+        "build_seconds": round(seconds, 2),
+        "complete": True,
+    }
+
+
 def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, feature_dim: int = 128,
                       force: bool = False, progress: bool = True) -> DemoCorpusPaths:
     """Builds (or finds already built) the spoken-digit-strings corpus under `root`."""
@@ -558,44 +623,13 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
     msrvtt, msrvtt_langs = build_test_set("msrvtt", src, msrvtt_strings, TRAIN_LANGUAGES, seed, 2, progress)
     write_msrvtt(paths.msrvtt, msrvtt)
     youcook, youcook_langs = build_test_set("youcook", src, youcook_strings, (HELD_OUT_LANGUAGE,), seed, 3, progress)
-    missing_ids = sorted(e["id"] for e in (youcook[i] for i in rng.choice(len(youcook), NUM_MISSING_YOUCOOK,
-                                                                            replace=False)))
+    missing_ids = sorted(youcook[i]["id"] for i in rng.choice(len(youcook), NUM_MISSING_YOUCOOK, replace=False))
     write_youcook(paths.youcook, youcook, set(missing_ids))
     vocabulary = write_word_vectors(paths.word_vectors)
     _log(progress, f"word vectors: {vocabulary} words (GloVe 6B 50-d); left out on purpose: {', '.join(OOV_WORDS)}")
 
-    meta = {
-        "version": CORPUS_VERSION,
-        "settings": settings,
-        "feature_dim": feature_dim,
-        "word_dim": 50,
-        "counts": {"train_videos": train["videos"], "train_segments": train["segments"],
-                   "train_seconds": train["seconds"], "msrvtt": len(msrvtt),
-                   "youcook": len(youcook) - NUM_MISSING_YOUCOOK, "youcook_entries": len(youcook),
-                   "youcook_without_2d_full": NUM_MISSING_YOUCOOK, "vocabulary": vocabulary},
-        "languages": {"train": list(TRAIN_LANGUAGES), "msrvtt": list(TRAIN_LANGUAGES),
-                      "youcook": [HELD_OUT_LANGUAGE]},
-        "train_segments_per_language": train["languages"],
-        "voices": src.voice_dirs,
-        "msrvtt_strings": {e["id"]: s for e, s in zip(msrvtt, msrvtt_strings)},
-        "youcook_strings": {e["id"]: s for e, s in zip(youcook, youcook_strings)},
-        "msrvtt_languages": msrvtt_langs,
-        "youcook_languages": youcook_langs,
-        "youcook_without_2d_full": missing_ids,
-        "train_strings": train["strings"],
-        "vocabulary": list(DIGIT_WORDS + FILLER_WORDS),
-        "oov_words": list(OOV_WORDS),
-        "images": {"source": "sklearn.datasets.load_digits",
-                   "train": int(sum(map(len, src.pools["train"]))),
-                   "msrvtt": int(sum(map(len, src.pools["msrvtt"]))),
-                   "youcook": int(sum(map(len, src.pools["youcook"]))),
-                   "rule": f"last {OOD_IMAGE_FRACTION:.0%} of the images -> youcook; of the rest, "
-                           f"index % {INDOMAIN_TEST_EVERY} == {INDOMAIN_TEST_EVERY - 1} -> msrvtt, others -> train"},
-        "rates": {"features_2d_per_s": FPS_2D, "features_3d_per_s": FPS_3D, "audio_frames_per_s": 100,
-                  "sample_rate": SAMPLE_RATE},
-        "build_seconds": round(time.perf_counter() - began, 2),
-        "complete": True,
-    }
+    meta = _meta(settings, src, train, (msrvtt, msrvtt_strings, msrvtt_langs),
+                 (youcook, youcook_strings, youcook_langs), missing_ids, vocabulary, time.perf_counter() - began)
     with open(paths.meta + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(paths.meta + ".tmp", paths.meta)

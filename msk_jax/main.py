@@ -1,0 +1,53 @@
+"""Pretrains Multi-SK: `python -m msk_jax.main --config=configs/howto.py[:variant] --workdir=DIR`.
+
+The logic lives in `msk_jax.train` (importable by tests and notebooks); this file only parses
+flags, starts multi-host JAX when asked, and calls `train.train_and_evaluate`.
+
+    python -m msk_jax.main --config=configs/howto.py:demo --workdir=/tmp/msk_demo
+    python -m msk_jax.main --config=configs/howto.py --workdir=gs://bucket/run \\
+        --config.data.csv=... --config.optimizer.lr=1e-4
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file (a configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go (resumes if present).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Cloud TPU pods, SLURM, or the "
+                  "--coordinator/--num_processes/--process_id flags).")
+flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs without a cluster manager.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process CPU runs ('gloo').")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+    if FLAGS.multihost or FLAGS.coordinator:
+        kwargs = {}
+        if FLAGS.coordinator:
+            kwargs = dict(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
+                          process_id=FLAGS.process_id)
+        jax.distributed.initialize(**kwargs)
+
+    from msk_jax import train
+    from msk_jax.data.features import DataError
+
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (FileNotFoundError, train.NonFiniteLossError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,132 @@
+"""Metric writers: TensorBoard event files, a JSON-lines log and the terminal; progress reports.
+
+(clu's writers need TensorFlow; these write TensorBoard events with the `tensorboard` package.)
+Only process 0 writes files: other processes get a terminal-only writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+
+class MetricWriter:
+    """Interface: scalars per step; flush; close."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush()
+
+
+class LoggingWriter(MetricWriter):
+    """Prints selected scalars on one line per write."""
+
+    def __init__(self, keys: tuple[str, ...] | None = None, stream=sys.stdout):
+        self.keys, self.stream = keys, stream
+
+    def write_scalars(self, step, scalars):
+        items = [(k, v) for k, v in scalars.items() if self.keys is None or k in self.keys]
+        if items:
+            text = "  ".join(f"{k} {v:.4g}" for k, v in items)
+            print(f"[step {step}] {text}", file=self.stream, flush=True)
+
+
+class JsonlWriter(MetricWriter):
+    """Appends {"step": .., <name>: ..} lines to a file (easy to read back in tests and notebooks)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._file = open(path, "a")
+
+    def write_scalars(self, step, scalars):
+        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+class TensorBoardWriter(MetricWriter):
+    """Scalar summaries in TensorBoard event files."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = event_pb2, summary_pb2
+        self._writer = EventFileWriter(logdir)
+
+    def write_scalars(self, step, scalars):
+        values = [self._summary.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self._writer.add_event(self._event.Event(wall_time=time.time(), step=int(step),
+                                                 summary=self._summary.Summary(value=values)))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class MultiWriter(MetricWriter):
+    def __init__(self, writers: list[MetricWriter]):
+        self.writers = writers
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+def create_default_writer(workdir: str, just_logging: bool, log_keys: tuple[str, ...] | None = None
+                          ) -> MetricWriter:
+    """TensorBoard (`<workdir>/tensorboard`) + `<workdir>/metrics.jsonl` + terminal; terminal only
+    when `just_logging` (processes other than 0)."""
+    if just_logging:
+        return LoggingWriter(log_keys)
+    return MultiWriter([LoggingWriter(log_keys), TensorBoardWriter(os.path.join(workdir, "tensorboard")),
+                        JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ReportProgress:
+    """Steps per second and ETA, reported every `every_steps` steps."""
+
+    def __init__(self, num_train_steps: int, every_steps: int = 10):
+        self.num_train_steps, self.every_steps = num_train_steps, every_steps
+        self._last_step, self._last_time = None, None
+
+    def __call__(self, step: int) -> dict[str, float] | None:
+        now = time.monotonic()
+        if self._last_step is None:
+            self._last_step, self._last_time = step, now
+            return None
+        if step - self._last_step < self.every_steps and step < self.num_train_steps:
+            return None
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        remaining = max(self.num_train_steps - step, 0)
+        return {"steps_per_sec": rate, "eta_minutes": remaining / rate / 60 if rate > 0 else math.inf}

@@ -1,0 +1,291 @@
+"""The training loop: data, sharded state, jitted step, checkpoints, metrics, evaluation.
+
+`train_and_evaluate(config, workdir)` is what `python -m msk_jax.main` runs. Restarting with
+the same workdir resumes from the last checkpoint (state, input position, RNG), so a killed
+run continues with exactly the losses an uninterrupted one has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msk_jax import checkpoints, evaluation, metric_writers, sharding, train_step
+from msk_jax.data import eval_sets as eval_data
+from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.loss import ObjectiveConfig
+from msk_jax.model import MultiSKModel
+
+README_DATA = "see 'Data' in README.md, or try the demo: --config=configs/howto.py:demo"
+LOG_KEYS = ("loss", "contrastive", "consistency", "tv", "learning_rate", "steps_per_sec", "eta_minutes")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the run stops without checkpointing that state."""
+
+
+# --- construction -------------------------------------------------------------------------------
+
+def build_model(config) -> MultiSKModel:
+    fields = dict(config.model)
+    fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+    for key in ("davenet_layers", "davenet_widths"):
+        fields[key] = tuple(fields[key])
+    if isinstance(fields["num_anchors"], (list, tuple)):
+        fields["num_anchors"] = tuple(fields["num_anchors"])
+    return MultiSKModel(**fields)
+
+
+def clip_settings(config) -> ClipSettings:
+    d = config.data
+    return ClipSettings(min_time=d.min_time, n_video_tokens=d.n_video_tokens, fps_2d=d.fps_2d, fps_3d=d.fps_3d,
+                        max_words=d.max_words, num_audio_frames=d.num_audio_frames, n_clips=d.n_clips,
+                        text_audio_misaligned=d.text_audio_misaligned, audio_bins=config.model.audio_feat_dim)
+
+
+def _require(path: str, what: str, field: str) -> str:
+    if not path:
+        raise FileNotFoundError(f"config.data.{field} is not set: the path of {what}; {README_DATA}.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.data.{field}='{path}' ({what}) does not exist; {README_DATA}.")
+    return path
+
+
+def demo_paths(config):
+    """Builds the demo corpus if needed and points config.data at it (returns the paths)."""
+    from msk_jax.data.demo_corpus import build_demo_corpus
+
+    root = config.data.get("demo_dir") or os.path.join(os.path.expanduser("~"), ".cache", "msk_jax", "demo_corpus")
+    return build_demo_corpus(root, size=config.data.get("demo_size", "default"),
+                             feature_dim=config.data.dim_2d, progress=jax.process_index() == 0)
+
+
+def build_data(config):
+    """(training video source, word vectors, {name: EvalSet}) from config.data."""
+    d = config.data
+    if d.source == "demo":
+        paths = demo_paths(config)
+        csv, caption, f2d, f3d, audio = paths.csv, paths.caption, paths.features_2d, paths.features_3d, paths.audio
+        vectors_path, msrvtt, youcook2 = paths.word_vectors, paths.msrvtt, paths.youcook
+    else:
+        vectors_path = _require(d.word_vectors, "the word2vec binary word vectors", "word_vectors")
+        msrvtt, youcook2 = d.msrvtt, d.youcook2
+    words = load_word2vec_binary(vectors_path)
+    if words.dim != config.model.text_dim:
+        raise ValueError(f"word vectors '{vectors_path}' are {words.dim}-d but config.model.text_dim is "
+                         f"{config.model.text_dim}.")
+    settings = clip_settings(config)
+    if d.source == "tfds":
+        from msk_jax.data.tfds_builders import TFDSVideoSource
+        source = TFDSVideoSource.load(_require(d.tfds_data_dir, "the built TFDS datasets", "tfds_data_dir"),
+                                      words, settings)
+    else:
+        if d.source == "files":
+            csv = _require(d.csv, "the HowTo100M csv", "csv")
+            caption = _require(d.caption, "caption.pickle", "caption")
+            f2d = _require(d.features_2d, "the 2D feature root", "features_2d")
+            f3d = _require(d.features_3d or d.features_2d, "the 3D feature root", "features_3d")
+            audio = _require(d.audio, "the log-mel root", "audio")
+        elif d.source != "demo":
+            raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds' or 'demo'.")
+        source = HowTo100MReader(csv, caption, f2d, audio, words, features_3d=f3d, settings=settings,
+                                 dim_2d=d.dim_2d, dim_3d=d.dim_3d)
+    evals = {}
+    for name, path, fmt, complete in (("MSRVTT", msrvtt, eval_data.MSRVTT, d.msrvtt_complete_size),
+                                      ("YouCook2", youcook2, eval_data.YOUCOOK2, d.youcook2_complete_size)):
+        if not path:
+            continue
+        entries, dropped = eval_data.load_eval_entries(path, fmt)
+        evals[name] = eval_data.build_eval_set(
+            entries, fmt, words, source=path, dropped=dropped, max_words=d.max_words, dim_2d=d.dim_2d,
+            dim_3d=d.dim_3d, n_video_tokens=d.get("eval_video_tokens") or None,
+            num_audio_frames=d.get("eval_audio_frames") or None,
+            # complete < 0: the file is the whole set (entries without features still count).
+            complete_dataset_size=complete if complete >= 0 else len(entries) + dropped)
+    return source, words, evals
+
+
+def sample_batch(config, word_dim: int) -> dict[str, np.ndarray]:
+    """Zeros with the shapes of one global training batch."""
+    d = config.data
+    b = config.videos_per_batch * d.n_clips
+    return {"video": np.zeros((b, d.n_video_tokens, config.model.video_dim), np.float32),
+            "video_mask": np.ones((b, d.n_video_tokens), np.float32),
+            "text": np.zeros((b, d.max_words, word_dim), np.float32),
+            "text_mask": np.ones((b, d.max_words), np.float32),
+            "audio": np.zeros((b, config.model.audio_feat_dim, d.num_audio_frames), np.float32),
+            "audio_mask": np.ones((b, d.num_audio_frames), np.float32)}
+
+
+def create_sharded_state(rng, model, objective: ObjectiveConfig, tx, batch_shapes: dict, mesh, rules,
+                         ema_decay: float | None):
+    """The initial TrainState, born sharded by the rules (jit with out_shardings)."""
+    zeros = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_shapes.items()}
+
+    def init(rng):
+        batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in zeros.items()}
+        return train_step.create_train_state(rng, model, objective, tx, batch, ema_decay=ema_decay)
+
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = sharding.tree_shardings(abstract, mesh, rules)
+    state = jax.jit(init, out_shardings=state_sharding)(rng)
+    return state, state_sharding
+
+
+def compile_train_step(state_sharding, batch_sharding):
+    """jax.jit(train_step) with in/out shardings and the state donated."""
+    return jax.jit(train_step.train_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+    """This process's part of the batch -> global arrays split over the mesh's batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise NonFiniteLossError(f"step {step}: non-finite value in {', '.join(bad)} "
+                                 f"(loss = {metrics.get('loss')}); no checkpoint was written from this state.")
+
+
+def _gather_positions(pipeline: TrainingPipeline) -> list[dict]:
+    state = pipeline.state()
+    local = np.array([state["epoch"], state["position"]], np.int64)
+    if jax.process_count() == 1:
+        rows = local[None]
+    else:
+        from jax.experimental import multihost_utils
+        rows = np.asarray(multihost_utils.process_allgather(local))
+    return [{"epoch": int(e), "position": int(p), "seed": state["seed"], "process_index": i,
+             "process_count": jax.process_count()} for i, (e, p) in enumerate(rows)]
+
+
+class _Preemption:
+    """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains per `config`, checkpointing into and resuming from `workdir`; returns the final
+    evaluation results ({dataset: {direction: metrics}}), empty without evaluation sets."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, log_keys=LOG_KEYS)
+    model = build_model(config)
+    objective = ObjectiveConfig.from_config(config.objective)
+    source, words, evals = build_data(config)
+    if config.videos_per_batch > len(source):
+        raise ValueError(f"config.videos_per_batch={config.videos_per_batch} exceeds the {len(source)} training videos.")
+    steps_per_epoch = max(1, len(source) // config.videos_per_batch)
+    num_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+    schedule = train_step.epoch_decay_schedule(config.optimizer.lr, config.optimizer.lr_decay_per_epoch,
+                                               steps_per_epoch)
+    tx = train_step.adam(schedule, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)
+
+    mesh = sharding.create_mesh(config.mesh)
+    rules = sharding.rules_for(mesh, [tuple(r) for r in config.sharding_rules])
+    batch_sharding = sharding.batch_sharding(mesh)
+    state, state_sharding = create_sharded_state(
+        jax.random.PRNGKey(config.seed), model, objective, tx, sample_batch(config, words.dim), mesh, rules,
+        config.ema_decay if config.ema_decay else None)
+    step_fn = compile_train_step(state_sharding, batch_sharding)
+
+    pipeline = TrainingPipeline(source, config.videos_per_batch, seed=config.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                workers=config.data.workers, prefetch=config.data.prefetch)
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state)
+        pipeline.restore(meta["input"][jax.process_index()])
+        if is_main:
+            print(f"resumed from step {int(state.step)} in {checkpointer.directory}", flush=True)
+
+    def save(force=False):
+        meta = {"input": _gather_positions(pipeline), "config": config.to_json(), "num_train_steps": num_steps}
+        checkpointer.save(state, meta, force=force)
+
+    def run_eval(step):
+        if not evals:
+            return {}
+        variables = {"params": state.ema_params if config.eval_ema and state.ema_params is not None
+                     else state.params, "batch_stats": state.batch_stats}
+        results = evaluation.evaluate(model, variables, evals, config.eval_batch_size)
+        if is_main:
+            path = evaluation.write_json(results, workdir, step)
+            writer.write_scalars(step, evaluation.scalars(results))
+            print(evaluation.format_table(results), flush=True)
+            print(f"evaluation written to {path}", flush=True)
+        return results
+
+    progress = metric_writers.ReportProgress(num_steps, every_steps=config.log_every_steps)
+    preemption = _Preemption()
+    accumulated: dict[str, list[float]] = {}
+    step = int(jax.device_get(state.step))
+    if is_main:
+        print(f"training {num_steps} steps ({steps_per_epoch} per epoch) from step {step}; "
+              f"mesh {dict(mesh.shape)}; {len(source)} videos", flush=True)
+    try:
+        with mesh:
+            while step < num_steps:
+                batch = global_batch(next(pipeline), batch_sharding)
+                new_state, metrics = step_fn(state, batch)
+                host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(step, host_metrics)  # raises before the state can be saved
+                state, step = new_state, step + 1
+                for k, v in host_metrics.items():
+                    accumulated.setdefault(k, []).append(v)
+                if step % config.log_every_steps == 0 or step == num_steps:
+                    scalars = {k: float(np.mean(v)) for k, v in accumulated.items()}
+                    scalars["learning_rate"] = float(schedule(step - 1))
+                    scalars["epoch"] = (step - 1) // steps_per_epoch
+                    scalars.update(progress(step) or {})
+                    writer.write_scalars(step, scalars)
+                    accumulated = {}
+                if step % config.checkpoint_every_steps == 0 or preemption.requested:
+                    save()
+                if preemption.requested:
+                    checkpointer.wait()
+                    if is_main:
+                        print(f"stopped at step {step} on SIGTERM; checkpoint saved.", flush=True)
+                    return {}
+                if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < num_steps:
+                    run_eval(step)
+            save(force=True)
+            checkpointer.wait()
+            results = run_eval(step)
+    finally:
+        preemption.restore()
+        writer.flush()
+        if is_main:
+            print(pipeline.summary(), flush=True)
+        pipeline.close()
+        checkpointer.close()
+    writer.close()
+    return results
