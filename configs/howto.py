@@ -76,6 +76,11 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.youcook2 = ""             # youcook_val.pkl
     data.msrvtt_complete_size = 1000
     data.youcook2_complete_size = 3350
+    data.eval_video_tokens = 0     # 0: the format's (48 MSR-VTT, 72 YouCook2)
+    data.eval_audio_frames = 0     # 0: the format's (3072 MSR-VTT, 4608 YouCook2)
+    # source="demo": where the demo corpus is built (default ~/.cache/msk_jax/demo_corpus).
+    data.demo_dir = ""
+    data.demo_size = "default"     # or "tiny"
     return data
 
 
@@ -121,7 +126,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _demo(config: ml_collections.ConfigDict) -> None:
     """The spoken-digit demo corpus: small widths, a few minutes on 2 CPU cores."""
     config.data.source = "demo"
-    config.data.demo_dir = ""      # default: ~/.cache/msk_jax/demo_corpus
+    config.data.eval_video_tokens = 12     # the demo's test clips last at most 8 s
+    config.data.eval_audio_frames = 768
     config.data.dim_2d = 128
     config.data.dim_3d = 128
     config.data.workers = 2

@@ -252,34 +252,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"training {num_steps} steps ({steps_per_epoch} per epoch) from step {step}; "
               f"mesh {dict(mesh.shape)}; {len(source)} videos", flush=True)
     try:
-        with mesh:
-            while step < num_steps:
-                batch = global_batch(next(pipeline), batch_sharding)
-                new_state, metrics = step_fn(state, batch)
-                host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(step, host_metrics)  # raises before the state can be saved
-                state, step = new_state, step + 1
-                for k, v in host_metrics.items():
-                    accumulated.setdefault(k, []).append(v)
-                if step % config.log_every_steps == 0 or step == num_steps:
-                    scalars = {k: float(np.mean(v)) for k, v in accumulated.items()}
-                    scalars["learning_rate"] = float(schedule(step - 1))
-                    scalars["epoch"] = (step - 1) // steps_per_epoch
-                    scalars.update(progress(step) or {})
-                    writer.write_scalars(step, scalars)
-                    accumulated = {}
-                if step % config.checkpoint_every_steps == 0 or preemption.requested:
-                    save()
-                if preemption.requested:
-                    checkpointer.wait()
-                    if is_main:
-                        print(f"stopped at step {step} on SIGTERM; checkpoint saved.", flush=True)
-                    return {}
-                if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < num_steps:
-                    run_eval(step)
+        while step < num_steps:
+            batch = global_batch(next(pipeline), batch_sharding)
+            new_state, metrics = step_fn(state, batch)
+            host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            check_finite(step, host_metrics)  # raises before the state can be saved
+            state, step = new_state, step + 1
+            for k, v in host_metrics.items():
+                accumulated.setdefault(k, []).append(v)
+            if step % config.log_every_steps == 0 or step == num_steps:
+                scalars = {k: float(np.mean(v)) for k, v in accumulated.items()}
+                scalars["learning_rate"] = float(schedule(step - 1))
+                scalars["epoch"] = (step - 1) // steps_per_epoch
+                scalars.update(progress(step) or {})
+                writer.write_scalars(step, scalars)
+                accumulated = {}
+            if step % config.checkpoint_every_steps == 0 or preemption.requested:
+                save()
+            if preemption.requested:
+                checkpointer.wait()
+                if is_main:
+                    print(f"stopped at step {step} on SIGTERM; checkpoint saved.", flush=True)
+                return {}
+            if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < num_steps:
+                run_eval(step)
+        if checkpointer.latest_step() != step:
             save(force=True)
-            checkpointer.wait()
-            results = run_eval(step)
+        checkpointer.wait()
+        results = run_eval(step)
     finally:
         preemption.restore()
         writer.flush()

@@ -75,3 +75,13 @@ def tiny_batch(seed, batch=6, video_tokens=3, text_tokens=4, frames=128, empty_t
         "audio": rng.normal(size=(batch, 40, frames)).astype(np.float32),
         "audio_mask": audio_mask,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """The tiny demo corpus with 16-d video features, built once per test session."""
+    from msk_jax.data.demo_corpus import build_demo_corpus
+
+    root = str(tmp_path_factory.mktemp("tiny_demo"))
+    build_demo_corpus(root, size="tiny", feature_dim=16, progress=False)
+    return root
