@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from msk_jax.sharding import to_host
 from msk_jax.train_step import TrainState
 
 
@@ -41,7 +42,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, state: TrainState, meta: dict, force: bool = False) -> bool:
-        step = int(jax.device_get(state.step))
+        step = int(to_host(state.step))
         saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state_arrays(state)), meta=ocp.args.JsonSave(meta)), force=force)
         return bool(saved)

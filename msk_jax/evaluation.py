@@ -20,6 +20,7 @@ import numpy as np
 from msk_jax import retrieval
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.data.pipeline import MODEL_KEYS
+from msk_jax.sharding import to_host
 
 SHORT = {"text": "t", "video": "v", "audio": "a"}
 DIRECTIONS = ("t2v", "v2t", "t2a", "a2t", "v2a", "a2v",
@@ -40,7 +41,8 @@ def _embed_batch(model, variables, batch):
 def embed(model, variables: Mapping[str, Any], eval_set: EvalSet, batch_size: int = 64,
           sharding=None) -> dict[str, np.ndarray]:
     """Joint embeddings {'text', 'video', 'audio'} -> (N, D) of an evaluation set (BatchNorm in
-    evaluation mode). The last batch is padded to `batch_size` (one compiled shape)."""
+    evaluation mode). The last batch is padded to `batch_size` (one compiled shape). With a
+    `sharding` (e.g. replicated over the training mesh) the batch is placed there first."""
     n = len(eval_set)
     chunks = {m: [] for m in SHORT}
     for start in range(0, n, batch_size):
@@ -51,7 +53,7 @@ def embed(model, variables: Mapping[str, Any], eval_set: EvalSet, batch_size: in
                      for k, v in batch.items()}
         if sharding is not None:
             batch = jax.device_put(batch, sharding)
-        out = jax.device_get(_embed_batch(model, variables, batch))
+        out = to_host(_embed_batch(model, variables, batch))
         for m in SHORT:
             chunks[m].append(out[m][:real])
     return {m: np.concatenate(chunks[m]) for m in SHORT}

@@ -89,3 +89,18 @@ def rules_for(mesh: Mesh, extra: Sequence[tuple[str, Sequence]] = ()) -> list:
     if "fsdp" in mesh.axis_names and mesh.shape["fsdp"] > 1:
         rules += FSDP_RULES
     return rules
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches replicated arrays to numpy, also on multi-process runs (where a global array is
+    not fully addressable: this process's first copy is read)."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(fetch, tree)

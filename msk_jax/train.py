@@ -143,9 +143,9 @@ def create_sharded_state(rng, model, objective: ObjectiveConfig, tx, batch_shape
 
 
 def compile_train_step(state_sharding, batch_sharding):
-    """jax.jit(train_step) with in/out shardings and the state donated."""
+    """jax.jit(train_step) with in/out shardings (metrics replicated) and the state donated."""
     return jax.jit(train_step.train_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+                   out_shardings=(state_sharding, sharding.replicated(batch_sharding.mesh)), donate_argnums=0)
 
 
 def global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -225,7 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, meta = checkpointer.restore(state)
         pipeline.restore(meta["input"][jax.process_index()])
         if is_main:
-            print(f"resumed from step {int(state.step)} in {checkpointer.directory}", flush=True)
+            print(f"resumed from step {int(sharding.to_host(state.step))} in {checkpointer.directory}", flush=True)
 
     def save(force=False):
         meta = {"input": _gather_positions(pipeline), "config": config.to_json(), "num_train_steps": num_steps}
@@ -236,7 +236,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return {}
         variables = {"params": state.ema_params if config.eval_ema and state.ema_params is not None
                      else state.params, "batch_stats": state.batch_stats}
-        results = evaluation.evaluate(model, variables, evals, config.eval_batch_size)
+        results = evaluation.evaluate(model, variables, evals, config.eval_batch_size,
+                                      sharding=sharding.replicated(mesh))
         if is_main:
             path = evaluation.write_json(results, workdir, step)
             writer.write_scalars(step, evaluation.scalars(results))
@@ -247,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = metric_writers.ReportProgress(num_steps, every_steps=config.log_every_steps)
     preemption = _Preemption()
     accumulated: dict[str, list[float]] = {}
-    step = int(jax.device_get(state.step))
+    step = int(sharding.to_host(state.step))
     if is_main:
         print(f"training {num_steps} steps ({steps_per_epoch} per epoch) from step {step}; "
               f"mesh {dict(mesh.shape)}; {len(source)} videos", flush=True)
@@ -255,7 +256,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         while step < num_steps:
             batch = global_batch(next(pipeline), batch_sharding)
             new_state, metrics = step_fn(state, batch)
-            host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            host_metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
             check_finite(step, host_metrics)  # raises before the state can be saved
             state, step = new_state, step + 1
             for k, v in host_metrics.items():

@@ -60,6 +60,9 @@ def test_processes_read_disjoint_shards(corpus):
               for p in range(2)]
     epoch0 = [set(s._shard(0)) for s in shards]
     assert not epoch0[0] & epoch0[1] and len(epoch0[0] | epoch0[1]) == 12
+    # Without skips, the processes' batches together are the single-process batch.
+    single = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=0)
+    assert list(single._shard(0)[:4]) == [*shards[0]._shard(0)[:2], *shards[1]._shard(0)[:2]]
     batch = next(shards[1])
     assert batch["video"].shape[0] == 2 * 2  # 4 videos over 2 processes, 2 clips each
     with pytest.raises(ValueError, match="divisible"):

@@ -1,8 +1,9 @@
 """The training input pipeline: deterministic, resumable, sharded by process, prefetched.
 
 The stream of a process is the concatenation of epochs; epoch e visits the videos in the order
-`permutation(seed, e)`, and process p of P takes every P-th video of it (so processes read
-disjoint shards). Each video yields `n_clips` clips sampled with a generator seeded by
+`permutation(seed, e)` cut into blocks of `videos_per_batch` (a last partial block is dropped),
+and process p of P takes the p-th slice of every block: processes read disjoint shards, and
+without skipped videos the global batch is exactly the one a single process would build. Each video yields `n_clips` clips sampled with a generator seeded by
 (seed, epoch, video index): the clips of a video do not depend on threads, on the process count
 or on what was skipped before. A batch is the clips of the next `videos_per_batch / P` usable
 videos; a video that cannot be read (missing or truncated files, no ASR segments, ...) is
@@ -51,8 +52,8 @@ class TrainingPipeline:
         self.source, self.seed, self.keys = source, seed, keys
         self.process_index, self.process_count = process_index, process_count
         self.local_videos = videos_per_batch // process_count
-        if len(source) < process_count:
-            raise ValueError(f"TrainingPipeline: {len(source)} videos cannot be shared by {process_count} processes.")
+        if len(source) < videos_per_batch:
+            raise ValueError(f"TrainingPipeline: {len(source)} videos are fewer than videos_per_batch={videos_per_batch}.")
         self.prefetch, self.max_consecutive_failures = prefetch, max_consecutive_failures
         self._executor = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="msk-data")
         self._epoch, self._position = 0, 0      # stream position after the last returned batch
@@ -67,7 +68,9 @@ class TrainingPipeline:
     # --- stream -------------------------------------------------------------------------------
     def _shard(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-        return order[self.process_index::self.process_count]
+        block = self.local_videos * self.process_count
+        blocks = order[: len(order) // block * block].reshape(-1, self.process_count, self.local_videos)
+        return blocks[:, self.process_index].ravel()
 
     def _load(self, epoch: int, video_index: int):
         rng = np.random.default_rng([self.seed, epoch, int(video_index)])

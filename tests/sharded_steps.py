@@ -1,0 +1,48 @@
+"""Runs a few train steps of a tiny model on several device meshes and prints the results as JSON.
+
+Used by tests/test_sharding.py in a subprocess started with 8 host devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8).
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from msk_jax import sharding, train, train_step
+from msk_jax.loss import ObjectiveConfig
+from msk_jax.model import MultiSKModel
+from tests.conftest import TINY_MODEL, tiny_batch
+
+MESHES = {"one_device": [("data", 1)], "data8": [("data", 8)], "data4_model2": [("data", 4), ("model", 2)],
+          "fsdp2_data4": [("data", 4), ("fsdp", 2)]}
+
+
+def run(mesh_axes, steps=3):
+    devices = jax.devices()[: int(np.prod([s for _, s in mesh_axes]))]
+    mesh = sharding.create_mesh(mesh_axes, devices)
+    model = MultiSKModel(**TINY_MODEL)
+    objective = ObjectiveConfig(queue_len=16, sinkhorn_iters=5)
+    batches = [tiny_batch(seed, batch=16) for seed in range(steps)]
+    shapes = {k: np.zeros(v.shape, v.dtype) for k, v in batches[0].items()}
+    state, state_sharding = train.create_sharded_state(jax.random.PRNGKey(0), model, objective,
+                                                       train_step.adam(1e-3), shapes, mesh,
+                                                       sharding.rules_for(mesh), ema_decay=0.9)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = train.compile_train_step(state_sharding, batch_sharding)
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(state, train.global_batch(batch, batch_sharding))
+        losses.append(float(metrics["loss"]))
+    kernel = state.params["text_proj"]["fc"]["kernel"]
+    return {"losses": losses,
+            "param_sum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(state.params))),
+            "kernel": np.asarray(kernel).ravel()[:64].tolist(),
+            "kernel_spec": str(kernel.sharding.spec),
+            "queue_fill": int(state.queues.fill)}
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(MESHES)
+    print(json.dumps({name: run(MESHES[name]) for name in names}))
