@@ -29,7 +29,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
+    from absl import logging
 
+    logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (checkpointing) off the terminal
     if FLAGS.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
     if FLAGS.multihost or FLAGS.coordinator:

@@ -117,11 +117,12 @@ class MultiSKModel(nn.Module):
             features, mask = inputs[m]
             tokens, mask, nonempty = self._tokens(m, jnp.asarray(features, self.dtype),
                                                   jnp.asarray(mask, jnp.float32), masking_token)
-            out[f"in_{m}_embed"] = l2_normalize(masked_mean(tokens, mask))
+            out[f"in_{m}_embed"] = l2_normalize(masked_mean(tokens, mask).astype(jnp.float32))
             out[f"{m}_nonempty_input_mask"] = nonempty
             pooled = ModalityTransformer(self.depth, self.num_heads, self.mlp_ratio, self.dtype,
                                          name=f"{m}_transformer")(tokens, mask)
-            out[f"{m}_embed"] = GatedEmbeddingUnit(self.projection_dim, self.dtype, name=f"{m}_proj")(pooled)
+            joint = GatedEmbeddingUnit(self.projection_dim, self.dtype, name=f"{m}_proj")(pooled)
+            out[f"{m}_embed"] = joint.astype(jnp.float32)  # the objective runs in float32
             out[f"{m}_embed_norm"] = l2_normalize(out[f"{m}_embed"])
 
         normal = nn.initializers.normal(1.0)

@@ -84,3 +84,15 @@ def test_batch_norm_matches_pytorch_semantics():
     y_eval = bn.apply({"params": params, "batch_stats": stats}, x, train=False)
     np.testing.assert_allclose(y_eval, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"]
                                + params["bias"], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+    model = MultiSKModel(**dict(TINY_MODEL, dtype=jnp.bfloat16))
+    batch = tiny_batch(7)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, batch)
+    for name in ("text_embed", "in_audio_embed", "trans_video_aaudio_assignment"):
+        assert out[name].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out[name])))
+    reference = jax.jit(functools.partial(MultiSKModel(**TINY_MODEL).apply, train=False))(variables, batch)
+    np.testing.assert_allclose(out["video_embed_norm"], reference["video_embed_norm"], atol=0.05)
