@@ -140,9 +140,10 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     m.dtype = "float32"
     config.objective.queue_len = 256
     config.optimizer.lr = 1e-3
+    config.optimizer.lr_decay_per_epoch = 0.95
     config.ema_decay = 0.99
     config.videos_per_batch = 8    # x 10 clips = 80 clips per step
-    config.num_epochs = 20
+    config.num_epochs = 40
     config.log_every_steps = 10
     config.checkpoint_every_steps = 100
     config.eval_every_steps = 0

@@ -15,8 +15,21 @@ with weight 1.0; the first K - R have weight 0.25), min-max normalised per sampl
 Slots with equal weight receive identical updates in every step, so they stay identical: the
 tensor is determined by one N x K matrix per *distinct* slot weight (two here, with
 multiplicities K - R and R). The solver iterates on those matrices only -- O(N K) memory and
-work per iteration -- and in the log domain, so any score magnitude and any eps > 0 give finite
-results. The damping is reproduced exactly in log space as ``logaddexp(lse, log 1e-5)``.
+work per iteration. Two implementations compute the same numbers:
+
+* the linear domain (the fast path): plain float32 scaling with shifted exponentials. The
+  ``exp`` is taken once, after subtracting the largest logit, and the matrix is divided by its
+  total mass, so the working values are the original's own (the damping ``+ 1e-5`` acts in the
+  original scale, with no bookkeeping). A second group is stored as the first one times a fixed
+  kernel T and row/column scalings, so one iteration reads the state and T and writes the state
+  once (in place), plus four O(N K) reductions; see :func:`_solve_linear`.
+* the log domain (the fallback): ``logsumexp`` for every sum, the damping reproduced as
+  ``logaddexp(lse, log 1e-5)``. It is exact for any score magnitude and any eps > 0, and used
+  when the spread of the logits ``w * S / eps`` exceeds :data:`LINEAR_MAX_LOGIT_SPREAD`, where
+  float32 scaling would underflow.
+
+The choice is made per problem at run time (``lax.cond``); under ``jax.vmap`` a custom batching
+rule keeps that a real branch per problem (see :func:`multi_sinkhorn_batched`).
 
 Where the original would overflow float32 (``exp(w S / eps) = inf``, e.g. scores > 6 at
 eps = 0.07) it clamps infinities to the largest finite entry; this solver instead computes the
@@ -39,6 +52,14 @@ DAMPING = 1e-5
 
 OPTIONAL_SLOT_WEIGHT = 0.25
 REQUIRED_SLOT_WEIGHT = 1.0
+
+LINEAR_MAX_LOGIT_SPREAD = 50.0
+"""The linear-domain solver runs when the logits w * S / eps of a problem span at most this
+(max - min over both slot weights; cosine similarities at eps >= 0.04 do); wider problems use the
+log domain. exp(-50) / (K N) stays 10 orders of magnitude above float32's smallest normal number,
+which leaves room for the rescalings of the iterations (measured: BENCHMARKS.md)."""
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class SlotGroup(NamedTuple):
@@ -108,13 +129,15 @@ def _validate(scores, eps: float, num_iters: int) -> None:
         raise ValueError("Multi-SK: scores contain NaN.")
 
 
+# --- log domain (the fallback; exact for any scores and eps) ------------------------------------
+
 def _damped_log_sum(log_x: jax.Array, axis: int) -> jax.Array:
     """log(sum(exp(log_x), axis) + DAMPING), kept as a broadcastable dimension."""
     lse = jax.nn.logsumexp(log_x, axis=axis, keepdims=True)
     return jnp.logaddexp(lse, jnp.float32(math.log(DAMPING)))
 
 
-def _marginal_error(log_a: jax.Array, log_counts: jax.Array, log_c: jax.Array) -> jax.Array:
+def _log_marginal_error(log_a: jax.Array, log_counts: jax.Array, log_c: jax.Array) -> jax.Array:
     """Largest violation of the three marginals of the (implicit) K x N x K tensor."""
     col = jnp.exp(jax.nn.logsumexp(log_a, axis=1))  # (G, K), target c_k
     slot = jnp.exp(jax.nn.logsumexp(log_a + log_counts, axis=0))  # (N, K), target 1
@@ -124,10 +147,9 @@ def _marginal_error(log_a: jax.Array, log_counts: jax.Array, log_c: jax.Array) -
                        jnp.maximum(jnp.max(jnp.abs(slot - 1.0)), jnp.max(jnp.abs(row - 1.0))))
 
 
-def _solve(scores, eps, num_iters, num_required, tol):
-    """Runs the Multi-SK iterations; returns the per-group log matrices (G, N, K) after the
-    final renormalisation over anchors, the iteration count and the final marginal error."""
-    scores = jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
+def _solve_log(scores, eps, num_iters, num_required, tol):
+    """Multi-SK in the log domain. Returns the per-group matrices (G, N, K) after the final
+    renormalisation over anchors (linear scale), the iteration count and the final marginal error."""
     n, k = scores.shape
     groups = slot_groups(k, num_required)
     weights = jnp.array([g.weight for g in groups], jnp.float32)[:, None, None]
@@ -143,15 +165,13 @@ def _solve(scores, eps, num_iters, num_required, tol):
         return log_a - _damped_log_sum(log_a, axis=2)                       # (c) samples: 1
 
     if tol is None:
-        def cond(carry):
-            return carry[1] < num_iters
-
         def body(carry):
             log_a, i = carry
             return iteration(log_a), i + 1
 
-        log_a, iters = jax.lax.while_loop(cond, body, (log_a, jnp.int32(0)))
-        error = _marginal_error(log_a, log_counts, log_c)
+        log_a, iters = jax.lax.while_loop(lambda carry: carry[1] < num_iters, body,
+                                          (log_a, jnp.int32(0)))
+        error = _log_marginal_error(log_a, log_counts, log_c)
     else:
         def cond(carry):
             _, i, err = carry
@@ -160,13 +180,188 @@ def _solve(scores, eps, num_iters, num_required, tol):
         def body(carry):
             log_a, i, _ = carry
             log_a = iteration(log_a)
-            return log_a, i + 1, _marginal_error(log_a, log_counts, log_c)
+            return log_a, i + 1, _log_marginal_error(log_a, log_counts, log_c)
 
         log_a, iters, error = jax.lax.while_loop(
             cond, body, (log_a, jnp.int32(0), jnp.float32(jnp.inf)))
 
     log_a = log_a - jax.nn.logsumexp(log_a, axis=2, keepdims=True)  # final, undamped
-    return log_a, iters, error
+    return jnp.exp(log_a), iters, error
+
+
+# --- linear domain (the fast path) --------------------------------------------------------------
+
+class _LinearState(NamedTuple):
+    """The group matrices after step (c), in factored form (all float32).
+
+    Base group (the first slot weight):   A_b[n, k] = x[n, k] * r_b[n]
+    Other group (if two slot weights):    A_o[n, k] = x[n, k] * kernel[n, k] * u[k] * r_o[n]
+
+    x holds the base group after step (b); the row scalings r of step (c) are applied lazily.
+    The other group differs from the base one by a fixed elementwise kernel (step (b) rescales
+    both groups by the same factor, steps (a) and (c) by vectors), so it needs no N x K state of
+    its own. col_* and row_* are the column and row sums of A_b and A_o.
+    """
+
+    x: jax.Array
+    u: jax.Array
+    r_b: jax.Array
+    r_o: jax.Array
+    col_b: jax.Array
+    col_o: jax.Array
+    row_b: jax.Array
+    row_o: jax.Array
+
+
+def _logit_spread(scores, eps, groups) -> jax.Array:
+    """max - min of the logits w * S / eps over all slot weights."""
+    smax, smin = jnp.max(scores), jnp.min(scores)
+    tops = [g.weight * smax / jnp.float32(eps) for g in groups]
+    bottoms = [g.weight * smin / jnp.float32(eps) for g in groups]
+    return functools.reduce(jnp.maximum, tops) - functools.reduce(jnp.minimum, bottoms)
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, precision=_HIGHEST)
+
+
+def _solve_linear(scores, eps, num_iters, num_required, tol):
+    """Multi-SK with float32 scaling; same outputs as :func:`_solve_log`.
+
+    Valid when :func:`_logit_spread` <= LINEAR_MAX_LOGIT_SPREAD (the caller checks). One
+    iteration is a single elementwise pass that updates x in place (reading x and the kernel)
+    and four reductions: row and column sums of both groups.
+    """
+    n, k = scores.shape
+    groups = slot_groups(k, num_required)
+    base, other = groups[0], (groups[1] if len(groups) > 1 else None)
+    c = jnp.asarray(anchor_marginal(n, k))
+    count_b = jnp.float32(base.count)
+    count_o = jnp.float32(other.count if other else 0)
+    ones_k = jnp.ones((k,), jnp.float32)
+
+    # Initial tensor exp(w S / eps) / total mass, from exponentials shifted by the largest logit.
+    logits_b = base.weight * scores / jnp.float32(eps)
+    if other is None:
+        top = jnp.max(logits_b)
+        x = jnp.exp(logits_b - top)
+        x = x / (count_b * jnp.sum(x))
+        kernel = None
+        r_o = u = jnp.zeros((), jnp.float32)
+    else:
+        logits_o = other.weight * scores / jnp.float32(eps)
+        top = jnp.maximum(jnp.max(logits_b), jnp.max(logits_o))
+        total = count_b * jnp.sum(jnp.exp(logits_b - top)) + count_o * jnp.sum(jnp.exp(logits_o - top))
+        x = jnp.exp(logits_b - top) / total
+        # A_o = exp(logits_o - top) / total = x * exp(logits_o - logits_b): split the factor into
+        # a kernel <= 1 and a scalar, kept in the row scaling r_o.
+        gap = logits_o - logits_b
+        gap_top = jnp.max(gap)
+        kernel = jnp.exp(gap - gap_top)
+        u = ones_k
+        r_o = jnp.full((n,), jnp.exp(gap_top), jnp.float32)
+
+    def other_times(x, u):
+        """x * kernel * u: the other group without its row scaling."""
+        return x * kernel * u
+
+    def sums(x, u, r_b, r_o, row_b, row_o):
+        """Column sums of both groups (the input of step (a)) added to the state."""
+        col_b = _dot(r_b, x)
+        col_o = jnp.sum(other_times(x, u) * r_o[:, None], axis=0) if other else col_b
+        return _LinearState(x, u, r_b, r_o, col_b, col_o, row_b, row_o)
+
+    r_b = jnp.ones((n,), jnp.float32)
+    row_b = _dot(x, ones_k)
+    row_o = jnp.sum(other_times(x, u), axis=1) * r_o if other else row_b
+    state = sums(x, u, r_b, r_o, row_b, row_o)
+
+    def iteration(s: _LinearState) -> _LinearState:
+        damping = jnp.float32(DAMPING)
+        alpha_b = c / (s.col_b + damping)                        # (a) per group and anchor
+        a_b = s.x * (s.r_b[:, None] * alpha_b)                   # base group after (a)
+        if other is None:
+            x = a_b / (count_b * a_b + damping)                  # (b)
+            u = r_o = row_o = s.u
+        else:
+            # A_o after (a) = a_b * kernel * u * ratio_n: the ratios of the two groups' scalings.
+            u = s.u * ((s.col_b + damping) / (s.col_o + damping))
+            ratio_n = s.r_o / s.r_b
+            slots = count_b + count_o * (kernel * u) * ratio_n[:, None]
+            x = a_b / (a_b * slots + damping)                    # (b): both groups, one factor
+        sum_b = _dot(x, ones_k)                                  # (c) row sums after (b)
+        r_b = 1.0 / (sum_b + damping)
+        row_b = sum_b * r_b
+        if other is not None:
+            sum_o = jnp.sum(other_times(x, u), axis=1) * ratio_n
+            r_o = ratio_n / (sum_o + damping)
+            row_o = sum_o / (sum_o + damping)
+        return sums(x, u, r_b, r_o, row_b, row_o)
+
+    def marginal_error(s: _LinearState) -> jax.Array:
+        col = jnp.maximum(jnp.max(jnp.abs(s.col_b - c) / c), jnp.max(jnp.abs(s.col_o - c) / c))
+        row = jnp.maximum(jnp.max(jnp.abs(s.row_b - 1.0)), jnp.max(jnp.abs(s.row_o - 1.0)))
+        slot = count_b * s.x * s.r_b[:, None]
+        if other is not None:
+            slot = slot + count_o * other_times(s.x, s.u) * s.r_o[:, None]
+        return jnp.maximum(jnp.maximum(col, row), jnp.max(jnp.abs(slot - 1.0)))
+
+    if tol is None:
+        state, iters = jax.lax.while_loop(lambda carry: carry[1] < num_iters,
+                                          lambda carry: (iteration(carry[0]), carry[1] + 1),
+                                          (state, jnp.int32(0)))
+        error = marginal_error(state)
+    else:
+        def body(carry):
+            s, i, _ = carry
+            s = iteration(s)
+            return s, i + 1, marginal_error(s)
+
+        state, iters, error = jax.lax.while_loop(
+            lambda carry: (carry[1] < num_iters) & (carry[2] > tol), body,
+            (state, jnp.int32(0), jnp.float32(jnp.inf)))
+
+    # Final renormalisation over anchors (undamped); the row scalings cancel.
+    finals = [state.x] + ([other_times(state.x, state.u)] if other else [])
+    final = jnp.stack([f / jnp.sum(f, axis=1, keepdims=True) for f in finals])
+    return final, iters, error
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+def _solve(scores, eps, num_iters, num_required, tol, method="auto"):
+    """The group matrices (G, N, K) after the final renormalisation, the iteration count and
+    the marginal error. method: "auto" (linear domain where safe, else log), "linear", "log"."""
+    scores = jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
+    args = (eps, num_iters, num_required, tol)
+    if method == "linear":
+        return _solve_linear(scores, *args)
+    if method == "log":
+        return _solve_log(scores, *args)
+    groups = slot_groups(scores.shape[1], num_required)
+    safe = _logit_spread(scores, eps, groups) <= LINEAR_MAX_LOGIT_SPREAD
+    return jax.lax.cond(safe, lambda s: _solve_linear(s, *args), lambda s: _solve_log(s, *args),
+                        scores)
+
+
+def _per_problem(fn):
+    """fn on one (N, K) problem; under jax.vmap, a sequential lax.map over the problems.
+
+    The solver branches per problem (linear or log domain) and may stop early; a plain vmap
+    would turn the branch into a select that runs both solvers, and run every problem until the
+    slowest stops. Mapping keeps the branches real and the working memory at one problem's.
+    """
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _map_rule(axis_size, in_batched, scores):
+        del axis_size, in_batched  # only the scores are an argument, so they are batched
+        out = jax.lax.map(fn, scores)
+        return out, jax.tree.map(lambda _: True, out)
+
+    # No gradient flows into the targets; stopping it here keeps autodiff away from the
+    # custom batching rule (which does not support reverse mode).
+    return lambda scores: wrapped(jax.lax.stop_gradient(scores))
 
 
 def minmax_normalize_rows(x: jax.Array) -> jax.Array:
@@ -177,23 +372,39 @@ def minmax_normalize_rows(x: jax.Array) -> jax.Array:
     return jnp.where(span > 0, (x - lo) / jnp.where(span > 0, span, 1.0), 0.0)
 
 
-_STATIC = ("eps", "num_iters", "num_required", "tol")
+_STATIC = ("eps", "num_iters", "num_required", "tol", "method")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _target(scores, eps, num_iters, num_required, tol) -> MultiSKResult:
-    log_a, iters, error = _solve(scores, eps, num_iters, num_required, tol)
+def _target_one(scores, eps, num_iters, num_required, tol, method) -> MultiSKResult:
+    final, iters, error = _solve(scores, eps, num_iters, num_required, tol, method)
     # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
-    target = minmax_normalize_rows(num_required * jnp.exp(log_a[-1]))
-    return MultiSKResult(target, iters, error)
+    return MultiSKResult(minmax_normalize_rows(num_required * final[-1]), iters, error)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _assignment(scores, eps, num_iters, num_required, tol) -> jax.Array:
-    log_a, _, _ = _solve(scores, eps, num_iters, num_required, tol)
+def _target(scores, eps, num_iters, num_required, tol, method="auto") -> MultiSKResult:
+    solve = functools.partial(_target_one, eps=eps, num_iters=num_iters, num_required=num_required,
+                              tol=tol, method=method)
+    return _per_problem(solve)(scores)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _target_batched(scores, eps, num_iters, num_required, tol, method="auto") -> MultiSKResult:
+    solve = functools.partial(_target_one, eps=eps, num_iters=num_iters, num_required=num_required,
+                              tol=tol, method=method)
+    return jax.lax.map(solve, scores)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _assignment(scores, eps, num_iters, num_required, tol, method="auto") -> jax.Array:
     groups = slot_groups(scores.shape[1], num_required)
     slot_to_group = np.repeat(np.arange(len(groups)), [g.count for g in groups])
-    return jnp.exp(log_a)[slot_to_group]
+
+    def solve(scores):
+        final, _, _ = _solve(scores, eps, num_iters, num_required, tol, method)
+        return final[slot_to_group]
+
+    return _per_problem(solve)(scores)
 
 
 def _settings(scores, eps, num_iters, required_fraction, tol) -> dict:
@@ -215,9 +426,29 @@ def multi_sinkhorn(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
       tol: if set (> 0), stop early once the marginal error falls to <= tol.
 
     The settings are static Python numbers (a new value compiles anew). Jit-able and
-    vmap-able over a leading stack of problems.
+    vmap-able over a leading stack of problems (a vmap solves the problems one after the other,
+    like :func:`multi_sinkhorn_batched`).
     """
     return _target(scores, **_settings(scores, eps, num_iters, required_fraction, tol))
+
+
+def multi_sinkhorn_batched(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
+                           required_fraction: float = 0.5,
+                           tol: float | None = None) -> MultiSKResult:
+    """:func:`multi_sinkhorn` for a (P, N, K) stack of problems; every field gets a leading P.
+
+    The same numbers as ``jax.vmap(multi_sinkhorn)``: the problems are solved one after the other
+    (``lax.map``), each in its own domain and with its own early stop, holding the working memory
+    of one problem at a time.
+    """
+    if jnp.ndim(scores) != 3:
+        raise ValueError(f"Multi-SK: a batch of scores must be (P, N, K), got shape {jnp.shape(scores)}.")
+    if jnp.shape(scores)[0] < 1:
+        raise ValueError("Multi-SK: the batch holds no problem.")
+    settings = _settings(scores[0], eps, num_iters, required_fraction, tol)
+    if not isinstance(scores, jax.core.Tracer) and bool(jnp.isnan(scores).any()):
+        raise ValueError("Multi-SK: scores contain NaN.")
+    return _target_batched(scores, **settings)
 
 
 def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
