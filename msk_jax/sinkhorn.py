@@ -221,89 +221,88 @@ def _logit_spread(scores, eps, groups) -> jax.Array:
     return functools.reduce(jnp.maximum, tops) - functools.reduce(jnp.minimum, bottoms)
 
 
-def _dot(a, b):
-    return jnp.dot(a, b, precision=_HIGHEST)
-
-
 def _solve_linear(scores, eps, num_iters, num_required, tol):
     """Multi-SK with float32 scaling; same outputs as :func:`_solve_log`.
 
     Valid when :func:`_logit_spread` <= LINEAR_MAX_LOGIT_SPREAD (the caller checks). One
-    iteration is a single elementwise pass that updates x in place (reading x and the kernel)
-    and four reductions: row and column sums of both groups.
+    iteration is one elementwise pass that updates x in place (reading x and the kernel), one
+    that forms x * kernel, and four matrix-vector products for the row and column sums.
     """
     n, k = scores.shape
     groups = slot_groups(k, num_required)
     base, other = groups[0], (groups[1] if len(groups) > 1 else None)
     c = jnp.asarray(anchor_marginal(n, k))
+    damping = jnp.float32(DAMPING)
     count_b = jnp.float32(base.count)
     count_o = jnp.float32(other.count if other else 0)
     ones_k = jnp.ones((k,), jnp.float32)
 
-    # Initial tensor exp(w S / eps) / total mass, from exponentials shifted by the largest logit.
-    logits_b = base.weight * scores / jnp.float32(eps)
+    def matvec(m, v):  # (N, K) @ (K,): sums over anchors
+        return jnp.dot(m, v, precision=_HIGHEST)
+
+    def vecmat(v, m):  # (N,) @ (N, K): sums over samples
+        return jnp.dot(v, m, precision=_HIGHEST)
+
+    # The initial tensor exp(w S / eps) / total mass, with the exponentials shifted by the largest
+    # logit: A_b = x / total and A_o = x * exp((w_o - w_b) S / eps) / total. The second factor is
+    # split into a kernel <= 1 and a scalar; the scalars go into the row scalings.
+    smax, smin = jnp.max(scores), jnp.min(scores)
+    inv_eps = jnp.float32(1.0 / eps)
+    top = functools.reduce(jnp.maximum, [g.weight * smax * inv_eps for g in groups])
+    x = jnp.exp(base.weight * scores * inv_eps - top)
+    sum_b = matvec(x, ones_k)
     if other is None:
-        top = jnp.max(logits_b)
-        x = jnp.exp(logits_b - top)
-        x = x / (count_b * jnp.sum(x))
-        kernel = None
-        r_o = u = jnp.zeros((), jnp.float32)
+        r_b = jnp.full((n,), 1.0 / (count_b * jnp.sum(sum_b)), jnp.float32)
+        state = _LinearState(x, ones_k, r_b, r_b, vecmat(r_b, x), vecmat(r_b, x),
+                             sum_b * r_b, sum_b * r_b)
     else:
-        logits_o = other.weight * scores / jnp.float32(eps)
-        top = jnp.maximum(jnp.max(logits_b), jnp.max(logits_o))
-        total = count_b * jnp.sum(jnp.exp(logits_b - top)) + count_o * jnp.sum(jnp.exp(logits_o - top))
-        x = jnp.exp(logits_b - top) / total
-        # A_o = exp(logits_o - top) / total = x * exp(logits_o - logits_b): split the factor into
-        # a kernel <= 1 and a scalar, kept in the row scaling r_o.
-        gap = logits_o - logits_b
-        gap_top = jnp.max(gap)
-        kernel = jnp.exp(gap - gap_top)
-        u = ones_k
-        r_o = jnp.full((n,), jnp.exp(gap_top), jnp.float32)
-
-    def other_times(x, u):
-        """x * kernel * u: the other group without its row scaling."""
-        return x * kernel * u
-
-    def sums(x, u, r_b, r_o, row_b, row_o):
-        """Column sums of both groups (the input of step (a)) added to the state."""
-        col_b = _dot(r_b, x)
-        col_o = jnp.sum(other_times(x, u) * r_o[:, None], axis=0) if other else col_b
-        return _LinearState(x, u, r_b, r_o, col_b, col_o, row_b, row_o)
-
-    r_b = jnp.ones((n,), jnp.float32)
-    row_b = _dot(x, ones_k)
-    row_o = jnp.sum(other_times(x, u), axis=1) * r_o if other else row_b
-    state = sums(x, u, r_b, r_o, row_b, row_o)
+        gap = (other.weight - base.weight) * inv_eps
+        gap_top = jnp.maximum(gap * smax, gap * smin)
+        kernel = jnp.exp(gap * scores - gap_top)
+        weighted = x * kernel
+        sum_o = matvec(weighted, ones_k)
+        total = count_b * jnp.sum(sum_b) + count_o * jnp.exp(gap_top) * jnp.sum(sum_o)
+        r_b = jnp.full((n,), 1.0 / total, jnp.float32)
+        r_o = jnp.full((n,), jnp.exp(gap_top) / total, jnp.float32)
+        state = _LinearState(x, ones_k, r_b, r_o, vecmat(r_b, x), vecmat(r_o, weighted),
+                             sum_b * r_b, sum_o * r_o)
 
     def iteration(s: _LinearState) -> _LinearState:
-        damping = jnp.float32(DAMPING)
         alpha_b = c / (s.col_b + damping)                        # (a) per group and anchor
         a_b = s.x * (s.r_b[:, None] * alpha_b)                   # base group after (a)
         if other is None:
             x = a_b / (count_b * a_b + damping)                  # (b)
-            u = r_o = row_o = s.u
         else:
-            # A_o after (a) = a_b * kernel * u * ratio_n: the ratios of the two groups' scalings.
+            # The other group after (a) is a_b * kernel * u * ratio_n, with u and ratio_n the
+            # ratios of the two groups' column and row scalings.
             u = s.u * ((s.col_b + damping) / (s.col_o + damping))
             ratio_n = s.r_o / s.r_b
             slots = count_b + count_o * (kernel * u) * ratio_n[:, None]
-            x = a_b / (a_b * slots + damping)                    # (b): both groups, one factor
-        sum_b = _dot(x, ones_k)                                  # (c) row sums after (b)
+            x = a_b / (a_b * slots + damping)                    # (b): one factor for both groups
+        # (c), applied lazily: row scalings r, and the row and column sums it leaves.
+        sum_b = matvec(x, ones_k)
         r_b = 1.0 / (sum_b + damping)
-        row_b = sum_b * r_b
+        row_b, col_b = sum_b * r_b, vecmat(r_b, x)
+        if other is None:
+            return _LinearState(x, s.u, r_b, r_b, col_b, col_b, row_b, row_b)
+        weighted = x * kernel
+        sum_o = matvec(weighted, u) * ratio_n
+        r_o = ratio_n / (sum_o + damping)
+        row_o, col_o = sum_o / (sum_o + damping), vecmat(r_o, weighted) * u
+        return _LinearState(x, u, r_b, r_o, col_b, col_o, row_b, row_o)
+
+    def group_matrices(s: _LinearState) -> list[jax.Array]:
+        """The group matrices after step (c)."""
+        matrices = [s.x * s.r_b[:, None]]
         if other is not None:
-            sum_o = jnp.sum(other_times(x, u), axis=1) * ratio_n
-            r_o = ratio_n / (sum_o + damping)
-            row_o = sum_o / (sum_o + damping)
-        return sums(x, u, r_b, r_o, row_b, row_o)
+            matrices.append(s.x * kernel * (s.u * s.r_o[:, None]))
+        return matrices
 
     def marginal_error(s: _LinearState) -> jax.Array:
         col = jnp.maximum(jnp.max(jnp.abs(s.col_b - c) / c), jnp.max(jnp.abs(s.col_o - c) / c))
         row = jnp.maximum(jnp.max(jnp.abs(s.row_b - 1.0)), jnp.max(jnp.abs(s.row_o - 1.0)))
-        slot = count_b * s.x * s.r_b[:, None]
-        if other is not None:
-            slot = slot + count_o * other_times(s.x, s.u) * s.r_o[:, None]
+        counts = [count_b, count_o]
+        slot = sum(count * m for count, m in zip(counts, group_matrices(s)))
         return jnp.maximum(jnp.maximum(col, row), jnp.max(jnp.abs(slot - 1.0)))
 
     if tol is None:
@@ -321,9 +320,9 @@ def _solve_linear(scores, eps, num_iters, num_required, tol):
             lambda carry: (carry[1] < num_iters) & (carry[2] > tol), body,
             (state, jnp.int32(0), jnp.float32(jnp.inf)))
 
-    # Final renormalisation over anchors (undamped); the row scalings cancel.
-    finals = [state.x] + ([other_times(state.x, state.u)] if other else [])
-    final = jnp.stack([f / jnp.sum(f, axis=1, keepdims=True) for f in finals])
+    # Final renormalisation over anchors (undamped), by the row sums the state carries.
+    rows = [state.row_b, state.row_o]
+    final = jnp.stack([m / row[:, None] for m, row in zip(group_matrices(state), rows)])
     return final, iters, error
 
 

@@ -62,57 +62,90 @@ def _require(path: str, what: str, field: str) -> str:
 
 
 def demo_paths(config):
-    """Builds the demo corpus if needed and points config.data at it (returns the paths)."""
+    """Builds the demo corpus if needed (cached) and returns its paths."""
     from msk_jax.data.demo_corpus import build_demo_corpus
 
-    root = config.data.get("demo_dir") or os.path.join(os.path.expanduser("~"), ".cache", "msk_jax", "demo_corpus")
-    return build_demo_corpus(root, size=config.data.get("demo_size", "default"),
+    root = config.data.demo_dir or os.path.join(os.path.expanduser("~"), ".cache", "msk_jax", "demo_corpus")
+    return build_demo_corpus(root, size=config.data.demo_size,
                              feature_dim=config.data.dim_2d, progress=jax.process_index() == 0)
 
 
-def build_data(config):
-    """(training video source, word vectors, {name: EvalSet}) from config.data."""
+@dataclasses.dataclass
+class DataPaths:
+    """Where the training data, word vectors and evaluation pickles are (from config.data)."""
+
+    word_vectors: str
+    msrvtt: str = ""
+    youcook2: str = ""
+    csv: str = ""
+    caption: str = ""
+    features_2d: str = ""
+    features_3d: str = ""
+    audio: str = ""
+
+
+def data_paths(config, training: bool = True) -> DataPaths:
+    """Resolves config.data (building the demo corpus when source='demo'); missing paths raise
+    FileNotFoundError naming the field. `training=False` checks only what evaluation needs."""
     d = config.data
     if d.source == "demo":
-        paths = demo_paths(config)
-        csv, caption, f2d, f3d, audio = paths.csv, paths.caption, paths.features_2d, paths.features_3d, paths.audio
-        vectors_path, msrvtt, youcook2 = paths.word_vectors, paths.msrvtt, paths.youcook
-    else:
-        vectors_path = _require(d.word_vectors, "the word2vec binary word vectors", "word_vectors")
-        msrvtt, youcook2 = d.msrvtt, d.youcook2
-    words = load_word2vec_binary(vectors_path)
+        p = demo_paths(config)
+        return DataPaths(p.word_vectors, p.msrvtt, p.youcook, p.csv, p.caption, p.features_2d, p.features_3d, p.audio)
+    if d.source not in ("files", "tfds"):
+        raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds' or 'demo'.")
+    paths = DataPaths(_require(d.word_vectors, "the word2vec binary word vectors", "word_vectors"),
+                      msrvtt=d.msrvtt, youcook2=d.youcook2)
+    if training and d.source == "files":
+        paths.csv = _require(d.csv, "the HowTo100M csv", "csv")
+        paths.caption = _require(d.caption, "caption.pickle", "caption")
+        paths.features_2d = _require(d.features_2d, "the 2D feature root", "features_2d")
+        paths.features_3d = _require(d.features_3d or d.features_2d, "the 3D feature root", "features_3d")
+        paths.audio = _require(d.audio, "the log-mel root", "audio")
+    return paths
+
+
+def load_words(config, paths: DataPaths):
+    words = load_word2vec_binary(paths.word_vectors)
     if words.dim != config.model.text_dim:
-        raise ValueError(f"word vectors '{vectors_path}' are {words.dim}-d but config.model.text_dim is "
+        raise ValueError(f"word vectors '{paths.word_vectors}' are {words.dim}-d but config.model.text_dim is "
                          f"{config.model.text_dim}.")
+    return words
+
+
+def build_training_source(config, paths: DataPaths, words):
     settings = clip_settings(config)
+    d = config.data
     if d.source == "tfds":
         from msk_jax.data.tfds_builders import TFDSVideoSource
-        source = TFDSVideoSource.load(_require(d.tfds_data_dir, "the built TFDS datasets", "tfds_data_dir"),
-                                      words, settings)
-    else:
-        if d.source == "files":
-            csv = _require(d.csv, "the HowTo100M csv", "csv")
-            caption = _require(d.caption, "caption.pickle", "caption")
-            f2d = _require(d.features_2d, "the 2D feature root", "features_2d")
-            f3d = _require(d.features_3d or d.features_2d, "the 3D feature root", "features_3d")
-            audio = _require(d.audio, "the log-mel root", "audio")
-        elif d.source != "demo":
-            raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds' or 'demo'.")
-        source = HowTo100MReader(csv, caption, f2d, audio, words, features_3d=f3d, settings=settings,
-                                 dim_2d=d.dim_2d, dim_3d=d.dim_3d)
+        return TFDSVideoSource.load(_require(d.tfds_data_dir, "the built TFDS datasets", "tfds_data_dir"),
+                                    words, settings)
+    return HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
+                           features_3d=paths.features_3d, settings=settings, dim_2d=d.dim_2d, dim_3d=d.dim_3d)
+
+
+def build_eval_sets(config, paths: DataPaths, words) -> dict:
+    """{name: EvalSet} for the evaluation pickles that are configured."""
+    d = config.data
     evals = {}
-    for name, path, fmt, complete in (("MSRVTT", msrvtt, eval_data.MSRVTT, d.msrvtt_complete_size),
-                                      ("YouCook2", youcook2, eval_data.YOUCOOK2, d.youcook2_complete_size)):
+    for name, path, fmt, complete in (("MSRVTT", paths.msrvtt, eval_data.MSRVTT, d.msrvtt_complete_size),
+                                      ("YouCook2", paths.youcook2, eval_data.YOUCOOK2, d.youcook2_complete_size)):
         if not path:
             continue
         entries, dropped = eval_data.load_eval_entries(path, fmt)
         evals[name] = eval_data.build_eval_set(
             entries, fmt, words, source=path, dropped=dropped, max_words=d.max_words, dim_2d=d.dim_2d,
-            dim_3d=d.dim_3d, n_video_tokens=d.get("eval_video_tokens") or None,
-            num_audio_frames=d.get("eval_audio_frames") or None,
+            dim_3d=d.dim_3d, n_video_tokens=d.eval_video_tokens or None,
+            num_audio_frames=d.eval_audio_frames or None,
             # complete < 0: the file is the whole set (entries without features still count).
             complete_dataset_size=complete if complete >= 0 else len(entries) + dropped)
-    return source, words, evals
+    return evals
+
+
+def build_data(config):
+    """(training video source, word vectors, {name: EvalSet}) from config.data."""
+    paths = data_paths(config)
+    words = load_words(config, paths)
+    return build_training_source(config, paths, words), words, build_eval_sets(config, paths, words)
 
 
 def sample_batch(config, word_dim: int) -> dict[str, np.ndarray]:

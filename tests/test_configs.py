@@ -19,7 +19,7 @@ def _load(arg=None):
 def test_paper_config():
     config = _load()
     assert config.objective.consistency
-    assert config.videos_per_batch * config.clips_per_video == 2160
+    assert config.videos_per_batch * config.data.n_clips == 2160
     assert sinkhorn.num_required_slots(config.model.num_anchors,
                                        config.objective.sinkhorn.required_fraction) == 32
     weights = config.objective.consistency_weights

@@ -84,6 +84,7 @@ class SizeConfig:
 
 SIZES = {
     "tiny": SizeConfig(train_videos=4, train_seconds=(25.0, 35.0), msrvtt_clips=12, youcook_clips=12),
+    "small": SizeConfig(train_videos=40, train_seconds=(30.0, 50.0), msrvtt_clips=100, youcook_clips=100),
     "default": SizeConfig(train_videos=120, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200),
 }
 

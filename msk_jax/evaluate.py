@@ -1,0 +1,196 @@
+"""Zero-shot retrieval of a checkpoint: `python -m msk_jax.evaluate --config=... --checkpoint=...`.
+
+    python -m msk_jax.evaluate --config=configs/howto.py:demo --checkpoint=/tmp/msk_demo
+    python -m msk_jax.evaluate --config=configs/howto.py --checkpoint=RUN --weights=online
+    python -m msk_jax.evaluate --config=configs/howto.py --torch_checkpoint=model_best.pth --output_dir=OUT
+    python -m msk_jax.evaluate --config=configs/howto.py:demo --checkpoint=RUN --watch
+
+--checkpoint takes a training workdir (its latest checkpoint), its `checkpoints/` folder, or one
+step folder. --torch_checkpoint takes original PyTorch weights (.pth, needs torch) or a .npz of
+torch name -> array. Results: a table on the terminal, `<dir>/eval/step_<step>.json` and
+TensorBoard scalars in `<dir>/tensorboard`, where <dir> is the workdir (or --output_dir).
+With --watch it follows a training workdir and evaluates each new checkpoint once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from msk_jax import convert, evaluation, metric_writers, train
+from msk_jax.data.features import DataError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The configuration the checkpoint was trained with.", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ folder, or a step folder.")
+flags.DEFINE_string("torch_checkpoint", None, "Original PyTorch weights (.pth) or a .npz of torch name -> array.")
+flags.DEFINE_enum("weights", "ema", ["ema", "online"], "Which msk_jax weights to evaluate (ema falls back "
+                  "to online when the checkpoint has no EMA).")
+flags.DEFINE_string("output_dir", None, "Where eval/ and tensorboard/ go (default: the training workdir).")
+flags.DEFINE_bool("watch", False, "Follow a training workdir and evaluate every new checkpoint once.")
+flags.DEFINE_float("poll_seconds", 30.0, "With --watch: how often to look for new checkpoints.")
+flags.DEFINE_float("idle_timeout", 3600.0, "With --watch: stop after this long without a new checkpoint.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, read, or does not fit the configured model."""
+
+
+def locate(path: str) -> tuple[str, str, int | None]:
+    """(workdir, checkpoints folder, step or None for the latest) for any accepted --checkpoint."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path '{path}' does not exist.")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path, os.path.join(path, "checkpoints"), None
+    if re.fullmatch(r"\d+", os.path.basename(path)):
+        folder = os.path.dirname(path)
+        return os.path.dirname(folder), folder, int(os.path.basename(path))
+    if os.path.basename(path) == "checkpoints":
+        return os.path.dirname(path), path, None
+    raise CheckpointError(f"'{path}' is not a training workdir, a checkpoints/ folder or a step folder.")
+
+
+def finished_steps(folder: str) -> list[int]:
+    """Steps whose checkpoint is complete (Orbax renames a checkpoint into place when done)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+
+
+def _check_shapes(restored, template, what: str) -> None:
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    problems = [f"{k}: checkpoint {got.get(k)} vs config {s}" for k, s in want.items() if got.get(k) != s]
+    problems += [f"{k}: in the checkpoint, not in the configured model" for k in got if k not in want]
+    if problems:
+        raise CheckpointError(f"{what} does not fit the configured model (check --config and its overrides):\n  "
+                              + "\n  ".join(problems[:20]))
+
+
+def final_step(folder: str, step: int) -> int | None:
+    """The run's last step, from the checkpoint's metadata (None if unknown)."""
+    try:
+        with ocp.CheckpointManager(folder, item_names=("state", "meta")) as manager:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return int(meta.get("num_train_steps"))
+    except Exception:  # metadata is informational here
+        return None
+
+
+def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: str) -> tuple[dict, int]:
+    """({'params', 'batch_stats'}, step) from an msk_jax checkpoint."""
+    steps = finished_steps(folder)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in '{folder}'.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in '{folder}' (have {steps}).")
+    with ocp.CheckpointManager(folder, item_names=("state", "meta")) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    params = restored.get("ema_params") if weights == "ema" else None
+    if params is None:
+        params = restored["params"]
+    variables = {"params": params, "batch_stats": restored.get("batch_stats") or {}}
+    _check_shapes(variables, template, f"checkpoint {folder}/{step}")
+    return variables, step
+
+
+def load_torch_weights(path: str, template: dict) -> dict:
+    if not os.path.exists(path):
+        raise CheckpointError(f"PyTorch checkpoint '{path}' does not exist.")
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            state = {k.removeprefix("param/"): data[k] for k in data.files if not k.startswith(("input/", "eval/", "train/"))
+                     and k != "config_json"}
+    else:
+        state = convert.load_torch_state_dict(path)
+    return convert.convert_state_dict(state, template)
+
+
+def model_template(model, config, words_dim: int) -> dict:
+    batch = {k: v[:1] for k, v in train.sample_batch(config, words_dim).items()}
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), batch)
+
+
+def evaluate_once(config, model, evals, variables, step, output_dir, writer) -> dict:
+    if not evals:
+        raise DataError("config.data", "no evaluation set is configured (set config.data.msrvtt / "
+                                       "config.data.youcook2)", "no evaluation set")
+    results = evaluation.evaluate(model, variables, evals, config.eval_batch_size)
+    print(evaluation.format_table(results), flush=True)
+    path = evaluation.write_json(results, output_dir, step)
+    writer.write_scalars(step, evaluation.scalars(results))
+    writer.flush()
+    print(f"evaluation of step {step} written to {path}", flush=True)
+    return results
+
+
+def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: str = "ema",
+        output_dir: str | None = None, watch: bool = False, poll_seconds: float = 30.0,
+        idle_timeout: float = 3600.0) -> dict:
+    """Evaluates and returns {step: results}."""
+    if bool(checkpoint) == bool(torch_checkpoint):
+        raise CheckpointError("give exactly one of --checkpoint and --torch_checkpoint.")
+    paths = train.data_paths(config, training=False)
+    words = train.load_words(config, paths)
+    evals = train.build_eval_sets(config, paths, words)
+    model = train.build_model(config)
+    template = model_template(model, config, words.dim)
+    if torch_checkpoint:
+        out = output_dir or os.path.dirname(os.path.abspath(torch_checkpoint))
+        writer = metric_writers.TensorBoardWriter(os.path.join(out, "tensorboard"))
+        variables = load_torch_weights(torch_checkpoint, template)
+        return {0: evaluate_once(config, model, evals, variables, 0, out, writer)}
+    workdir, folder, step = locate(checkpoint)
+    out = output_dir or workdir
+    writer = metric_writers.TensorBoardWriter(os.path.join(out, "tensorboard"))
+    if not watch:
+        variables, step = load_msk_checkpoint(folder, step, template, weights)
+        return {step: evaluate_once(config, model, evals, variables, step, out, writer)}
+    done, results, last_new = set(), {}, time.monotonic()
+    while time.monotonic() - last_new < idle_timeout:
+        for s in finished_steps(folder):
+            if s in done or os.path.exists(os.path.join(out, "eval", f"step_{s}.json")):
+                done.add(s)
+                continue
+            try:
+                variables, _ = load_msk_checkpoint(folder, s, template, weights)
+            except (CheckpointError, ValueError, OSError) as err:  # e.g. still being written
+                print(f"step {s}: not readable yet ({err}); will retry", flush=True)
+                continue
+            results[s] = evaluate_once(config, model, evals, variables, s, out, writer)
+            done.add(s)
+            last_new = time.monotonic()
+            if final_step(folder, s) == s:
+                print(f"step {s} is the run's last; stopping.", flush=True)
+                return results
+        time.sleep(poll_seconds)
+    print(f"no new checkpoint for {idle_timeout:.0f} s; stopping.", flush=True)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run(FLAGS.config, FLAGS.checkpoint, FLAGS.torch_checkpoint, FLAGS.weights, FLAGS.output_dir, FLAGS.watch,
+            FLAGS.poll_seconds, FLAGS.idle_timeout)
+    except (CheckpointError, FileNotFoundError, DataError, convert.ConversionError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
