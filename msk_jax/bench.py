@@ -51,9 +51,14 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dic
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def compiled_peak_bytes(fn: Callable, *args) -> int:
-    """Arguments + outputs + temporaries - aliased bytes of the jitted fn, from XLA's analysis."""
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+def compile_for(fn: Callable, *args):
+    """fn jitted and compiled for these arguments (a callable taking the same arguments)."""
+    return jax.jit(fn).lower(*args).compile()
+
+
+def peak_bytes(compiled) -> int:
+    """Arguments + outputs + temporaries - aliased bytes of a compiled call, from XLA's analysis."""
+    stats = compiled.memory_analysis()
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
@@ -121,13 +126,15 @@ def _linear_target(scores, eps, num_iters, num_required):
 
 def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, num_iters: int = 20,
            required_fraction: float = 0.5, repeats: int = 5, baseline: bool = True,
-           dense: bool = True, seed: int = 0) -> dict:
+           dense: bool = True, stacked: bool = True, batch_rows: int = 2160, seed: int = 0) -> dict:
     """Times and memory of the Multi-SK solvers on random cosine scores; see the module doc.
 
     Returns seconds per problem (one (n, k) problem per call) and per step (``problems`` stacked
     problems per call), peak MB of a step, the achieved bandwidth and the copy bandwidth (GB/s),
-    for ``sk`` (the solver), ``baseline`` (the log-domain solver, vmapped), ``stacked`` (the
-    linear-domain solver vmapped over the stack instead of mapped) and ``dense`` (one problem).
+    for ``sk`` (the solver), ``sk_batch_rows`` (the same step returning only the last
+    ``batch_rows`` rows' targets, as the loss uses them), ``baseline`` (the log-domain solver,
+    vmapped), ``stacked`` (the linear-domain solver vmapped over the stack instead of mapped) and
+    ``dense`` (one problem).
     """
     settings = dict(eps=eps, num_iters=num_iters, required_fraction=required_fraction)
     num_required = sinkhorn.num_required_slots(k, required_fraction)
@@ -135,21 +142,25 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
     stack = jnp.asarray(random_cosine_scores(seed, problems, n, k))
     one = stack[0]
 
-    solve_one = jax.jit(lambda s: sinkhorn.multi_sinkhorn(s, **settings).target)
-    solve_step = jax.jit(lambda s: sinkhorn.multi_sinkhorn_batched(s, **settings).target)
-    stacked_step = jax.jit(jax.vmap(functools.partial(_linear_target, **static)))
+    solve_one = compile_for(lambda s: sinkhorn.multi_sinkhorn(s, **settings).target, one)
+    steps = {
+        "sk": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(s, **settings).target, stack),
+        # As the training step calls it: only the batch rows' targets are used.
+        "sk_batch_rows": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(
+            s, **settings, last_rows=min(batch_rows, n)).target, stack),
+    }
+    if stacked:
+        steps["stacked"] = compile_for(jax.vmap(functools.partial(_linear_target, **static)), stack)
     per_problem = {"sk": lambda: solve_one(one)}
-    per_step = {"sk": lambda: solve_step(stack), "stacked": lambda: stacked_step(stack)}
-    steps = {"sk": (solve_step, stack), "stacked": (stacked_step, stack)}
     if baseline:
-        log_one = jax.jit(functools.partial(_log_domain_target, **static))
-        log_step = jax.jit(jax.vmap(functools.partial(_log_domain_target, **static)))
+        log_one = compile_for(functools.partial(_log_domain_target, **static), one)
+        steps["baseline"] = compile_for(jax.vmap(functools.partial(_log_domain_target, **static)),
+                                        stack)
         per_problem["baseline"] = lambda: log_one(one)
-        per_step["baseline"] = lambda: log_step(stack)
-        steps["baseline"] = (log_step, stack)
     if dense:
-        dense_one = jax.jit(functools.partial(dense_multi_sinkhorn, **settings))
+        dense_one = compile_for(functools.partial(dense_multi_sinkhorn, **settings), one)
         per_problem["dense"] = lambda: dense_one(one)
+    per_step = {name: functools.partial(step, stack) for name, step in steps.items()}
 
     # Agreement of the variants (the same targets), so that the timings compare like with like.
     reference = np.asarray(solve_one(one))
@@ -161,8 +172,8 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
     copy_bytes_per_second = copy_bandwidth()
 
     # Bytes a solver must touch per iteration: read and write its state once.
-    state_bytes = {"sk": 2 * 2 * n * k * 4, "stacked": 2 * 2 * n * k * 4,
-                   "baseline": 2 * 2 * n * k * 4, "dense": 2 * k * n * k * 4}
+    state_bytes = {"sk": 2 * 2 * n * k * 4, "baseline": 2 * 2 * n * k * 4,
+                   "dense": 2 * k * n * k * 4}
     results: dict = {
         "shape": dict(n=n, k=k, problems=problems, num_required=num_required, **settings),
         "repeats": repeats, "machine": _machine(),
@@ -170,7 +181,7 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
         "max_abs_diff_vs_sk": max_diff,
         "sk_seconds_per_problem": seconds["sk/problem"],
         "sk_seconds_per_step": seconds["sk/step"],
-        "sk_peak_mb": compiled_peak_bytes(*steps["sk"]) / MB,
+        "batch_rows": min(batch_rows, n),
     }
     for name in per_problem.keys() | per_step.keys():
         if f"{name}/problem" in seconds:
@@ -178,9 +189,12 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
             results[f"{name}_gbps"] = state_bytes[name] * num_iters / seconds[f"{name}/problem"] / 1e9
         if f"{name}/step" in seconds:
             results[f"{name}_seconds_per_step"] = seconds[f"{name}/step"]
-            results[f"{name}_peak_mb"] = compiled_peak_bytes(*steps[name]) / MB
+            results[f"{name}_peak_mb"] = peak_bytes(steps[name]) / MB
+    # The step as the loss runs it returns the batch rows' targets only.
+    results["sk_peak_mb_full_target"] = results["sk_peak_mb"]
+    results["sk_peak_mb"] = results["sk_batch_rows_peak_mb"]
     if dense:
-        results["dense_peak_mb_per_problem"] = compiled_peak_bytes(dense_one, one) / MB
+        results["dense_peak_mb_per_problem"] = peak_bytes(dense_one) / MB
     return results
 
 
@@ -192,6 +206,7 @@ def format_sk(results: dict) -> str:
     """The short table printed by ``python -m msk_jax.bench sk``."""
     shape = results["shape"]
     rows = [("sk", "Multi-SK solver (linear domain, mapped)"),
+            ("sk_batch_rows", f"  same, targets of the last {results['batch_rows']} rows"),
             ("stacked", "  same, vmap over the stack"),
             ("baseline", "log-domain solver (before), vmap"),
             ("dense", "dense K x N x K, float32")]
@@ -233,11 +248,13 @@ def _add_sk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-baseline", action="store_true", help="skip the log-domain solver")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense solver")
+    parser.add_argument("--no-stacked", action="store_true", help="skip the vmapped variant")
 
 
 def _cli_sk(args: argparse.Namespace) -> dict:
     results = run_sk(n=args.n, k=args.k, problems=args.problems, num_iters=args.iters,
-                     repeats=args.repeats, baseline=not args.no_baseline, dense=not args.no_dense)
+                     repeats=args.repeats, baseline=not args.no_baseline, dense=not args.no_dense,
+                     stacked=not args.no_stacked)
     print(format_sk(results), flush=True)
     return results
 

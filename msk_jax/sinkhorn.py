@@ -114,12 +114,18 @@ def anchor_marginal(num_samples: int, num_anchors: int) -> np.ndarray:
     return (prior * np.float32(num_samples)).astype(np.float32)
 
 
-def _validate(scores, eps: float, num_iters: int) -> None:
-    if scores.ndim != 2:
-        raise ValueError(f"Multi-SK: scores must be (N samples, K anchors), got shape {scores.shape}.")
-    n, k = scores.shape
+def _validate(scores, eps: float, num_iters: int, batched: bool = False) -> None:
+    shape = jnp.shape(scores)
+    if batched:
+        if len(shape) != 3 or shape[0] < 1:
+            raise ValueError(f"Multi-SK: a batch of scores must be (P >= 1 problems, N samples, "
+                             f"K anchors), got shape {shape}.")
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise ValueError(f"Multi-SK: scores must be (N samples, K anchors), got shape {shape}.")
+    n, k = shape
     if n < 1 or k < 1:
-        raise ValueError(f"Multi-SK: need at least one sample and one anchor, got shape {scores.shape}.")
+        raise ValueError(f"Multi-SK: need at least one sample and one anchor, got shape {shape}.")
     if not float(eps) > 0:
         raise ValueError(f"Multi-SK: eps must be > 0, got {eps}.")
     if int(num_iters) < 0:
@@ -147,7 +153,7 @@ def _log_marginal_error(log_a: jax.Array, log_counts: jax.Array, log_c: jax.Arra
                        jnp.maximum(jnp.max(jnp.abs(slot - 1.0)), jnp.max(jnp.abs(row - 1.0))))
 
 
-def _solve_log(scores, eps, num_iters, num_required, tol):
+def _solve_log(scores, eps, num_iters, num_required, tol, all_groups=True):
     """Multi-SK in the log domain. Returns the per-group matrices (G, N, K) after the final
     renormalisation over anchors (linear scale), the iteration count and the final marginal error."""
     n, k = scores.shape
@@ -185,6 +191,8 @@ def _solve_log(scores, eps, num_iters, num_required, tol):
         log_a, iters, error = jax.lax.while_loop(
             cond, body, (log_a, jnp.int32(0), jnp.float32(jnp.inf)))
 
+    if not all_groups:
+        log_a = log_a[-1:]
     log_a = log_a - jax.nn.logsumexp(log_a, axis=2, keepdims=True)  # final, undamped
     return jnp.exp(log_a), iters, error
 
@@ -221,7 +229,7 @@ def _logit_spread(scores, eps, groups) -> jax.Array:
     return functools.reduce(jnp.maximum, tops) - functools.reduce(jnp.minimum, bottoms)
 
 
-def _solve_linear(scores, eps, num_iters, num_required, tol):
+def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True):
     """Multi-SK with float32 scaling; same outputs as :func:`_solve_log`.
 
     Valid when :func:`_logit_spread` <= LINEAR_MAX_LOGIT_SPREAD (the caller checks). One
@@ -321,18 +329,18 @@ def _solve_linear(scores, eps, num_iters, num_required, tol):
             (state, jnp.int32(0), jnp.float32(jnp.inf)))
 
     # Final renormalisation over anchors (undamped), by the row sums the state carries.
-    rows = [state.row_b, state.row_o]
-    final = jnp.stack([m / row[:, None] for m, row in zip(group_matrices(state), rows)])
-    return final, iters, error
+    finals = [m / row[:, None] for m, row in zip(group_matrices(state), [state.row_b, state.row_o])]
+    return jnp.stack(finals if all_groups else finals[-1:]), iters, error
 
 
 # --- dispatch -----------------------------------------------------------------------------------
 
-def _solve(scores, eps, num_iters, num_required, tol, method="auto"):
-    """The group matrices (G, N, K) after the final renormalisation, the iteration count and
-    the marginal error. method: "auto" (linear domain where safe, else log), "linear", "log"."""
+def _solve(scores, eps, num_iters, num_required, tol, method="auto", all_groups=True):
+    """The group matrices after the final renormalisation -- (G, N, K), or (1, N, K) for the
+    required slots only if not all_groups -- the iteration count and the marginal error.
+    method: "auto" (linear domain where safe, else log), "linear" or "log"."""
     scores = jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
-    args = (eps, num_iters, num_required, tol)
+    args = (eps, num_iters, num_required, tol, all_groups)
     if method == "linear":
         return _solve_linear(scores, *args)
     if method == "log":
@@ -374,10 +382,12 @@ def minmax_normalize_rows(x: jax.Array) -> jax.Array:
 _STATIC = ("eps", "num_iters", "num_required", "tol", "method")
 
 
-def _target_one(scores, eps, num_iters, num_required, tol, method) -> MultiSKResult:
-    final, iters, error = _solve(scores, eps, num_iters, num_required, tol, method)
+def _target_one(scores, eps, num_iters, num_required, tol, method, last_rows=None) -> MultiSKResult:
+    final, iters, error = _solve(scores, eps, num_iters, num_required, tol, method,
+                                 all_groups=False)
+    required = final[-1] if last_rows is None else final[-1, -last_rows:]
     # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
-    return MultiSKResult(minmax_normalize_rows(num_required * final[-1]), iters, error)
+    return MultiSKResult(minmax_normalize_rows(num_required * required), iters, error)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -387,11 +397,12 @@ def _target(scores, eps, num_iters, num_required, tol, method="auto") -> MultiSK
     return _per_problem(solve)(scores)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _target_batched(scores, eps, num_iters, num_required, tol, method="auto") -> MultiSKResult:
+@functools.partial(jax.jit, static_argnames=_STATIC + ("last_rows",))
+def _target_batched(scores, eps, num_iters, num_required, tol, method="auto",
+                    last_rows=None) -> MultiSKResult:
     solve = functools.partial(_target_one, eps=eps, num_iters=num_iters, num_required=num_required,
-                              tol=tol, method=method)
-    return jax.lax.map(solve, scores)
+                              tol=tol, method=method, last_rows=last_rows)
+    return jax.lax.map(solve, jax.lax.stop_gradient(scores))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -400,16 +411,16 @@ def _assignment(scores, eps, num_iters, num_required, tol, method="auto") -> jax
     slot_to_group = np.repeat(np.arange(len(groups)), [g.count for g in groups])
 
     def solve(scores):
-        final, _, _ = _solve(scores, eps, num_iters, num_required, tol, method)
+        final, _, _ = _solve(scores, eps, num_iters, num_required, tol, method, all_groups=True)
         return final[slot_to_group]
 
     return _per_problem(solve)(scores)
 
 
-def _settings(scores, eps, num_iters, required_fraction, tol) -> dict:
-    _validate(scores, eps, num_iters)
+def _settings(scores, eps, num_iters, required_fraction, tol, batched=False) -> dict:
+    _validate(scores, eps, num_iters, batched)
     return dict(eps=float(eps), num_iters=int(num_iters),
-                num_required=num_required_slots(scores.shape[1], required_fraction),
+                num_required=num_required_slots(jnp.shape(scores)[-1], required_fraction),
                 tol=None if tol is None or tol <= 0 else float(tol))
 
 
@@ -432,22 +443,23 @@ def multi_sinkhorn(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
 
 
 def multi_sinkhorn_batched(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
-                           required_fraction: float = 0.5,
-                           tol: float | None = None) -> MultiSKResult:
+                           required_fraction: float = 0.5, tol: float | None = None,
+                           last_rows: int | None = None) -> MultiSKResult:
     """:func:`multi_sinkhorn` for a (P, N, K) stack of problems; every field gets a leading P.
 
     The same numbers as ``jax.vmap(multi_sinkhorn)``: the problems are solved one after the other
     (``lax.map``), each in its own domain and with its own early stop, holding the working memory
     of one problem at a time.
+
+    last_rows: if set, ``target`` holds only the targets of the last ``last_rows`` samples of
+      each problem, (P, last_rows, K) -- the batch rows, in the training step, where the queue
+      rows' targets are not used. The solve is unchanged (the min-max normalisation is per row);
+      only the output is smaller.
     """
-    if jnp.ndim(scores) != 3:
-        raise ValueError(f"Multi-SK: a batch of scores must be (P, N, K), got shape {jnp.shape(scores)}.")
-    if jnp.shape(scores)[0] < 1:
-        raise ValueError("Multi-SK: the batch holds no problem.")
-    settings = _settings(scores[0], eps, num_iters, required_fraction, tol)
-    if not isinstance(scores, jax.core.Tracer) and bool(jnp.isnan(scores).any()):
-        raise ValueError("Multi-SK: scores contain NaN.")
-    return _target_batched(scores, **settings)
+    settings = _settings(scores, eps, num_iters, required_fraction, tol, batched=True)
+    if last_rows is not None and not 1 <= int(last_rows) <= jnp.shape(scores)[1]:
+        raise ValueError(f"Multi-SK: last_rows must be in [1, N={jnp.shape(scores)[1]}], got {last_rows}.")
+    return _target_batched(scores, **settings, last_rows=None if last_rows is None else int(last_rows))
 
 
 def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,

@@ -51,7 +51,12 @@ def small_demo(tmp_path_factory):
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     workdir = str(tmp_path_factory.mktemp("small_run"))
-    results = train.train_and_evaluate(config, workdir)
+    # 150 real steps: here full XLA optimisation pays for its longer compile.
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        results = train.train_and_evaluate(config, workdir)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
     return config, workdir, results
 
 
