@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -131,10 +132,11 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
 
     Returns seconds per problem (one (n, k) problem per call) and per step (``problems`` stacked
     problems per call), peak MB of a step, the achieved bandwidth and the copy bandwidth (GB/s),
-    for ``sk`` (the solver), ``sk_batch_rows`` (the same step returning only the last
-    ``batch_rows`` rows' targets, as the loss uses them), ``baseline`` (the log-domain solver,
-    vmapped), ``stacked`` (the linear-domain solver vmapped over the stack instead of mapped) and
-    ``dense`` (one problem).
+    as ``{variant}_seconds_per_problem`` etc. for the variants ``sk`` (the solver; its step
+    returns the targets of the last ``batch_rows`` rows, as the loss uses them), ``sk_full``
+    (the step returning all rows' targets), ``baseline`` (the log-domain solver, vmapped as the
+    loss called it), ``stacked`` (the linear-domain solver vmapped over the stack instead of
+    mapped) and ``dense`` (one problem).
     """
     settings = dict(eps=eps, num_iters=num_iters, required_fraction=required_fraction)
     num_required = sinkhorn.num_required_slots(k, required_fraction)
@@ -144,10 +146,11 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
 
     solve_one = compile_for(lambda s: sinkhorn.multi_sinkhorn(s, **settings).target, one)
     steps = {
-        "sk": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(s, **settings).target, stack),
         # As the training step calls it: only the batch rows' targets are used.
-        "sk_batch_rows": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(
+        "sk": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(
             s, **settings, last_rows=min(batch_rows, n)).target, stack),
+        "sk_full": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(s, **settings).target,
+                               stack),
     }
     if stacked:
         steps["stacked"] = compile_for(jax.vmap(functools.partial(_linear_target, **static)), stack)
@@ -179,8 +182,6 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
         "repeats": repeats, "machine": _machine(),
         "copy_gbps": copy_bytes_per_second / 1e9,
         "max_abs_diff_vs_sk": max_diff,
-        "sk_seconds_per_problem": seconds["sk/problem"],
-        "sk_seconds_per_step": seconds["sk/step"],
         "batch_rows": min(batch_rows, n),
     }
     for name in per_problem.keys() | per_step.keys():
@@ -190,23 +191,28 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
         if f"{name}/step" in seconds:
             results[f"{name}_seconds_per_step"] = seconds[f"{name}/step"]
             results[f"{name}_peak_mb"] = peak_bytes(steps[name]) / MB
-    # The step as the loss runs it returns the batch rows' targets only.
-    results["sk_peak_mb_full_target"] = results["sk_peak_mb"]
-    results["sk_peak_mb"] = results["sk_batch_rows_peak_mb"]
+            results[f"{name}_temp_mb"] = steps[name].memory_analysis().temp_size_in_bytes / MB
     if dense:
         results["dense_peak_mb_per_problem"] = peak_bytes(dense_one) / MB
     return results
 
 
 def _machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{model}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
+            f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
 
 def format_sk(results: dict) -> str:
     """The short table printed by ``python -m msk_jax.bench sk``."""
     shape = results["shape"]
-    rows = [("sk", "Multi-SK solver (linear domain, mapped)"),
-            ("sk_batch_rows", f"  same, targets of the last {results['batch_rows']} rows"),
+    rows = [("sk", f"Multi-SK solver, step -> last {results['batch_rows']} rows"),
+            ("sk_full", "  same, step -> all rows' targets"),
             ("stacked", "  same, vmap over the stack"),
             ("baseline", "log-domain solver (before), vmap"),
             ("dense", "dense K x N x K, float32")]

@@ -18,11 +18,12 @@ multiplicities K - R and R). The solver iterates on those matrices only -- O(N K
 work per iteration. Two implementations compute the same numbers:
 
 * the linear domain (the fast path): plain float32 scaling with shifted exponentials. The
-  ``exp`` is taken once, after subtracting the largest logit, and the matrix is divided by its
-  total mass, so the working values are the original's own (the damping ``+ 1e-5`` acts in the
-  original scale, with no bookkeeping). A second group is stored as the first one times a fixed
-  kernel T and row/column scalings, so one iteration reads the state and T and writes the state
-  once (in place), plus four O(N K) reductions; see :func:`_solve_linear`.
+  ``exp`` is taken once, after subtracting the largest logit; the total mass (the original's
+  first normalisation) is kept exactly as a scale factor, so the damping ``+ 1e-5`` acts in the
+  original scale. The second group is stored as the first one times a fixed kernel and
+  row/column scalings, so an iteration is one elementwise pass that updates one N x K matrix in
+  place, one that forms its product with the kernel, and four matrix-vector products for the
+  row and column sums; see :func:`_solve_linear`.
 * the log domain (the fallback): ``logsumexp`` for every sum, the damping reproduced as
   ``logaddexp(lse, log 1e-5)``. It is exact for any score magnitude and any eps > 0, and used
   when the spread of the logits ``w * S / eps`` exceeds :data:`LINEAR_MAX_LOGIT_SPREAD`, where
@@ -55,9 +56,10 @@ REQUIRED_SLOT_WEIGHT = 1.0
 
 LINEAR_MAX_LOGIT_SPREAD = 50.0
 """The linear-domain solver runs when the logits w * S / eps of a problem span at most this
-(max - min over both slot weights; cosine similarities at eps >= 0.04 do); wider problems use the
-log domain. exp(-50) / (K N) stays 10 orders of magnitude above float32's smallest normal number,
-which leaves room for the rescalings of the iterations (measured: BENCHMARKS.md)."""
+(max - min over both slot weights; cosine similarities do at eps >= 0.04); wider problems use the
+log domain. The working values then stay above exp(-50) ~ 2e-22, far from float32's smallest
+normal number (1.2e-38 ~ exp(-87)); measured, the linear domain stays as accurate as the log
+domain up to spreads of about 80 and breaks down near 100 (BENCHMARKS.md)."""
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -86,6 +86,24 @@ def test_binary_reproduces_the_training_evaluation(small_demo, tmp_path):
     assert online[150]["MSRVTT"]["t2v"] != trained["MSRVTT"]["t2v"]  # EMA and online weights differ
 
 
+def test_pytorch_weights_through_the_converter(small_demo, tmp_path):
+    """The checkpoint's online weights, exported under the original's torch names, evaluate the same."""
+    from msk_jax import convert
+
+    config, workdir, _ = small_demo
+    paths = train.data_paths(config, training=False)
+    words = train.load_words(config, paths)
+    model = train.build_model(config)
+    template = evaluate.model_template(model, config, words.dim)
+    variables, step = evaluate.load_msk_checkpoint(os.path.join(workdir, "checkpoints"), None, template, "online")
+    torch_state = convert.export_state_dict(variables)
+    assert "fusion_text.blocks.0.attn.qkv.weight" in torch_state
+    np.savez(tmp_path / "weights.npz", **{f"param/{k}": v for k, v in torch_state.items()})
+    from_torch = evaluate.run(config, None, str(tmp_path / "weights.npz"), output_dir=str(tmp_path / "torch"))
+    online = evaluate.run(config, workdir, None, weights="online", output_dir=str(tmp_path / "online"))
+    assert from_torch[0]["MSRVTT"] == online[step]["MSRVTT"]
+
+
 def test_watch_evaluates_each_checkpoint_once(small_demo, tmp_path):
     config, workdir, _ = small_demo
     results = evaluate.run(config, workdir, None, output_dir=str(tmp_path), watch=True, poll_seconds=0.01,
