@@ -42,6 +42,8 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
     objective.consistency = consistency
     objective.consistency_temperature = 0.1
     objective.consistency_weights = consistency_weights(text_video=1.0, audio=0.1)
+    objective.contrastive_scale = 1.0   # the original's alpha_closs
+    objective.consistency_scale = 1.0   # the original's beta_loss
     objective.queue_len = 5500
     objective.sinkhorn = ml_collections.ConfigDict(
         {"eps": 0.07, "num_iters": 20, "required_fraction": 0.5})

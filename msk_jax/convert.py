@@ -207,9 +207,8 @@ def objective_config_from_original(config: Mapping[str, Any]):
     from msk_jax.loss import ObjectiveConfig
 
     loss, sk, fusion = config["loss"], config["sk_params"], config["fusion_params"]
-    if loss.get("alpha_closs", 1.0) != 1.0:
-        raise ConversionError(f"original loss.alpha_closs={loss['alpha_closs']} is not supported (expected 1.0).")
     return ObjectiveConfig(
+        contrastive_scale=loss.get("alpha_closs", 1.0), consistency_scale=sk.get("beta_loss", 1.0),
         pair_weights=(("tv", loss["tv_weight"]), ("ta", loss["ta_weight"]), ("va", loss["va_weight"])),
         contrastive_temperature=loss.get("temperature", 0.05),
         consistency_weights=tuple(sorted((k, v) for k, v in fusion.items() if k.startswith("c_loss_"))),

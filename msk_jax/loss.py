@@ -145,6 +145,8 @@ class ObjectiveConfig:
     sinkhorn_eps: float = 0.07
     sinkhorn_iters: int = 20
     required_fraction: float = 0.5
+    contrastive_scale: float = 1.0   # the original's alpha_closs
+    consistency_scale: float = 1.0   # the original's beta_loss
 
     @classmethod
     def from_config(cls, objective: Any) -> "ObjectiveConfig":
@@ -158,7 +160,9 @@ class ObjectiveConfig:
             queue_len=objective.queue_len,
             sinkhorn_eps=objective.sinkhorn.eps,
             sinkhorn_iters=objective.sinkhorn.num_iters,
-            required_fraction=objective.sinkhorn.required_fraction)
+            required_fraction=objective.sinkhorn.required_fraction,
+            contrastive_scale=objective.get("contrastive_scale", 1.0),
+            consistency_scale=objective.get("consistency_scale", 1.0))
 
 
 def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], queues: FeatureQueues,
@@ -219,7 +223,8 @@ def multisk_loss(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], qu
     outputs: the model's outputs for the batch; params: the model parameters (for the anchors);
     queues: the feature queues before this step (None when the consistency loss is off).
     Returns (total, metrics, queues after this step). Metrics: `tv`, `ta`, `va`, `contrastive`
-    (weighted L_con), `loss_pair_i_j` (weighted), `consistency` (their sum, 0 during warm-up),
+    (weighted L_con, times contrastive_scale), `loss_pair_i_j` (weighted), `consistency` (their
+    sum times consistency_scale, 0 during warm-up),
     `loss` (the total), and the Multi-SK iterations and marginal error.
     """
     embeddings = {m: outputs[f"{m}_embed"] for m in MODALITIES}
@@ -227,6 +232,7 @@ def multisk_loss(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], qu
     contrastive, pair_losses = contrastive_objective(embeddings, nonempty, dict(config.pair_weights),
                                                      config.contrastive_temperature)
     metrics = dict(pair_losses)
+    contrastive = config.contrastive_scale * contrastive
     metrics["contrastive"] = contrastive
     total = contrastive
     if config.consistency:
@@ -236,7 +242,7 @@ def multisk_loss(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], qu
         on = queues.is_full.astype(contrastive.dtype)  # warm-up: off until the queue was filled
         terms = {name: on * value for name, value in consistency_terms(outputs, targets, config).items()}
         metrics.update(terms)
-        metrics["consistency"] = sum(terms.values())
+        metrics["consistency"] = config.consistency_scale * sum(terms.values())
         metrics["consistency_on"] = on
         metrics["sinkhorn_iterations"] = jnp.max(result.iterations)
         metrics["sinkhorn_marginal_error"] = jnp.max(result.marginal_error)

@@ -137,12 +137,15 @@ def _check_train_steps(inputs: GoldenInputs) -> Iterable[Output]:
     steps = sorted({int(m.group(1)) for k in inputs.keys() if (m := re.match(r"step(\d+)/input/", k))})
     config, model, variables = _golden_model(inputs, _prefixed(inputs, "step0/input/"))
     objective = convert.objective_config_from_original(config)
+    # The golden runs start with full queues (consistency on) unless the config says otherwise.
+    fill = int(config.get("queue_size", objective.queue_len))
     queues = FeatureQueues(features={n: jnp.asarray(inputs[f"queue/{n}_queue"]) for n in QUEUE_NAMES},
-                           fill=jnp.asarray(objective.queue_len, jnp.int32))  # full: consistency on
+                           fill=jnp.asarray(fill, jnp.int32))
     opt = config["optimizer"]
     if opt.get("type", "adam") != "adam":
         raise ValueError(f"train_steps.npz: optimizer {opt['type']!r} is not supported.")
-    tx = train_step.adam(opt["lr"], opt["b1"], opt["b2"], opt["eps"])
+    tx = train_step.adam(opt["lr"], opt.get("b1", 0.9), opt.get("b2", 0.999), opt.get("eps", 1e-8),
+                         opt.get("weight_decay", 0.0))
     state = train_step.create_train_state(jax.random.PRNGKey(0), model, objective, tx,
                                           _prefixed(inputs, "step0/input/"), variables=variables, queues=queues)
     step_fn = jax.jit(train_step.train_step)

@@ -35,8 +35,12 @@ class TrainState(struct.PyTreeNode):
     ema_decay: float | None = struct.field(pytree_node=False, default=None)
 
 
-def adam(lr: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
-    """The original's optimiser: Adam without weight decay."""
+def adam(lr: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0):
+    """The original's optimiser: Adam (the paper uses no weight decay; PyTorch's `weight_decay`
+    adds weight_decay * param to the gradient, which is what a non-zero value does here)."""
+    if weight_decay:
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr, b1=b1, b2=b2, eps=eps))
     return optax.adam(lr, b1=b1, b2=b2, eps=eps)
 
 
