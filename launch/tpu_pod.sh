@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Launches msk_jax pretraining on a Cloud TPU VM pod slice: one process per TPU VM worker, all
+# started together with `gcloud compute tpus tpu-vm ssh --worker=all`, writing to a gs:// workdir.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_pod.sh --name NAME --zone ZONE --workdir gs://BUCKET/RUN [options] [-- MAIN_ARGS...]
+
+Copies this checkout to every worker of a Cloud TPU VM (pod slice), installs the requirements
+and jax[tpu] there, and runs on all workers at once:
+  python3 -m msk_jax.main --config=CONFIG --workdir=gs://... --multihost MAIN_ARGS...
+
+Required:
+  --name NAME               TPU VM name
+  --zone ZONE               e.g. us-central2-b
+  --workdir gs://...        checkpoints, metrics and evaluations (shared by all workers: must be gs://)
+
+Options:
+  --project PROJECT         Google Cloud project (default: gcloud's configured project)
+  --config FILE[:VARIANT]   training configuration (default: configs/howto.py)
+  --create                  create the TPU VM first if it does not exist
+  --accelerator-type TYPE   for --create (default: v4-32)
+  --version RUNTIME         TPU software version, for --create (default: tpu-ubuntu2204-base)
+  --jax-version VERSION     jax[tpu] version to install (default: the jax pin of requirements.txt)
+  --remote-dir DIR          where the code goes on the workers (default: msk_jax, under the home directory)
+  --skip-copy               do not copy the code (already there)
+  --skip-install            do not install packages
+  --detach                  run in the background on the workers (nohup, log in ~/msk_jax_train.log)
+  --dry-run                 print every command (prefixed with '+ ') and run nothing
+  -h, --help                this help
+
+Everything after `--` goes to msk_jax.main unchanged, e.g.
+  launch/tpu_pod.sh --name msk --zone us-central2-b --workdir gs://my-bucket/msk/run1 \
+    --create --accelerator-type v4-32 -- --config.data.source=tfds --config.data.tfds_data_dir=gs://my-bucket/tfds
+EOF
+}
+
+die() {
+  echo "tpu_pod.sh: error: $*" >&2
+  echo "Run 'launch/tpu_pod.sh --help' for usage." >&2
+  exit 2
+}
+
+SAFE_WORD='^[A-Za-z0-9_./:=,@%+^-]+$'
+
+# Prints one command line, quoting only the words that need it.
+show() {
+  local out="+" word
+  for word in "$@"; do
+    if [[ "$word" =~ $SAFE_WORD ]]; then
+      out+=" $word"
+    else
+      out+=" '${word//\'/\'\\\'\'}'"
+    fi
+  done
+  printf '%s\n' "$out"
+}
+
+run() {
+  show "$@"
+  if [[ "$DRY_RUN" -eq 0 ]]; then
+    "$@"
+  fi
+}
+
+# Quotes words for the workers' shell (inside gcloud ssh --command): double quotes where they
+# suffice (readable in the dry run), else printf %q.
+remote_quote() {
+  local out="" word
+  for word in "$@"; do
+    if [[ "$word" =~ $SAFE_WORD ]]; then
+      out+=" $word"
+    elif [[ "$word" != *[\"\$\`\\!]* ]]; then
+      out+=" \"$word\""
+    else
+      out+=" $(printf '%q' "$word")"
+    fi
+  done
+  printf '%s' "${out# }"
+}
+
+need_value() {
+  [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"
+}
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NAME="" ZONE="" PROJECT="" WORKDIR=""
+CONFIG="configs/howto.py"
+ACCELERATOR_TYPE="v4-32"
+RUNTIME_VERSION="tpu-ubuntu2204-base"
+JAX_VERSION="$(sed -n 's/^jax==\([^[:space:]#]*\).*/\1/p' "$REPO/requirements.txt" 2>/dev/null | head -n 1)"
+JAX_VERSION="${JAX_VERSION:-0.10.2}"
+REMOTE_DIR="msk_jax"
+CREATE=0 SKIP_COPY=0 SKIP_INSTALL=0 DETACH=0 DRY_RUN=0
+MAIN_ARGS=()
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --create) CREATE=1; shift ;;
+    --skip-copy) SKIP_COPY=1; shift ;;
+    --skip-install) SKIP_INSTALL=1; shift ;;
+    --detach) DETACH=1; shift ;;
+    --name=*) NAME="${1#*=}"; shift ;;
+    --zone=*) ZONE="${1#*=}"; shift ;;
+    --project=*) PROJECT="${1#*=}"; shift ;;
+    --workdir=*) WORKDIR="${1#*=}"; shift ;;
+    --config=*) CONFIG="${1#*=}"; shift ;;
+    --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}"; shift ;;
+    --version=*) RUNTIME_VERSION="${1#*=}"; shift ;;
+    --jax-version=*) JAX_VERSION="${1#*=}"; shift ;;
+    --remote-dir=*) REMOTE_DIR="${1#*=}"; shift ;;
+    --name|--zone|--project|--workdir|--config|--accelerator-type|--version|--jax-version|--remote-dir)
+      need_value "$@"
+      case "$1" in
+        --name) NAME="$2" ;;
+        --zone) ZONE="$2" ;;
+        --project) PROJECT="$2" ;;
+        --workdir) WORKDIR="$2" ;;
+        --config) CONFIG="$2" ;;
+        --accelerator-type) ACCELERATOR_TYPE="$2" ;;
+        --version) RUNTIME_VERSION="$2" ;;
+        --jax-version) JAX_VERSION="$2" ;;
+        --remote-dir) REMOTE_DIR="$2" ;;
+      esac
+      shift 2 ;;
+    --) shift; MAIN_ARGS=("$@"); break ;;
+    *) die "unknown argument '$1' (arguments for msk_jax.main go after '--')" ;;
+  esac
+done
+
+[[ -n "$NAME" ]] || die "--name is required (the TPU VM name)"
+[[ -n "$ZONE" ]] || die "--zone is required (e.g. us-central2-b)"
+[[ -n "$WORKDIR" ]] || die "--workdir is required (a gs:// path shared by all workers)"
+[[ "$WORKDIR" == gs://?* ]] || die "--workdir must be a gs:// path on a pod (every worker writes there), got '$WORKDIR'"
+[[ "$CONFIG" != /* && -f "$REPO/${CONFIG%%:*}" ]] ||
+  die "--config '${CONFIG%%:*}' is not a file of this checkout (give it relative to $REPO)"
+
+GCLOUD_FLAGS=("--zone=$ZONE")
+if [[ -n "$PROJECT" ]]; then
+  GCLOUD_FLAGS+=("--project=$PROJECT")
+fi
+TPU=(gcloud compute tpus tpu-vm)
+
+# 1. The TPU VM.
+if [[ "$CREATE" -eq 1 ]]; then
+  CREATE_CMD=("${TPU[@]}" create "$NAME" "${GCLOUD_FLAGS[@]}" "--accelerator-type=$ACCELERATOR_TYPE"
+              "--version=$RUNTIME_VERSION")
+  if [[ "$DRY_RUN" -eq 1 ]]; then
+    show "${TPU[@]}" describe "$NAME" "${GCLOUD_FLAGS[@]}"
+    show "${CREATE_CMD[@]}"
+    echo "  (create runs only if describe finds no TPU VM named $NAME)"
+  else
+    show "${TPU[@]}" describe "$NAME" "${GCLOUD_FLAGS[@]}"
+    if "${TPU[@]}" describe "$NAME" "${GCLOUD_FLAGS[@]}" >/dev/null 2>&1; then
+      echo "TPU VM $NAME exists."
+    else
+      run "${CREATE_CMD[@]}"
+    fi
+  fi
+fi
+
+# 2. The code: a tarball of this checkout (working tree, without .git and virtual environments).
+if [[ "$SKIP_COPY" -eq 0 ]]; then
+  TARBALL="${TMPDIR:-/tmp}/msk_jax_${NAME}.tar.gz"
+  run env COPYFILE_DISABLE=1 tar -czf "$TARBALL" -C "$REPO" --exclude=.git --exclude=.venv --exclude=.venv-ci \
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=./workdir --exclude=./data .
+  run "${TPU[@]}" scp "$TARBALL" "$NAME:msk_jax.tar.gz" --worker=all "${GCLOUD_FLAGS[@]}"
+  UNPACK="rm -rf $(remote_quote "$REMOTE_DIR") && mkdir -p $(remote_quote "$REMOTE_DIR") && tar -xzf msk_jax.tar.gz -C $(remote_quote "$REMOTE_DIR")"
+  run "${TPU[@]}" ssh "$NAME" --worker=all "${GCLOUD_FLAGS[@]}" --command="$UNPACK"
+fi
+
+# 3. Packages: the requirements, then jax[tpu]; the demo corpus also needs the Asterisk sounds.
+if [[ "$SKIP_INSTALL" -eq 0 ]]; then
+  INSTALL="cd $(remote_quote "$REMOTE_DIR") && python3 -m pip install -q -r requirements.txt $(remote_quote "jax[tpu]==$JAX_VERSION")"
+  if [[ "$CONFIG" == *demo* ]]; then
+    SOUNDS="asterisk-core-sounds-en-wav asterisk-core-sounds-fr-wav asterisk-core-sounds-es-wav asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav"
+    INSTALL="sudo apt-get update -qq && sudo apt-get install -y -qq $SOUNDS && $INSTALL"
+  fi
+  run "${TPU[@]}" ssh "$NAME" --worker=all "${GCLOUD_FLAGS[@]}" --command="$INSTALL"
+fi
+
+# 4. Training: the same command on every worker; jax.distributed.initialize() finds the pod.
+TRAIN="python3 -m msk_jax.main $(remote_quote "--config=$CONFIG" "--workdir=$WORKDIR") --multihost"
+if [[ ${#MAIN_ARGS[@]} -gt 0 ]]; then
+  TRAIN+=" $(remote_quote "${MAIN_ARGS[@]}")"
+fi
+if [[ "$DETACH" -eq 1 ]]; then
+  TRAIN="nohup $TRAIN > ~/msk_jax_train.log 2>&1 < /dev/null &"
+fi
+run "${TPU[@]}" ssh "$NAME" --worker=all "${GCLOUD_FLAGS[@]}" --command="cd $(remote_quote "$REMOTE_DIR") && $TRAIN"
