@@ -2,15 +2,16 @@
 
 ``sk``  -- the Multi-SK solver at the production size ("sk-prod" in BENCH.md: N = 7660 rows,
            K = 64 anchors, R = 32, eps 0.07, 20 iterations, float32, 12 problems per step).
-           Side by side in one run: the solver (:func:`msk_jax.sinkhorn.multi_sinkhorn`), the
-           log-domain solver it replaced (``vmap`` over the stack, as the loss called it), a
-           straightforward dense K x N x K solver, and a plain memory copy for the bandwidth.
+           Side by side in one run: the solver (``multi_sinkhorn`` for one problem,
+           ``multi_sinkhorn_batched`` for a step), the log-domain solver it replaced (``vmap``
+           over the stack, as the loss called it), a straightforward dense K x N x K solver,
+           and a plain memory copy for the bandwidth.
 ``all`` -- every benchmark above, one after the other.
 
 Times are medians over ``--repeats`` runs after a warm-up call (compilation excluded); the
 variants are timed round-robin, so drift on a shared machine hits them alike. Memory is XLA's
 compiled memory analysis of the jitted call: arguments + outputs + temporaries - aliased bytes,
-i.e. the peak of the buffers XLA allocates for it (no host-side Python objects).
+i.e. the peak of the buffers XLA allocates for it (no host-side Python objects); MB = 1e6 bytes.
 
 New benchmarks: write ``run_NAME(**options) -> dict`` and ``_cli_NAME(args) -> dict`` and add
 them to ``BENCHMARKS`` with their command-line options.
@@ -211,17 +212,18 @@ def _machine() -> str:
 def format_sk(results: dict) -> str:
     """The short table printed by ``python -m msk_jax.bench sk``."""
     shape = results["shape"]
-    rows = [("sk", f"Multi-SK solver, step -> last {results['batch_rows']} rows"),
-            ("sk_full", "  same, step -> all rows' targets"),
-            ("stacked", "  same, vmap over the stack"),
+    rows = [("sk", f"Multi-SK solver; step returns last {results['batch_rows']} rows"),
+            ("sk_full", "  same, step returns all rows' targets"),
+            ("stacked", "  same, one vmap over the 12 (no pairs)"),
             ("baseline", "log-domain solver (before), vmap"),
             ("dense", "dense K x N x K, float32")]
     base_problem = results.get("baseline_seconds_per_problem")
+    base_step = results.get("baseline_seconds_per_step")
     lines = [f"Multi-SK  N={shape['n']} K={shape['k']} R={shape['num_required']} eps={shape['eps']} "
              f"iters={shape['num_iters']}  step = {shape['problems']} problems  "
              f"(median of {results['repeats']})",
-             f"{'solver':40s} {'ms/problem':>11s} {'ms/step':>9s} {'peak MB/step':>13s} "
-             f"{'GB/s':>6s} {'x baseline':>10s}"]
+             f"{'solver':46s} {'ms/problem':>10s} {'ms/step':>8s} {'peak MB/step':>12s} "
+             f"{'GB/s':>5s} {'x baseline':>10s}"]
     for name, label in rows:
         per_problem = results.get(f"{name}_seconds_per_problem")
         per_step = results.get(f"{name}_seconds_per_step")
@@ -231,10 +233,17 @@ def format_sk(results: dict) -> str:
             peak = f"{results['dense_peak_mb_per_problem']:.0f} (1 pb)"
         else:
             peak = _fmt(results.get(f"{name}_peak_mb"), "{:.1f}")
-        speedup = None if base_problem is None or per_problem is None else base_problem / per_problem
-        lines.append(f"{label:40s} {_fmt(per_problem, '{:.2f}', 1e3):>11s} "
-                     f"{_fmt(per_step, '{:.1f}', 1e3):>9s} {peak:>13s} "
-                     f"{_fmt(results.get(f'{name}_gbps'), '{:.1f}'):>6s} {_fmt(speedup, '{:.1f}'):>10s}")
+        if per_problem is not None and base_problem is not None:
+            speedup = _ratio(base_problem / per_problem)
+        elif per_step is not None and base_step is not None:
+            speedup = _ratio(base_step / per_step) + " (step)"
+        else:
+            speedup = "-"
+        lines.append(f"{label:46s} {_fmt(per_problem, '{:.2f}', 1e3):>10s} "
+                     f"{_fmt(per_step, '{:.1f}', 1e3):>8s} {peak:>12s} "
+                     f"{_fmt(results.get(f'{name}_gbps'), '{:.1f}'):>5s} {speedup:>10s}")
+    lines.append("ms/problem: one call on one problem (multi_sinkhorn); ms/step: one call on the "
+                 "stack (multi_sinkhorn_batched); peak: XLA arguments + outputs + temporaries")
     lines.append(f"copy bandwidth (numpy, 64 MiB, read + write): {results['copy_gbps']:.1f} GB/s; "
                  f"GB/s above = state bytes read + written once per iteration x iterations / time")
     lines.append("max |target - sk target|: " + ", ".join(
@@ -244,6 +253,10 @@ def format_sk(results: dict) -> str:
 
 def _fmt(value, pattern: str, scale: float = 1.0) -> str:
     return "-" if value is None else pattern.format(value * scale)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
 def _add_sk_arguments(parser: argparse.ArgumentParser) -> None:

@@ -173,10 +173,10 @@ def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any],
     B rows belong to the batch. Returns ({batch similarity name: (B, K) target}, a result whose
     `iterations` and `marginal_error` hold one entry per problem; its `target` is None).
     """
-    solve = jax.vmap(functools.partial(sinkhorn.multi_sinkhorn, eps=config.sinkhorn_eps,
-                                       num_iters=config.sinkhorn_iters,
-                                       required_fraction=config.required_fraction))
     batch = outputs["in_text_assignment"].shape[0]
+    solve = functools.partial(sinkhorn.multi_sinkhorn_batched, eps=config.sinkhorn_eps,
+                              num_iters=config.sinkhorn_iters, required_fraction=config.required_fraction,
+                              last_rows=batch)
     # Problems with the same anchor count (all 12 in the paper) are stacked into one call.
     by_count: dict[int, list] = {}
     for problem in SK_PROBLEMS:
@@ -188,7 +188,7 @@ def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any],
             queue_scores = anchor_similarity(queues.features[queue], params[anchors])
             scores.append(jnp.concatenate([queue_scores, outputs[assignment].astype(queue_scores.dtype)], axis=0))
         result = solve(jnp.stack(scores))
-        targets.update({assignment: result.target[p, -batch:] for p, (_, assignment, _) in enumerate(problems)})
+        targets.update({assignment: result.target[p] for p, (_, assignment, _) in enumerate(problems)})
         results.append(result)
     result = sinkhorn.MultiSKResult(
         target=None, iterations=jnp.concatenate([r.iterations for r in results]),
