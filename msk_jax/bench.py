@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m msk_jax.bench {sk,all} [--json OUT]``.
+"""Benchmarks: ``python -m msk_jax.bench {sk,step,pipeline,all} [--json OUT]``.
 
 ``sk``  -- the Multi-SK solver at the production size ("sk-prod" in BENCH.md: N = 7660 rows,
            K = 64 anchors, R = 32, eps 0.07, 20 iterations, float32, 12 problems per step).
@@ -6,6 +6,12 @@
            ``multi_sinkhorn_batched`` for a step), the log-domain solver it replaced (``vmap``
            over the stack, as the loss called it), a straightforward dense K x N x K solver,
            and a plain memory copy for the bandwidth.
+``step`` -- one train step of the paper architecture at CPU-sized widths ("cpu-bench" in
+           BENCH.md: embed 512, 8 heads, projection 768, DAVEnet widths up to 1024, 64 anchors,
+           full queues of 512, 64 clips, float32): median step time, clips/s, FLOP/s against the
+           machine's float32 matmul peak measured in the same run, and where the time goes (the
+           same step with the consistency loss off, i.e. without Multi-SK, side by side).
+``pipeline`` -- the training input pipeline on the demo corpus: clips/s.
 ``all`` -- every benchmark above, one after the other.
 
 Times are medians over ``--repeats`` runs after a warm-up call (compilation excluded); the
@@ -278,9 +284,141 @@ def _cli_sk(args: argparse.Namespace) -> dict:
     return results
 
 
+# --- step: the cpu-bench train step -------------------------------------------------------------
+
+CPU_BENCH_MODEL = dict(video_dim=4096, text_dim=300, audio_feat_dim=40, davenet_layers=(2, 2, 1, 1, 1, 1),
+                       davenet_widths=(32, 32, 64, 128, 256, 512, 1024), davenet_kernel=9, embed_dim=512,
+                       num_heads=8, mlp_ratio=1.0, depth=1, projection_dim=768, num_anchors=64)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s of this machine (XLA, all cores)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    seconds = time_side_by_side({"mm": lambda: f(a)}, repeats)["mm"]
+    return 2 * size ** 3 / seconds
+
+
+def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"video": rng.normal(size=(clips, 12, 4096)).astype(np.float32),
+            "video_mask": np.ones((clips, 12), np.float32),
+            "text": rng.normal(size=(clips, 20, 300)).astype(np.float32),
+            "text_mask": np.ones((clips, 20), np.float32),
+            "audio": rng.normal(size=(clips, 40, 768)).astype(np.float32),
+            "audio_mask": np.ones((clips, 768), np.float32)}
+
+
+def run_step(clips: int = 64, queue_len: int = 512, repeats: int = 5, model_fields: dict | None = None) -> dict:
+    """Median seconds of the cpu-bench train step, with and without the consistency loss."""
+    from msk_jax import train_step
+    from msk_jax.loss import ObjectiveConfig
+    from msk_jax.model import MultiSKModel
+    from msk_jax.queues import FeatureQueues
+
+    model = MultiSKModel(**(model_fields or CPU_BENCH_MODEL))
+    batch = cpu_bench_batch(clips)
+    results, steps = {}, {}
+    for name, consistency in (("step", True), ("step_without_multisk", False)):
+        objective = ObjectiveConfig(queue_len=queue_len, consistency=consistency)
+        state = train_step.create_train_state(jax.random.PRNGKey(0), model, objective, train_step.adam(5e-5), batch)
+        if consistency:  # full queues: the consistency loss is on
+            state = state.replace(queues=FeatureQueues.create(jax.random.PRNGKey(1), queue_len, model.embed_dim,
+                                                              model.projection_dim, fill=queue_len))
+        compiled = jax.jit(train_step.train_step).lower(state, batch).compile()
+        flops = compiled.cost_analysis()
+        flops = flops[0] if isinstance(flops, (list, tuple)) else flops
+        results[f"{name}_flops"] = float(flops.get("flops", 0.0))
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics["loss"]
+
+        steps[name] = run
+        if consistency:
+            results["parameters"] = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
+    times = time_side_by_side(steps, repeats)
+    peak = matmul_peak()
+    results.update({
+        "step_seconds": times["step"], "clips_per_second": clips / times["step"],
+        "step_without_multisk_seconds": times["step_without_multisk"],
+        "multisk_share": 1 - times["step_without_multisk"] / times["step"],
+        "achieved_flops_per_second": results["step_flops"] / times["step"], "matmul_peak_flops_per_second": peak,
+        "clips": clips, "queue_len": queue_len, "machine": _machine()})
+    results["flop_utilisation"] = results["achieved_flops_per_second"] / peak
+    return results
+
+
+def format_step(r: dict) -> str:
+    return "\n".join([
+        f"cpu-bench train step ({r['clips']} clips, queues {r['queue_len']}, {r['parameters'] / 1e6:.1f} M parameters)"
+        f" on {r['machine']}",
+        f"  step              {r['step_seconds'] * 1e3:9.1f} ms   {r['clips_per_second']:7.1f} clips/s",
+        f"  without Multi-SK  {r['step_without_multisk_seconds'] * 1e3:9.1f} ms   (Multi-SK + consistency: "
+        f"{100 * r['multisk_share']:.0f}% of the step)",
+        f"  FLOP/s            {r['achieved_flops_per_second'] / 1e9:9.1f} G    of a measured matmul peak "
+        f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} G ({100 * r['flop_utilisation']:.0f}%)"])
+
+
+def _add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--queue-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+
+
+def _cli_step(args: argparse.Namespace) -> dict:
+    results = run_step(clips=args.clips, queue_len=args.queue_len, repeats=args.repeats)
+    print(format_step(results), flush=True)
+    return results
+
+
+# --- pipeline: input clips/s ---------------------------------------------------------------------
+
+def run_pipeline(corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
+                 batches: int = 30, workers: tuple[int, ...] = (1, 2), feature_dim: int = 128) -> dict:
+    """Clips/s of the training pipeline on the demo corpus (built if needed), per worker count."""
+    from msk_jax.data.demo_corpus import build_demo_corpus
+    from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.word2vec import load_word2vec_binary
+
+    root = corpus_dir or os.path.join(os.path.expanduser("~"), ".cache", "msk_jax", "demo_corpus")
+    paths = build_demo_corpus(root, size=size, feature_dim=feature_dim, progress=False)
+    source = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio,
+                             load_word2vec_binary(paths.word_vectors), features_3d=paths.features_3d,
+                             settings=ClipSettings())
+    results = {"videos_per_batch": videos_per_batch, "clips_per_batch": videos_per_batch * 10}
+    for count in workers:
+        pipeline = TrainingPipeline(source, videos_per_batch, seed=0, workers=count)
+        next(pipeline)  # warm-up
+        start = time.perf_counter()
+        clips = sum(len(next(pipeline)["video"]) for _ in range(batches))
+        results[f"clips_per_second_workers_{count}"] = clips / (time.perf_counter() - start)
+        pipeline.close()
+    results["clips_per_second"] = max(v for k, v in results.items() if k.startswith("clips_per_second_"))
+    return results
+
+
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus-dir", default=None, help="demo corpus folder (default: the cache)")
+    parser.add_argument("--size", default="default", choices=("tiny", "small", "default"))
+    parser.add_argument("--batches", type=int, default=30)
+
+
+def _cli_pipeline(args: argparse.Namespace) -> dict:
+    results = run_pipeline(args.corpus_dir, args.size, batches=args.batches)
+    for key, value in results.items():
+        if key.startswith("clips_per_second_"):
+            print(f"input pipeline, {key.rsplit('_', 1)[1]} worker(s): {value:8.0f} clips/s", flush=True)
+    return results
+
+
 BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                             Callable[[argparse.Namespace], dict], str]] = {
     "sk": (_add_sk_arguments, _cli_sk, "Multi-SK solver at the production size"),
+    "step": (_add_step_arguments, _cli_step, "cpu-bench train step"),
+    "pipeline": (_add_pipeline_arguments, _cli_pipeline, "input pipeline clips/s on the demo corpus"),
 }
 
 
