@@ -29,37 +29,10 @@ Examples:
 EOF
 }
 
-die() {
-  echo "single_host.sh: error: $*" >&2
-  echo "Run 'launch/single_host.sh --help' for usage." >&2
-  exit 2
-}
+SCRIPT_NAME="single_host.sh"
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-SAFE_WORD='^[A-Za-z0-9_./:=,@%+^-]+$'
-
-# Prints one command line, quoting only the words that need it.
-show() {
-  local out="+" word
-  for word in "$@"; do
-    if [[ "$word" =~ $SAFE_WORD ]]; then
-      out+=" $word"
-    else
-      out+=" '${word//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
-
-run() {
-  show "$@"
-  if [[ "$DRY_RUN" != 1 ]]; then
-    "$@"
-  fi
-}
-
-need_value() {
-  [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"
-}
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORKDIR="${WORKDIR:-}"

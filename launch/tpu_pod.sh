@@ -36,33 +36,9 @@ Everything after `--` goes to msk_jax.main unchanged, e.g.
 EOF
 }
 
-die() {
-  echo "tpu_pod.sh: error: $*" >&2
-  echo "Run 'launch/tpu_pod.sh --help' for usage." >&2
-  exit 2
-}
-
-SAFE_WORD='^[A-Za-z0-9_./:=,@%+^-]+$'
-
-# Prints one command line, quoting only the words that need it.
-show() {
-  local out="+" word
-  for word in "$@"; do
-    if [[ "$word" =~ $SAFE_WORD ]]; then
-      out+=" $word"
-    else
-      out+=" '${word//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "$out"
-}
-
-run() {
-  show "$@"
-  if [[ "$DRY_RUN" -eq 0 ]]; then
-    "$@"
-  fi
-}
+SCRIPT_NAME="tpu_pod.sh"
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Quotes words for the workers' shell (inside gcloud ssh --command): double quotes where they
 # suffice (readable in the dry run), else printf %q.
@@ -80,9 +56,6 @@ remote_quote() {
   printf '%s' "${out# }"
 }
 
-need_value() {
-  [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"
-}
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="" ZONE="" PROJECT="" WORKDIR=""

@@ -104,7 +104,8 @@ def shellcheck_binary():
 
 
 def test_scripts_are_shellcheck_clean():
-    result = subprocess.run([shellcheck_binary(), "--shell=bash", "--severity=style", *SCRIPTS],
+    result = subprocess.run([shellcheck_binary(), "--shell=bash", "--severity=style", "--external-sources",
+                             *SCRIPTS, os.path.join(LAUNCH, "common.sh")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
