@@ -38,9 +38,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, state: TrainState, meta: dict, force: bool = False) -> bool:
         step = int(to_host(state.step))
         saved = self.manager.save(step, args=ocp.args.Composite(
@@ -56,10 +53,6 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return template.replace(**restored["state"]), dict(restored["meta"])
-
-    def restore_meta(self, step: int | None = None) -> dict:
-        step = self.latest_step() if step is None else step
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -19,6 +19,7 @@ import numpy as np
 
 from msk_jax import retrieval
 from msk_jax.data.eval_sets import EvalSet
+from msk_jax.data.features import l2_normalize_rows
 from msk_jax.data.pipeline import MODEL_KEYS
 from msk_jax.sharding import to_host
 
@@ -26,10 +27,6 @@ SHORT = {"text": "t", "video": "v", "audio": "a"}
 DIRECTIONS = ("t2v", "v2t", "t2a", "a2t", "v2a", "a2v",
               "t2v+a", "v+a2t", "v2t+a", "t+a2v", "a2t+v", "t+v2a")
 REPORTED = ("R1", "R5", "R10", "R50", "MedR", "MeanR")
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -76,7 +73,7 @@ def average_by_id(ids: list[str], embeddings: dict[str, np.ndarray]) -> tuple[li
 def direction_embeddings(embeddings: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Single (t, v, a) and fused (v+a, t+a, t+v) embeddings."""
     single = {SHORT[m]: embeddings[m] for m in SHORT}
-    fused = {f"{x}+{y}": (_normalize(single[x]) + _normalize(single[y])) / 2
+    fused = {f"{x}+{y}": (l2_normalize_rows(single[x]) + l2_normalize_rows(single[y])) / 2
              for x, y in (("v", "a"), ("t", "a"), ("t", "v"))}
     return {**single, **fused}
 
@@ -87,7 +84,7 @@ def retrieval_results(embeddings: dict[str, np.ndarray], complete_dataset_size: 
     results = {}
     for direction in DIRECTIONS:
         query, item = direction.split("2")
-        sims = _normalize(emb[query]) @ _normalize(emb[item]).T
+        sims = l2_normalize_rows(emb[query]) @ l2_normalize_rows(emb[item]).T
         metrics = retrieval.retrieval_metrics(sims, complete_dataset_size)
         results[direction] = {k: float(metrics[k]) for k in REPORTED}
     return results

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from msk_jax import sinkhorn
-from msk_jax.model import MODALITIES, anchor_similarity
+from msk_jax.model import MODALITIES, anchor_similarity, l2_normalize
 from msk_jax.queues import FeatureQueues
 
 CONSISTENCY_TEMPERATURE = 0.1
@@ -48,14 +48,9 @@ def consistency_cost(similarity: jax.Array, target: jax.Array,
     return jnp.mean(per_entry)
 
 
-def l2_normalize(x: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
-    """x / max(||x||, eps) along the last axis (the original's `sim_matrix` normalisation)."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
-
-
 def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
-    """(Na, Nb) cosine similarities between the rows of a and of b."""
+    """(Na, Nb) cosine similarities between the rows of a and of b (rows divided by
+    max(||row||, eps), eps 1e-8 as in the original's `sim_matrix`)."""
     return l2_normalize(a, eps) @ l2_normalize(b, eps).T
 
 

@@ -8,11 +8,9 @@ run continues with exactly the losses an uninterrupted one has.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import signal
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Evaluation pickles (MSR-VTT, YouCook2), their TFDS builders, and word2vec files."""
 
-import os
 import pickle
 
 import numpy as np

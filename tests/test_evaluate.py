@@ -1,6 +1,5 @@
 """Zero-shot evaluation: directions, duplicates, the binary, and trained vs untrained on the demo."""
 
-import functools
 import json
 import os
 

@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from msk_jax import convert, train_step
 from msk_jax.loss import ObjectiveConfig, multisk_loss

@@ -73,7 +73,8 @@ def crop_log_mel(log_mel: np.ndarray, start: float, end: float) -> np.ndarray:
     return log_mel[:, max(0, first):last]
 
 
-def _l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows divided by max(||row||, eps) (torch.nn.functional.normalize), in numpy."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
@@ -95,8 +96,8 @@ def video_features(feat_2d: np.ndarray, feat_3d: np.ndarray, n_tokens: int):
     if len(feat_2d) and len(feat_3d):
         feat_2d = nearest_resample(feat_2d, len(feat_3d))
         n = min(len(feat_3d), n_tokens)
-        video[:n, : feat_2d.shape[1]] = _l2_normalize_rows(feat_2d[:n].astype(np.float32))
-        video[:n, feat_2d.shape[1]:] = _l2_normalize_rows(feat_3d[:n].astype(np.float32))
+        video[:n, : feat_2d.shape[1]] = l2_normalize_rows(feat_2d[:n].astype(np.float32))
+        video[:n, feat_2d.shape[1]:] = l2_normalize_rows(feat_3d[:n].astype(np.float32))
         mask[:n] = 1
     return video, mask
 
