@@ -46,14 +46,18 @@ MB = 1e6
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def time_side_by_side(fns: dict[str, Callable[[], object]], repeats: int,
+                      warm_calls: int = 0) -> dict[str, float]:
     """Median wall seconds per call of each zero-argument function, after one warm-up call each;
-    the functions are timed round-robin."""
+    the functions are timed round-robin. warm_calls: untimed calls just before each timed one
+    (so a variant is timed with its own working set in the caches, not the previous one's)."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            for _ in range(warm_calls):
+                jax.block_until_ready(fn())
             start = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
@@ -128,9 +132,26 @@ def _log_domain_target(scores, eps, num_iters, num_required):
     return sinkhorn.minmax_normalize_rows(num_required * final[-1])
 
 
-def _linear_target(scores, eps, num_iters, num_required):
-    final, _, _ = sinkhorn._solve(scores, eps, num_iters, num_required, None, method="linear")
+def _jax_linear_target(scores, eps, num_iters, num_required):
+    """The linear-domain solver as a pure-JAX loop (the path on GPU/TPU, and before the native
+    CPU kernel), one problem."""
+    final, _, _ = sinkhorn._solve(scores, eps, num_iters, num_required, None, method="linear",
+                                  all_groups=False, native=False)
     return sinkhorn.minmax_normalize_rows(num_required * final[-1])
+
+
+def _stacked_target(scores, eps, num_iters, num_required):
+    """The solver on the whole stack in one vmapped call (the native kernel then gets all the
+    problems at once)."""
+    final, _, _ = jax.vmap(lambda s: sinkhorn._solve(s, eps, num_iters, num_required, None,
+                                                     method="linear", all_groups=False))(scores)
+    return jax.vmap(sinkhorn.minmax_normalize_rows)(num_required * final[:, -1])
+
+
+def _pairs(fn, stack):
+    """fn over a stack of problems, in pairs (lax.map over a vmap of 2); an even count."""
+    p, n, k = stack.shape
+    return jax.lax.map(jax.vmap(fn), stack.reshape(p // 2, 2, n, k)).reshape(p, n, k)
 
 
 def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, num_iters: int = 20,
@@ -143,8 +164,9 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
     as ``{variant}_seconds_per_problem`` etc. for the variants ``sk`` (the solver; its step
     returns the targets of the last ``batch_rows`` rows, as the loss uses them), ``sk_full``
     (the step returning all rows' targets), ``baseline`` (the log-domain solver, vmapped as the
-    loss called it), ``stacked`` (the linear-domain solver vmapped over the stack instead of
-    mapped) and ``dense`` (one problem).
+    loss called it), ``jax_linear`` (the linear domain as a pure-JAX loop, the path before the
+    native CPU kernel and on GPU/TPU; its step in pairs), ``stacked`` (the solver vmapped over
+    the whole stack instead of paired) and ``dense`` (one problem).
     """
     settings = dict(eps=eps, num_iters=num_iters, required_fraction=required_fraction)
     num_required = sinkhorn.num_required_slots(k, required_fraction)
@@ -161,8 +183,12 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
                                stack),
     }
     if stacked:
-        steps["stacked"] = compile_for(jax.vmap(functools.partial(_linear_target, **static)), stack)
-    per_problem = {"sk": lambda: solve_one(one)}
+        steps["stacked"] = compile_for(lambda s: _stacked_target(s, **static), stack)
+    # The pure-JAX linear-domain loop (before the native CPU kernel): one problem, and the step
+    # in pairs as multi_sinkhorn_batched solved it.
+    jax_one = compile_for(functools.partial(_jax_linear_target, **static), one)
+    steps["jax_linear"] = compile_for(lambda s: _pairs(functools.partial(_jax_linear_target, **static), s), stack)
+    per_problem = {"sk": lambda: solve_one(one), "jax_linear": lambda: jax_one(one)}
     if baseline:
         log_one = compile_for(functools.partial(_log_domain_target, **static), one)
         steps["baseline"] = compile_for(jax.vmap(functools.partial(_log_domain_target, **static)),
@@ -178,12 +204,18 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
     max_diff = {name: float(np.max(np.abs(np.asarray(fn()) - reference)))
                 for name, fn in per_problem.items() if name != "sk"}
 
-    seconds = time_side_by_side({f"{name}/problem": fn for name, fn in per_problem.items()}
-                                | {f"{name}/step": fn for name, fn in per_step.items()}, repeats)
+    timed = ({f"{name}/problem": fn for name, fn in per_problem.items()}
+             | {f"{name}/step": fn for name, fn in per_step.items()})
+    # Warm: one untimed call before each timed one (the dense solver's 255 MB would otherwise
+    # evict the others' working sets); cold: plain round-robin, reported alongside.
+    seconds = time_side_by_side(timed, repeats, warm_calls=1)
+    cold = time_side_by_side({name: timed[name] for name in ("sk/problem", "sk/step")}
+                             | ({"dense/problem": timed["dense/problem"]} if dense else {}), repeats)
     copy_bytes_per_second = copy_bandwidth()
 
-    # Bytes a solver must touch per iteration: read and write its state once.
-    state_bytes = {"sk": 2 * 2 * n * k * 4, "baseline": 2 * 2 * n * k * 4,
+    # Bytes a solver must touch per iteration: read and write its state once (the linear domain:
+    # x read and written, the fixed kernel read; the log domain: two matrices; dense: K x N x K).
+    state_bytes = {"sk": 3 * n * k * 4, "jax_linear": 3 * n * k * 4, "baseline": 2 * 2 * n * k * 4,
                    "dense": 2 * k * n * k * 4}
     results: dict = {
         "shape": dict(n=n, k=k, problems=problems, num_required=num_required, **settings),
@@ -191,6 +223,8 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
         "copy_gbps": copy_bytes_per_second / 1e9,
         "max_abs_diff_vs_sk": max_diff,
         "batch_rows": min(batch_rows, n),
+        "sk_cold_seconds_per_problem": cold["sk/problem"],
+        "sk_cold_seconds_per_step": cold["sk/step"],
     }
     for name in per_problem.keys() | per_step.keys():
         if f"{name}/problem" in seconds:
@@ -222,7 +256,8 @@ def format_sk(results: dict) -> str:
     rows = [("sk", f"Multi-SK solver; step returns last {results['batch_rows']} rows"),
             ("sk_full", "  same, step returns all rows' targets"),
             ("stacked", "  same, one vmap over the 12 (no pairs)"),
-            ("baseline", "log-domain solver (before), vmap"),
+            ("jax_linear", "linear domain as a JAX loop (GPU/TPU path)"),
+            ("baseline", "log-domain solver (first version), vmap"),
             ("dense", "dense K x N x K, float32")]
     base_problem = results.get("baseline_seconds_per_problem")
     base_step = results.get("baseline_seconds_per_step")
@@ -253,6 +288,11 @@ def format_sk(results: dict) -> str:
                  "stack (multi_sinkhorn_batched); peak: XLA arguments + outputs + temporaries")
     lines.append(f"copy bandwidth (numpy, 64 MiB, read + write): {results['copy_gbps']:.1f} GB/s; "
                  f"GB/s above = state bytes read + written once per iteration x iterations / time")
+    if "sk_cold_seconds_per_problem" in results:
+        lines.append(f"timed warm (one untimed call before each timed one); plain round-robin"
+                     f"{' with the dense solver' if 'dense_seconds_per_problem' in results else ''}: "
+                     f"{results['sk_cold_seconds_per_problem'] * 1e3:.2f} ms/problem, "
+                     f"{results['sk_cold_seconds_per_step'] * 1e3:.1f} ms/step")
     lines.append("max |target - sk target|: " + ", ".join(
         f"{name} {diff:.1e}" for name, diff in results["max_abs_diff_vs_sk"].items()))
     return "\n".join(lines)

@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msk_jax import kernels
+
 DAMPING = 1e-5
 """Added to every Sinkhorn denominator, as in the original implementation."""
 
@@ -61,6 +63,11 @@ LINEAR_MAX_LOGIT_SPREAD = 50.0
 log domain. The working values then stay above exp(-50) ~ 2e-22, far from float32's smallest
 normal number (1.2e-38 ~ exp(-87)); measured, the linear domain stays as accurate as the log
 domain up to spreads of about 80 and breaks down near 100 (BENCHMARKS.md)."""
+
+NATIVE_MIN_ROWS = 256
+"""Problems with at least this many rows use the native CPU kernel (:mod:`msk_jax.kernels`)
+where it is available; below, the JAX loop is as fast (measured: 0.27 vs 0.28 ms at N = 48,
+0.55 vs 0.56 ms at N = 300; 0.84 vs 0.96 ms at N = 576; BENCHMARKS.md)."""
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -133,9 +140,6 @@ def _validate(scores, eps: float, num_iters: int, batched: bool = False) -> None
         raise ValueError(f"Multi-SK: eps must be > 0, got {eps}.")
     if int(num_iters) < 0:
         raise ValueError(f"Multi-SK: num_iters must be >= 0, got {num_iters}.")
-    # Under jit the scores are abstract and NaN cannot be detected here; it then propagates.
-    if not isinstance(scores, jax.core.Tracer) and bool(jnp.isnan(scores).any()):
-        raise ValueError("Multi-SK: scores contain NaN.")
 
 
 # --- log domain (the fallback; exact for any scores and eps) ------------------------------------
@@ -156,9 +160,10 @@ def _log_marginal_error(log_a: jax.Array, log_counts: jax.Array, log_c: jax.Arra
                        jnp.maximum(jnp.max(jnp.abs(slot - 1.0)), jnp.max(jnp.abs(row - 1.0))))
 
 
-def _solve_log(scores, eps, num_iters, num_required, tol, all_groups=True):
+def _solve_log(scores, eps, num_iters, num_required, tol, all_groups=True, last_rows=None):
     """Multi-SK in the log domain. Returns the per-group matrices (G, N, K) after the final
-    renormalisation over anchors (linear scale), the iteration count and the final marginal error."""
+    renormalisation over anchors (linear scale; only the last rows if `last_rows`), the
+    iteration count and the final marginal error."""
     n, k = scores.shape
     groups = slot_groups(k, num_required)
     weights = jnp.array([g.weight for g in groups], jnp.float32)[:, None, None]
@@ -196,6 +201,8 @@ def _solve_log(scores, eps, num_iters, num_required, tol, all_groups=True):
 
     if not all_groups:
         log_a = log_a[-1:]
+    if last_rows is not None:
+        log_a = log_a[:, n - last_rows:]
     log_a = log_a - jax.nn.logsumexp(log_a, axis=2, keepdims=True)  # final, undamped
     return jnp.exp(log_a), iters, error
 
@@ -232,12 +239,16 @@ def _logit_spread(scores, eps, groups) -> jax.Array:
     return functools.reduce(jnp.maximum, tops) - functools.reduce(jnp.minimum, bottoms)
 
 
-def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True):
+def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True, last_rows=None,
+                  native=True):
     """Multi-SK with float32 scaling; same outputs as :func:`_solve_log`.
 
-    Valid when :func:`_logit_spread` <= LINEAR_MAX_LOGIT_SPREAD (the caller checks). One
-    iteration is one elementwise pass that updates x in place (reading x and the kernel), one
-    that forms x * kernel, and four matrix-vector products for the row and column sums.
+    Valid when :func:`_logit_spread` <= LINEAR_MAX_LOGIT_SPREAD (the caller checks). In JAX,
+    one iteration is one elementwise pass that updates x in place (reading x and the kernel),
+    one that forms x * kernel, and four matrix-vector products for the row and column sums. On
+    CPU, with the native kernel available (:mod:`msk_jax.kernels`), the iterations run as a
+    custom call that makes one pass per iteration instead (the required group only, no `tol`).
+    last_rows: return only the last rows of the group matrices. native=False: always the JAX loop.
     """
     n, k = scores.shape
     groups = slot_groups(k, num_required)
@@ -262,22 +273,25 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True):
     inv_eps = jnp.float32(1.0 / eps)
     top = functools.reduce(jnp.maximum, [g.weight * smax * inv_eps for g in groups])
     x = jnp.exp(base.weight * scores * inv_eps - top)
-    sum_b = matvec(x, ones_k)
-    if other is None:
-        r_b = jnp.full((n,), 1.0 / (count_b * jnp.sum(sum_b)), jnp.float32)
-        state = _LinearState(x, ones_k, r_b, r_b, vecmat(r_b, x), vecmat(r_b, x),
-                             sum_b * r_b, sum_b * r_b)
-    else:
+    kernel = gap = gap_top = None
+    if other is not None:
         gap = (other.weight - base.weight) * inv_eps
         gap_top = jnp.maximum(gap * smax, gap * smin)
         kernel = jnp.exp(gap * scores - gap_top)
+
+    def _initial_state(x) -> _LinearState:
+        sum_b = matvec(x, ones_k)
+        if other is None:
+            r_b = jnp.full((n,), 1.0 / (count_b * jnp.sum(sum_b)), jnp.float32)
+            return _LinearState(x, ones_k, r_b, r_b, vecmat(r_b, x), vecmat(r_b, x),
+                                sum_b * r_b, sum_b * r_b)
         weighted = x * kernel
         sum_o = matvec(weighted, ones_k)
         total = count_b * jnp.sum(sum_b) + count_o * jnp.exp(gap_top) * jnp.sum(sum_o)
         r_b = jnp.full((n,), 1.0 / total, jnp.float32)
         r_o = jnp.full((n,), jnp.exp(gap_top) / total, jnp.float32)
-        state = _LinearState(x, ones_k, r_b, r_o, vecmat(r_b, x), vecmat(r_o, weighted),
-                             sum_b * r_b, sum_o * r_o)
+        return _LinearState(x, ones_k, r_b, r_o, vecmat(r_b, x), vecmat(r_o, weighted),
+                            sum_b * r_b, sum_o * r_o)
 
     def iteration(s: _LinearState) -> _LinearState:
         alpha_b = c / (s.col_b + damping)                        # (a) per group and anchor
@@ -317,6 +331,38 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True):
         slot = sum(count * m for count, m in zip(counts, group_matrices(s)))
         return jnp.maximum(jnp.maximum(col, row), jnp.max(jnp.abs(slot - 1.0)))
 
+    def jax_loop(state):
+        return _linear_loop(state, iteration, marginal_error, num_iters, tol)
+
+    def finish(state):
+        # Final renormalisation over anchors (undamped), by the row sums the state carries.
+        finals = [m / row[:, None] for m, row in zip(group_matrices(state), [state.row_b, state.row_o])]
+        finals = jnp.stack(finals if all_groups else finals[-1:])
+        return finals if last_rows is None else finals[:, n - last_rows:]
+
+    if (native and tol is None and not all_groups and n >= NATIVE_MIN_ROWS
+            and kernels.multisk_available()):
+        def native(scores):
+            shifts = jnp.stack([top, gap_top, jnp.exp(gap_top)] if other else
+                               [top, jnp.float32(0), jnp.float32(1)]).astype(jnp.float32)
+            final, error = _native_solve(
+                scores, c, shifts, weight_b=base.weight, inv_eps=np.float32(1.0 / eps),
+                gap=np.float32(other.weight - base.weight) * np.float32(1.0 / eps) if other else 0.0,
+                count_b=base.count, count_o=other.count if other else 0, num_iters=num_iters,
+                last_rows=n if last_rows is None else last_rows)
+            return final[None], jnp.int32(num_iters), error
+
+        def portable(scores):
+            state, iters, error = jax_loop(_initial_state(x))
+            return finish(state), iters, error
+
+        return jax.lax.platform_dependent(scores, cpu=native, default=portable)
+    state, iters, error = jax_loop(_initial_state(x))
+    return finish(state), iters, error
+
+
+def _linear_loop(state, iteration, marginal_error, num_iters, tol):
+    """The linear-domain iterations in a while loop: (state, iterations, marginal error)."""
     if tol is None:
         state, iters = jax.lax.while_loop(lambda carry: carry[1] < num_iters,
                                           lambda carry: (iteration(carry[0]), carry[1] + 1),
@@ -331,27 +377,55 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True):
         state, iters, error = jax.lax.while_loop(
             lambda carry: (carry[1] < num_iters) & (carry[2] > tol), body,
             (state, jnp.int32(0), jnp.float32(jnp.inf)))
+    return state, iters, error
 
-    # Final renormalisation over anchors (undamped), by the row sums the state carries.
-    finals = [m / row[:, None] for m, row in zip(group_matrices(state), [state.row_b, state.row_o])]
-    return jnp.stack(finals if all_groups else finals[-1:]), iters, error
+
+_ROW_BLOCK = 16
+"""Rows per block of the native kernel's working layout, (ceil(N / 16), K, 16)."""
+
+
+def _native_solve(scores, c, shifts, *, weight_b, inv_eps, gap, count_b, count_o, num_iters,
+                  last_rows):
+    """:func:`_solve_linear` (required group, no tol) as the native CPU custom call
+    (:mod:`msk_jax.kernels`): (required group's last_rows rows (last_rows, K), marginal error).
+
+    shifts: (3,) top, gap_top, exp(gap_top). The call takes the exponentials itself and keeps
+    its two working matrices in a blocked layout; they are outputs of the call (so XLA
+    allocates them and counts them in the memory analysis) and are then dropped. Under vmap
+    the call receives the whole batch and solves its problems on parallel threads.
+    """
+    n, k = scores.shape
+    blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+    work = jax.ShapeDtypeStruct((blocks, k, _ROW_BLOCK), jnp.float32)
+    call = jax.ffi.ffi_call(
+        kernels.MULTISK_TARGET,
+        (work, work, jax.ShapeDtypeStruct((last_rows, k), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)),
+        vmap_method="broadcast_all")
+    _, _, final, error = call(scores, c, shifts, weight_b=np.float32(weight_b), inv_eps=np.float32(inv_eps),
+                              gap=np.float32(gap), count_b=np.float32(count_b), count_o=np.float32(count_o),
+                              num_iters=np.int64(num_iters), last_rows=np.int64(last_rows),
+                              threads=np.int64(kernels.threads()))
+    return final, error
 
 
 # --- dispatch -----------------------------------------------------------------------------------
 
-def _solve(scores, eps, num_iters, num_required, tol, method="auto", all_groups=True):
+def _solve(scores, eps, num_iters, num_required, tol, method="auto", all_groups=True, last_rows=None,
+           native=True):
     """The group matrices after the final renormalisation -- (G, N, K), or (1, N, K) for the
-    required slots only if not all_groups -- the iteration count and the marginal error.
-    method: "auto" (linear domain where safe, else log), "linear" or "log"."""
+    required slots only if not all_groups; the last `last_rows` rows only if set -- the
+    iteration count and the marginal error.
+    method: "auto" (linear domain where safe, else log), "linear" or "log". native=False: the
+    linear domain in JAX even where the native CPU kernel is available."""
     scores = jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
-    args = (eps, num_iters, num_required, tol, all_groups)
+    args = (eps, num_iters, num_required, tol, all_groups, last_rows)
     if method == "linear":
-        return _solve_linear(scores, *args)
+        return _solve_linear(scores, *args, native=native)
     if method == "log":
         return _solve_log(scores, *args)
     groups = slot_groups(scores.shape[1], num_required)
     safe = _logit_spread(scores, eps, groups) <= LINEAR_MAX_LOGIT_SPREAD
-    return jax.lax.cond(safe, lambda s: _solve_linear(s, *args), lambda s: _solve_log(s, *args),
+    return jax.lax.cond(safe, lambda s: _solve_linear(s, *args, native=native), lambda s: _solve_log(s, *args),
                         scores)
 
 
@@ -388,8 +462,8 @@ _STATIC = ("eps", "num_iters", "num_required", "tol", "method")
 
 def _target_one(scores, eps, num_iters, num_required, tol, method, last_rows=None) -> MultiSKResult:
     final, iters, error = _solve(scores, eps, num_iters, num_required, tol, method,
-                                 all_groups=False)
-    required = final[-1] if last_rows is None else final[-1, -last_rows:]
+                                 all_groups=False, last_rows=last_rows)
+    required = final[-1]
     # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
     return MultiSKResult(minmax_normalize_rows(num_required * required), iters, error)
 
@@ -398,7 +472,7 @@ def _target_one(scores, eps, num_iters, num_required, tol, method, last_rows=Non
 def _target(scores, eps, num_iters, num_required, tol, method="auto") -> MultiSKResult:
     solve = functools.partial(_target_one, eps=eps, num_iters=num_iters, num_required=num_required,
                               tol=tol, method=method)
-    return _per_problem(solve)(scores)
+    return _per_problem(solve)(scores), _has_nan(scores)
 
 
 _PAIR = 2
@@ -440,8 +514,8 @@ def _target_batched(scores, eps, num_iters, num_required, tol, method="auto",
     if paired < problems:
         results.append(solve(scores[paired:]))
     if len(results) == 1:
-        return results[0]
-    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *results)
+        return results[0], _has_nan(scores)
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *results), _has_nan(scores)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -453,7 +527,20 @@ def _assignment(scores, eps, num_iters, num_required, tol, method="auto") -> jax
         final, _, _ = _solve(scores, eps, num_iters, num_required, tol, method, all_groups=True)
         return final[slot_to_group]
 
-    return _per_problem(solve)(scores)
+    return _per_problem(solve)(scores), _has_nan(scores)
+
+
+def _has_nan(scores) -> jax.Array:
+    return jnp.isnan(scores).any()
+
+
+def _checked(outputs):
+    """The solver's output, after raising if the scores had NaN. Under an outer jit the flag is
+    abstract and NaN cannot be detected; it then propagates (and the flag is dropped)."""
+    result, has_nan = outputs
+    if not isinstance(has_nan, jax.core.Tracer) and bool(has_nan):
+        raise ValueError("Multi-SK: scores contain NaN.")
+    return result
 
 
 def _settings(scores, eps, num_iters, required_fraction, tol, batched=False) -> dict:
@@ -478,7 +565,7 @@ def multi_sinkhorn(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
     vmap-able over a leading stack of problems: a vmap solves the problems one after the other,
     with the results of single calls bit for bit; :func:`multi_sinkhorn_batched` is faster.
     """
-    return _target(scores, **_settings(scores, eps, num_iters, required_fraction, tol))
+    return _checked(_target(scores, **_settings(scores, eps, num_iters, required_fraction, tol)))
 
 
 def multi_sinkhorn_batched(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
@@ -499,7 +586,7 @@ def multi_sinkhorn_batched(scores: jax.Array, *, eps: float = 0.07, num_iters: i
     settings = _settings(scores, eps, num_iters, required_fraction, tol, batched=True)
     if last_rows is not None and not 1 <= int(last_rows) <= jnp.shape(scores)[1]:
         raise ValueError(f"Multi-SK: last_rows must be in [1, N={jnp.shape(scores)[1]}], got {last_rows}.")
-    return _target_batched(scores, **settings, last_rows=None if last_rows is None else int(last_rows))
+    return _checked(_target_batched(scores, **settings, last_rows=None if last_rows is None else int(last_rows)))
 
 
 def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
@@ -507,4 +594,4 @@ def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float = 0.07, num_iters
                               tol: float | None = None) -> jax.Array:
     """The full (K slots, N samples, K anchors) assignment tensor of Multi-SK (the original's
     `multi_sinkhorn`), a broadcast of the per-weight matrices. O(K^2 N) memory: small problems."""
-    return _assignment(scores, **_settings(scores, eps, num_iters, required_fraction, tol))
+    return _checked(_assignment(scores, **_settings(scores, eps, num_iters, required_fraction, tol)))
