@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax import sinkhorn
+from msk_jax import allocator, sinkhorn
 
 MB = 1e6
 
@@ -246,7 +246,8 @@ def _machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{model}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
+    allocator_name = "tcmalloc" if allocator.tcmalloc_loaded() else "system malloc"
+    return (f"{model}, {os.cpu_count()} CPUs, {allocator_name}; jax {jax.__version__} on "
             f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
 
@@ -495,4 +496,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc()
     sys.exit(main())

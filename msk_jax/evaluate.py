@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import convert, evaluation, metric_writers, train
+from msk_jax import allocator, convert, evaluation, metric_writers, train
 from msk_jax.data.features import DataError
 
 FLAGS = flags.FLAGS
@@ -192,5 +192,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc()
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from msk_jax import allocator
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file (a configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go (resumes if present).")
@@ -52,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc()
     app.run(main)
