@@ -342,21 +342,22 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True, la
 
     if (native and tol is None and not all_groups and n >= NATIVE_MIN_ROWS
             and kernels.multisk_available()):
-        def native(scores):
+        def on_cpu(scores):  # the native kernel takes the exponentials itself
             shifts = jnp.stack([top, gap_top, jnp.exp(gap_top)] if other else
                                [top, jnp.float32(0), jnp.float32(1)]).astype(jnp.float32)
+            inv_eps32 = np.float32(1.0 / eps)
             final, error = _native_solve(
-                scores, c, shifts, weight_b=base.weight, inv_eps=np.float32(1.0 / eps),
-                gap=np.float32(other.weight - base.weight) * np.float32(1.0 / eps) if other else 0.0,
+                scores, c, shifts, weight_b=base.weight, inv_eps=inv_eps32,
+                gap=np.float32(other.weight - base.weight) * inv_eps32 if other else 0.0,
                 count_b=base.count, count_o=other.count if other else 0, num_iters=num_iters,
                 last_rows=n if last_rows is None else last_rows)
             return final[None], jnp.int32(num_iters), error
 
-        def portable(scores):
+        def elsewhere(_):
             state, iters, error = jax_loop(_initial_state(x))
             return finish(state), iters, error
 
-        return jax.lax.platform_dependent(scores, cpu=native, default=portable)
+        return jax.lax.platform_dependent(scores, cpu=on_cpu, default=elsewhere)
     state, iters, error = jax_loop(_initial_state(x))
     return finish(state), iters, error
 

@@ -111,8 +111,13 @@ def multisk_available() -> bool:
 
 
 def threads() -> int:
-    """Threads the Multi-SK kernel may use: ``MSK_JAX_SK_THREADS``, else the CPU count (<= 16)."""
+    """Threads the Multi-SK kernel may use: ``MSK_JAX_SK_THREADS``, else the CPUs this process may
+    run on (at most 16)."""
     value = os.environ.get("MSK_JAX_SK_THREADS")
     if value:
         return max(1, int(value))
-    return max(1, min(16, os.cpu_count() or 1))
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(16, available))
