@@ -92,8 +92,10 @@ def build(compiler: str) -> Path:
 
 @functools.cache
 def multisk_available() -> bool:
-    """Builds (once per process) and registers the Multi-SK CPU kernel; False if unavailable."""
-    if not enabled():
+    """Builds (once per process) and registers the Multi-SK CPU kernel; False if unavailable.
+
+    Only where JAX computes on the CPU (on GPU/TPU hosts the solver runs on the accelerator)."""
+    if not enabled() or jax.default_backend() != "cpu":
         return False
     compiler = _compiler()
     if compiler is None:
