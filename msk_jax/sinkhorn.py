@@ -23,7 +23,10 @@ work per iteration. Two implementations compute the same numbers:
   original scale. The second group is stored as the first one times a fixed kernel and
   row/column scalings, so an iteration is one elementwise pass that updates one N x K matrix in
   place, one that forms its product with the kernel, and four matrix-vector products for the
-  row and column sums; see :func:`_solve_linear`.
+  row and column sums; see :func:`_solve_linear`. On CPU, problems of at least
+  :data:`NATIVE_MIN_ROWS` rows run these iterations in a native kernel instead
+  (:mod:`msk_jax.kernels`, ``multisk_cpu.cc``): the same float32 expressions, one fused pass
+  over the matrices per iteration.
 * the log domain (the fallback): ``logsumexp`` for every sum, the damping reproduced as
   ``logaddexp(lse, log 1e-5)``. It is exact for any score magnitude and any eps > 0, and used
   when the spread of the logits ``w * S / eps`` exceeds :data:`LINEAR_MAX_LOGIT_SPREAD`, where
@@ -279,7 +282,7 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True, la
         gap_top = jnp.maximum(gap * smax, gap * smin)
         kernel = jnp.exp(gap * scores - gap_top)
 
-    def _initial_state(x) -> _LinearState:
+    def initial_state(x) -> _LinearState:
         sum_b = matvec(x, ones_k)
         if other is None:
             r_b = jnp.full((n,), 1.0 / (count_b * jnp.sum(sum_b)), jnp.float32)
@@ -354,11 +357,11 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True, la
             return final[None], jnp.int32(num_iters), error
 
         def elsewhere(_):
-            state, iters, error = jax_loop(_initial_state(x))
+            state, iters, error = jax_loop(initial_state(x))
             return finish(state), iters, error
 
         return jax.lax.platform_dependent(scores, cpu=on_cpu, default=elsewhere)
-    state, iters, error = jax_loop(_initial_state(x))
+    state, iters, error = jax_loop(initial_state(x))
     return finish(state), iters, error
 
 
