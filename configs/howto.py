@@ -80,7 +80,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.youcook2_complete_size = 3350
     data.eval_video_tokens = 0     # 0: the format's (48 MSR-VTT, 72 YouCook2)
     data.eval_audio_frames = 0     # 0: the format's (3072 MSR-VTT, 4608 YouCook2)
-    # source="demo": where the demo corpus is built (default ~/.cache/msk_jax/demo_corpus).
+    # source="demo": where the demo corpus is built (default ~/.cache/msk_jax/demo_corpus, or
+    # $MSK_JAX_CACHE_DIR/demo_corpus).
     data.demo_dir = ""
     data.demo_size = "default"     # or "tiny"
     return data

@@ -426,12 +426,12 @@ def _cli_step(args: argparse.Namespace) -> dict:
 def run_pipeline(corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
                  batches: int = 30, workers: tuple[int, ...] = (1, 2), feature_dim: int = 128) -> dict:
     """Clips/s of the training pipeline on the demo corpus (built if needed), per worker count."""
-    from msk_jax.data.demo_corpus import build_demo_corpus
+    from msk_jax.data.demo_corpus import build_demo_corpus, default_root
     from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
     from msk_jax.data.pipeline import TrainingPipeline
     from msk_jax.data.word2vec import load_word2vec_binary
 
-    root = corpus_dir or os.path.join(os.path.expanduser("~"), ".cache", "msk_jax", "demo_corpus")
+    root = corpus_dir or default_root()
     paths = build_demo_corpus(root, size=size, feature_dim=feature_dim, progress=False)
     source = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio,
                              load_word2vec_binary(paths.word_vectors), features_3d=paths.features_3d,

@@ -61,9 +61,9 @@ def _require(path: str, what: str, field: str) -> str:
 
 def demo_paths(config):
     """Builds the demo corpus if needed (cached) and returns its paths."""
-    from msk_jax.data.demo_corpus import build_demo_corpus
+    from msk_jax.data.demo_corpus import build_demo_corpus, default_root
 
-    root = config.data.demo_dir or os.path.join(os.path.expanduser("~"), ".cache", "msk_jax", "demo_corpus")
+    root = config.data.demo_dir or default_root()
     return build_demo_corpus(root, size=config.data.demo_size,
                              feature_dim=config.data.dim_2d, progress=jax.process_index() == 0)
 

@@ -41,6 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
+from msk_jax import environment
 from msk_jax.data.audio import SAMPLE_RATE, log_mel_spectrogram, resample
 from msk_jax.data.word2vec import save_word2vec_binary
 
@@ -599,6 +600,12 @@ def _meta(settings: dict, src: Sources, train: dict, msrvtt_split: tuple, youcoo
         "build_seconds": round(seconds, 2),
         "complete": True,
     }
+
+
+def default_root(name: str = "demo_corpus") -> str:
+    """Where the corpus is built unless told otherwise: ``<msk_jax cache>/<name>``
+    (``$MSK_JAX_CACHE_DIR``, default ``~/.cache/msk_jax``)."""
+    return str(environment.cache_dir() / name)
 
 
 def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, feature_dim: int = 128,

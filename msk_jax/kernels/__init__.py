@@ -4,7 +4,7 @@
 (see :func:`msk_jax.sinkhorn._solve_linear`, whose pure-JAX loop stays the path on GPU/TPU and
 wherever the kernel is unavailable). It is built with the system C++ compiler (``$CXX`` or
 ``g++``/``c++``) against the XLA FFI headers that ship with jaxlib, into
-``$MSK_JAX_CACHE_DIR`` (default ``~/.cache/msk_jax``), keyed by a hash of the source, the
+:func:`msk_jax.environment.cache_dir` (``$MSK_JAX_CACHE_DIR``, default ``~/.cache/msk_jax``), keyed by a hash of the source, the
 compiler flags, the jaxlib version and the CPU, so a rebuild happens only when one of them
 changes. Concurrent processes build to private files and rename atomically.
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import jax
 
+from msk_jax import environment
+
 MULTISK_TARGET = "msk_multisk_linear"
 """Name of the Multi-SK custom call (CPU)."""
 
@@ -36,19 +38,11 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", 
 log = logging.getLogger(__name__)
 
 
-def enabled() -> bool:
-    """Whether native kernels may be used (``MSK_JAX_NATIVE`` is not 0/false/off)."""
-    return os.environ.get("MSK_JAX_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MSK_JAX_CACHE_DIR", Path.home() / ".cache" / "msk_jax"))
-
-
 def _compiler() -> str | None:
     for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
+        found = shutil.which(candidate) if candidate else None
+        if found:
+            return found
     return None
 
 
@@ -70,7 +64,7 @@ def build(compiler: str) -> Path:
     key = hashlib.sha256("\0".join([
         _SOURCE.read_text(), " ".join(_FLAGS), compiler, jaxlib.__version__, _cpu_signature(),
     ]).encode()).hexdigest()[:16]
-    out_dir = cache_dir()
+    out_dir = environment.cache_dir()
     library = out_dir / f"multisk_cpu-{key}.so"
     if library.exists():
         return library
@@ -95,7 +89,7 @@ def multisk_available() -> bool:
     """Builds (once per process) and registers the Multi-SK CPU kernel; False if unavailable.
 
     Only where JAX computes on the CPU (on GPU/TPU hosts the solver runs on the accelerator)."""
-    if not enabled() or jax.default_backend() != "cpu":
+    if not environment.switched_on("MSK_JAX_NATIVE") or jax.default_backend() != "cpu":
         return False
     compiler = _compiler()
     if compiler is None:
