@@ -126,32 +126,13 @@ def dense_multi_sinkhorn(scores: jax.Array, eps: float, num_iters: int,
     return sinkhorn.minmax_normalize_rows(jnp.sum(a[k - r:], axis=0))
 
 
-def _log_domain_target(scores, eps, num_iters, num_required):
-    """The solver before this benchmark existed: log domain, one problem."""
-    final, _, _ = sinkhorn._solve(scores, eps, num_iters, num_required, None, method="log")
+def _target(scores, eps, num_iters, num_required, method, native=True):
+    """One problem's target from the solver's internals, for the variants the public functions
+    do not select: method "log" (the first version), or "linear" with native=False (the
+    pure-JAX loop: the path on GPU/TPU, and on CPU before the native kernel)."""
+    final, _, _ = sinkhorn._solve(scores, eps, num_iters, num_required, None, method=method,
+                                  all_groups=False, native=native)
     return sinkhorn.minmax_normalize_rows(num_required * final[-1])
-
-
-def _jax_linear_target(scores, eps, num_iters, num_required):
-    """The linear-domain solver as a pure-JAX loop (the path on GPU/TPU, and before the native
-    CPU kernel), one problem."""
-    final, _, _ = sinkhorn._solve(scores, eps, num_iters, num_required, None, method="linear",
-                                  all_groups=False, native=False)
-    return sinkhorn.minmax_normalize_rows(num_required * final[-1])
-
-
-def _stacked_target(scores, eps, num_iters, num_required):
-    """The solver on the whole stack in one vmapped call (the native kernel then gets all the
-    problems at once)."""
-    final, _, _ = jax.vmap(lambda s: sinkhorn._solve(s, eps, num_iters, num_required, None,
-                                                     method="linear", all_groups=False))(scores)
-    return jax.vmap(sinkhorn.minmax_normalize_rows)(num_required * final[:, -1])
-
-
-def _pairs(fn, stack):
-    """fn over a stack of problems, in pairs (lax.map over a vmap of 2); an even count."""
-    p, n, k = stack.shape
-    return jax.lax.map(jax.vmap(fn), stack.reshape(p // 2, 2, n, k)).reshape(p, n, k)
 
 
 def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, num_iters: int = 20,
@@ -182,17 +163,18 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
         "sk_full": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(s, **settings).target,
                                stack),
     }
-    if stacked:
-        steps["stacked"] = compile_for(lambda s: _stacked_target(s, **static), stack)
+    if stacked:  # one vmap: the native kernel then gets all the problems in one call
+        steps["stacked"] = compile_for(jax.vmap(functools.partial(_target, **static, method="linear")), stack)
     # The pure-JAX linear-domain loop (before the native CPU kernel): one problem, and the step
     # in pairs as multi_sinkhorn_batched solved it.
-    jax_one = compile_for(functools.partial(_jax_linear_target, **static), one)
-    steps["jax_linear"] = compile_for(lambda s: _pairs(functools.partial(_jax_linear_target, **static), s), stack)
+    jax_linear = functools.partial(_target, **static, method="linear", native=False)
+    jax_one = compile_for(jax_linear, one)
+    steps["jax_linear"] = compile_for(lambda s: sinkhorn.map_in_pairs(jax.vmap(jax_linear), s), stack)
     per_problem = {"sk": lambda: solve_one(one), "jax_linear": lambda: jax_one(one)}
     if baseline:
-        log_one = compile_for(functools.partial(_log_domain_target, **static), one)
-        steps["baseline"] = compile_for(jax.vmap(functools.partial(_log_domain_target, **static)),
-                                        stack)
+        log_domain = functools.partial(_target, **static, method="log")
+        log_one = compile_for(log_domain, one)
+        steps["baseline"] = compile_for(jax.vmap(log_domain), stack)
         per_problem["baseline"] = lambda: log_one(one)
     if dense:
         dense_one = compile_for(functools.partial(dense_multi_sinkhorn, **settings), one)

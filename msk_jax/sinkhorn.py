@@ -509,17 +509,24 @@ def _target_batched(scores, eps, num_iters, num_required, tol, method="auto",
     solve = functools.partial(_target_group, eps=eps, num_iters=num_iters,
                               num_required=num_required, tol=tol, method=method,
                               last_rows=last_rows)
-    problems, n, k = scores.shape
+    return map_in_pairs(solve, scores), _has_nan(scores)
+
+
+def map_in_pairs(solve_group, stack):
+    """solve_group over a (P, ...) stack, two problems at a time (``lax.map`` over pairs; an
+    odd last problem alone). solve_group takes a (G, ...) group and returns a pytree of (G, ...)
+    arrays; the result stacks them back to (P, ...)."""
+    problems = stack.shape[0]
     paired = problems - problems % _PAIR
     results = []
     if paired:
-        pairs = jax.lax.map(solve, scores[:paired].reshape(paired // _PAIR, _PAIR, n, k))
+        pairs = jax.lax.map(solve_group, stack[:paired].reshape(paired // _PAIR, _PAIR, *stack.shape[1:]))
         results.append(jax.tree.map(lambda a: a.reshape(paired, *a.shape[2:]), pairs))
     if paired < problems:
-        results.append(solve(scores[paired:]))
+        results.append(solve_group(stack[paired:]))
     if len(results) == 1:
-        return results[0], _has_nan(scores)
-    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *results), _has_nan(scores)
+        return results[0]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *results)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
