@@ -190,61 +190,52 @@ class ColumnSums {
   double *out_b_ = nullptr, *out_o_ = nullptr;
 };
 
-// Steps (b) and (c) on one block of 16 rows with two slot groups (sinkhorn._solve_linear's
-// `iteration`), the block's contribution to the column sums accumulated on the way.
-template <int KC>
+// Steps (b) and (c) on one block of 16 rows (sinkhorn._solve_linear's `iteration`), the block's
+// contribution to the column sums accumulated on the way. kTwoGroups = false: one slot group
+// (R = K), where the kernel, u and the other group's sums are not used.
+template <int KC, bool kTwoGroups>
 inline void IterateBlock(float* __restrict xb, const float* __restrict kb, const float* alpha_b,
                          const float* u, float* __restrict scaled, Problem& p, int64_t row0,
                          const Settings& s, ColumnSums& cols) {
   const int64_t k = KC > 0 ? KC : s.k;
   const Lanes rb = Load(&p.r_b[row0]);
-  const Lanes ratio = Load(&p.r_o[row0]) / rb;
+  const Lanes ratio = kTwoGroups ? Load(&p.r_o[row0]) / rb : Lanes{};
   Lanes sb[4] = {}, so[4] = {};
   for (int64_t j = 0; j < k; ++j) {
-    const Lanes xv = Load(xb + j * kLanes), kv = Load(kb + j * kLanes);
-    const Lanes a_b = xv * (rb * alpha_b[j]);                                             // (b)
-    const Lanes slots = s.count_b + (s.count_o * (kv * u[j])) * ratio;
-    const Lanes xn = a_b / (a_b * slots + kDamping);
-    const Lanes sc = xn * kv;
-    Store(xb + j * kLanes, xn);
-    Store(scaled + j * kLanes, sc);
-    sb[j & 3] += xn;
-    so[j & 3] += sc * u[j];
+    const Lanes a_b = Load(xb + j * kLanes) * (rb * alpha_b[j]);                          // (b)
+    if constexpr (kTwoGroups) {
+      const Lanes kv = Load(kb + j * kLanes);
+      const Lanes slots = s.count_b + (s.count_o * (kv * u[j])) * ratio;
+      const Lanes xn = a_b / (a_b * slots + kDamping);
+      const Lanes sc = xn * kv;
+      Store(xb + j * kLanes, xn);
+      Store(scaled + j * kLanes, sc);
+      sb[j & 3] += xn;
+      so[j & 3] += sc * u[j];
+    } else {
+      const Lanes xn = a_b / (s.count_b * a_b + kDamping);
+      Store(xb + j * kLanes, xn);
+      sb[j & 3] += xn;
+    }
   }
   const Lanes sum_b = (sb[0] + sb[1]) + (sb[2] + sb[3]);                                 // (c)
-  const Lanes sum_o = ((so[0] + so[1]) + (so[2] + so[3])) * ratio;
-  const Lanes r_b = 1.0f / (sum_b + kDamping);
-  const Lanes r_o = ratio / (sum_o + kDamping);
-  Store(&p.r_b[row0], r_b);
-  Store(&p.r_o[row0], r_o);
-  Store(&p.row_b[row0], sum_b * r_b);
-  Store(&p.row_o[row0], sum_o / (sum_o + kDamping));
-  for (int64_t j = 0; j < k; ++j) {
-    cols.b(j) += r_b * Load(xb + j * kLanes);
-    cols.o(j) += r_o * Load(scaled + j * kLanes);
-  }
-}
-
-// The same with one slot group (R = K).
-template <int KC>
-inline void IterateBlockOneGroup(float* __restrict xb, const float* alpha_b, Problem& p,
-                                 int64_t row0, const Settings& s, ColumnSums& cols) {
-  const int64_t k = KC > 0 ? KC : s.k;
-  const Lanes rb = Load(&p.r_b[row0]);
-  Lanes sb[4] = {};
-  for (int64_t j = 0; j < k; ++j) {
-    const Lanes a_b = Load(xb + j * kLanes) * (rb * alpha_b[j]);
-    const Lanes xn = a_b / (s.count_b * a_b + kDamping);
-    Store(xb + j * kLanes, xn);
-    sb[j & 3] += xn;
-  }
-  const Lanes sum_b = (sb[0] + sb[1]) + (sb[2] + sb[3]);
   const Lanes r_b = 1.0f / (sum_b + kDamping);
   Store(&p.r_b[row0], r_b);
-  Store(&p.r_o[row0], r_b);
   Store(&p.row_b[row0], sum_b * r_b);
-  Store(&p.row_o[row0], sum_b * r_b);
-  for (int64_t j = 0; j < k; ++j) cols.b(j) += r_b * Load(xb + j * kLanes);
+  if constexpr (kTwoGroups) {
+    const Lanes sum_o = ((so[0] + so[1]) + (so[2] + so[3])) * ratio;
+    const Lanes r_o = ratio / (sum_o + kDamping);
+    Store(&p.r_o[row0], r_o);
+    Store(&p.row_o[row0], sum_o / (sum_o + kDamping));
+    for (int64_t j = 0; j < k; ++j) {
+      cols.b(j) += r_b * Load(xb + j * kLanes);
+      cols.o(j) += r_o * Load(scaled + j * kLanes);
+    }
+  } else {
+    Store(&p.r_o[row0], r_b);
+    Store(&p.row_o[row0], sum_b * r_b);
+    for (int64_t j = 0; j < k; ++j) cols.b(j) += r_b * Load(xb + j * kLanes);
+  }
 }
 
 template <int KC>
@@ -336,10 +327,11 @@ void SolveRows(Problem& p, const Settings& s, int member) {
     cols.Start(p.Partial(parity, member, 0, k), p.Partial(parity, member, 1, k));
     for (int64_t b = begin; b < end; ++b) {
       if (s.two_groups) {
-        IterateBlock<KC>(x + b * block_size, kern + b * block_size, alpha_b.data(), u_next.data(),
-                         scaled.data(), p, b * kLanes, s, cols);
+        IterateBlock<KC, true>(x + b * block_size, kern + b * block_size, alpha_b.data(),
+                               u_next.data(), scaled.data(), p, b * kLanes, s, cols);
       } else {
-        IterateBlockOneGroup<KC>(x + b * block_size, alpha_b.data(), p, b * kLanes, s, cols);
+        IterateBlock<KC, false>(x + b * block_size, nullptr, alpha_b.data(), nullptr, nullptr, p,
+                                b * kLanes, s, cols);
       }
       cols.BlockDone(b + 1 == end);
     }
