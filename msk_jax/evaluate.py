@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, convert, evaluation, metric_writers, train
+from msk_jax import allocator, convert, evaluation, metric_writers, storage, train
+from msk_jax.checkpoints import CheckpointError
 from msk_jax.data.features import DataError
 
 FLAGS = flags.FLAGS
@@ -41,30 +42,35 @@ flags.DEFINE_float("poll_seconds", 30.0, "With --watch: how often to look for ne
 flags.DEFINE_float("idle_timeout", 3600.0, "With --watch: stop after this long without a new checkpoint.")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, read, or does not fit the configured model."""
-
-
 def locate(path: str) -> tuple[str, str, int | None]:
-    """(workdir, checkpoints folder, step or None for the latest) for any accepted --checkpoint."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    """(workdir, checkpoints folder, step or None for the latest) for any accepted --checkpoint
+    (a local path or a URL such as gs://bucket/run)."""
+    path = os.fspath(storage.path(path))
+    if not storage.exists(path):
         raise CheckpointError(f"checkpoint path '{path}' does not exist.")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return path, os.path.join(path, "checkpoints"), None
-    if re.fullmatch(r"\d+", os.path.basename(path)):
-        folder = os.path.dirname(path)
-        return os.path.dirname(folder), folder, int(os.path.basename(path))
-    if os.path.basename(path) == "checkpoints":
-        return os.path.dirname(path), path, None
+    name, parent = storage.path(path).name, os.fspath(storage.path(path).parent)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return path, storage.join(path, "checkpoints"), None
+    if re.fullmatch(r"\d+", name):
+        return os.fspath(storage.path(parent).parent), parent, int(name)
+    if name == "checkpoints":
+        return parent, path, None
     raise CheckpointError(f"'{path}' is not a training workdir, a checkpoints/ folder or a step folder.")
 
 
+def _manager(folder: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
+
+
 def finished_steps(folder: str) -> list[int]:
-    """Steps whose checkpoint is complete (Orbax renames a checkpoint into place when done)."""
-    if not os.path.isdir(folder):
+    """Steps whose checkpoint is complete (Orbax marks a checkpoint complete when done: on disk
+    by renaming it into place, in a bucket with a commit marker)."""
+    if not storage.isdir(folder):
         return []
-    return sorted(int(n) for n in os.listdir(folder) if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+    with _manager(folder) as manager:
+        return sorted(manager.all_steps(read=True))
 
 
 def _check_shapes(restored, template, what: str) -> None:
@@ -80,7 +86,7 @@ def _check_shapes(restored, template, what: str) -> None:
 def final_step(folder: str, step: int) -> int | None:
     """The run's last step, from the checkpoint's metadata (None if unknown)."""
     try:
-        with ocp.CheckpointManager(folder, item_names=("state", "meta")) as manager:
+        with _manager(folder) as manager:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return int(meta.get("num_train_steps"))
     except Exception:  # metadata is informational here
@@ -95,7 +101,7 @@ def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: 
     step = steps[-1] if step is None else step
     if step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in '{folder}' (have {steps}).")
-    with ocp.CheckpointManager(folder, item_names=("state", "meta")) as manager:
+    with _manager(folder) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     params = restored.get("ema_params") if weights == "ema" else None
     if params is None:
@@ -106,10 +112,10 @@ def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: 
 
 
 def load_torch_weights(path: str, template: dict) -> dict:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(f"PyTorch checkpoint '{path}' does not exist.")
     if path.endswith(".npz"):
-        with np.load(path) as data:
+        with np.load(storage.local_or_buffer(path)) as data:
             state = {k.removeprefix("param/"): data[k] for k in data.files if not k.startswith(("input/", "eval/", "train/"))
                      and k != "config_json"}
     else:
@@ -147,20 +153,20 @@ def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: s
     model = train.build_model(config)
     template = model_template(model, config, words.dim)
     if torch_checkpoint:
-        out = output_dir or os.path.dirname(os.path.abspath(torch_checkpoint))
-        writer = metric_writers.TensorBoardWriter(os.path.join(out, "tensorboard"))
+        out = output_dir or os.fspath(storage.path(torch_checkpoint).parent)
+        writer = metric_writers.TensorBoardWriter(storage.join(out, "tensorboard"))
         variables = load_torch_weights(torch_checkpoint, template)
         return {0: evaluate_once(config, model, evals, variables, 0, out, writer)}
     workdir, folder, step = locate(checkpoint)
     out = output_dir or workdir
-    writer = metric_writers.TensorBoardWriter(os.path.join(out, "tensorboard"))
+    writer = metric_writers.TensorBoardWriter(storage.join(out, "tensorboard"))
     if not watch:
         variables, step = load_msk_checkpoint(folder, step, template, weights)
         return {step: evaluate_once(config, model, evals, variables, step, out, writer)}
     done, results, last_new = set(), {}, time.monotonic()
     while time.monotonic() - last_new < idle_timeout:
         for s in finished_steps(folder):
-            if s in done or os.path.exists(os.path.join(out, "eval", f"step_{s}.json")):
+            if s in done or storage.exists(storage.join(out, "eval", f"step_{s}.json")):
                 done.add(s)
                 continue
             try:

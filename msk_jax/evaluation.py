@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax import retrieval
+from msk_jax import retrieval, storage
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.data.features import l2_normalize_rows
 from msk_jax.data.pipeline import MODEL_KEYS
@@ -112,14 +111,10 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
 
 def write_json(results: Mapping, workdir: str, step: int) -> str:
-    """Writes `<workdir>/eval/step_<step>.json` (atomically) and returns its path."""
-    folder = os.path.join(workdir, "eval")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step_{step}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    """Writes `<workdir>/eval/step_<step>.json` (atomically; workdir local or a URL) and returns
+    its path."""
+    path = storage.join(workdir, "eval", f"step_{step}.json")
+    storage.write_atomic(path, json.dumps(results, indent=2))
     return path
 
 

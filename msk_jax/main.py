@@ -43,12 +43,12 @@ def main(argv):
                           process_id=FLAGS.process_id)
         jax.distributed.initialize(**kwargs)
 
-    from msk_jax import train
+    from msk_jax import checkpoints, train
     from msk_jax.data.features import DataError
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (FileNotFoundError, train.NonFiniteLossError, DataError) as err:
+    except (FileNotFoundError, train.NonFiniteLossError, DataError, checkpoints.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
 

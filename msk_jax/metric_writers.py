@@ -1,7 +1,9 @@
 """Metric writers: TensorBoard event files, a JSON-lines log and the terminal; progress reports.
 
-(clu's writers need TensorFlow; these write TensorBoard events with the `tensorboard` package.)
-Only process 0 writes files: other processes get a terminal-only writer.
+(clu's writers need TensorFlow; these write TensorBoard event records with the `tensorboard`
+package.) Files go to a local folder or a bucket (`msk_jax.storage`). Only process 0 writes
+files: other processes get a terminal-only writer. `flush()` makes what was written durable (in
+a bucket: uploads it); the training loop flushes at log and checkpoint steps.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 from typing import Mapping
+
+from msk_jax import storage
 
 
 class MetricWriter:
@@ -45,8 +50,7 @@ class JsonlWriter(MetricWriter):
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = open(path, "a")
+        self._file = storage.AppendableFile(path)
 
     def write_scalars(self, step, scalars):
         self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
@@ -59,19 +63,27 @@ class JsonlWriter(MetricWriter):
 
 
 class TensorBoardWriter(MetricWriter):
-    """Scalar summaries in TensorBoard event files."""
+    """Scalar summaries in a TensorBoard event file (one new file per writer, as TensorBoard's
+    own writers do; TensorBoard reads all files of the folder)."""
 
     def __init__(self, logdir: str):
         from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
         self._event, self._summary = event_pb2, summary_pb2
-        self._writer = EventFileWriter(logdir)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+        self.path = storage.join(logdir, name)
+        self._file = storage.AppendableFile(self.path)
+        self._writer = RecordWriter(self._file)
+        self._write_event(self._event.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write_event(self, event) -> None:
+        self._writer.write(event.SerializeToString())
 
     def write_scalars(self, step, scalars):
         values = [self._summary.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-        self._writer.add_event(self._event.Event(wall_time=time.time(), step=int(step),
-                                                 summary=self._summary.Summary(value=values)))
+        self._write_event(self._event.Event(wall_time=time.time(), step=int(step),
+                                            summary=self._summary.Summary(value=values)))
 
     def flush(self):
         self._writer.flush()
@@ -103,13 +115,13 @@ def create_default_writer(workdir: str, just_logging: bool, log_keys: tuple[str,
     when `just_logging` (processes other than 0)."""
     if just_logging:
         return LoggingWriter(log_keys)
-    return MultiWriter([LoggingWriter(log_keys), TensorBoardWriter(os.path.join(workdir, "tensorboard")),
-                        JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    return MultiWriter([LoggingWriter(log_keys), TensorBoardWriter(storage.join(workdir, "tensorboard")),
+                        JsonlWriter(storage.join(workdir, "metrics.jsonl"))])
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a JSON-lines log (a local path or a URL)."""
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
 
 
 class ReportProgress:

@@ -8,15 +8,16 @@ run continues with exactly the losses an uninterrupted one has.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import os
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax import checkpoints, evaluation, metric_writers, sharding, train_step
+from msk_jax import checkpoints, evaluation, metric_writers, sharding, storage, train_step
 from msk_jax.data import eval_sets as eval_data
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
 from msk_jax.data.pipeline import TrainingPipeline
@@ -54,7 +55,7 @@ def clip_settings(config) -> ClipSettings:
 def _require(path: str, what: str, field: str) -> str:
     if not path:
         raise FileNotFoundError(f"config.data.{field} is not set: the path of {what}; {README_DATA}.")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"config.data.{field}='{path}' ({what}) does not exist; {README_DATA}.")
     return path
 
@@ -203,18 +204,37 @@ def _gather_positions(pipeline: TrainingPipeline) -> list[dict]:
              "process_count": jax.process_count()} for i, (e, p) in enumerate(rows)]
 
 
-class _Preemption:
-    """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Preemption:
+    """SIGTERM -> checkpoint and stop at a step boundary, on every process at the same step.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes (a pod, SLURM): the
+    hosts are told at different steps, so they agree through JAX's preemption sync point (the
+    coordination service catches SIGTERM on any host and picks one step for all); `reached`
+    must then be called at every step with the same step number on every process, and no
+    Python SIGTERM handler may replace JAX's."""
 
     def __init__(self):
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+        self.multihost = jax.process_count() > 1
+        self._requested, self._previous = False, None
+        if not self.multihost:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread
+                pass
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call once per step, on every process)."""
+        if self.multihost:
+            from jax.experimental import multihost_utils
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self._requested
 
     def restore(self):
         if self._previous is not None:
@@ -226,7 +246,7 @@ class _Preemption:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains per `config`, checkpointing into and resuming from `workdir`; returns the final
     evaluation results ({dataset: {direction: metrics}}), empty without evaluation sets."""
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, log_keys=LOG_KEYS)
     model = build_model(config)
@@ -252,8 +272,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 workers=config.data.workers, prefetch=config.data.prefetch)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+    try:
+        resumed = checkpointer.restore_latest(state, json.loads(config.to_json()),
+                                              warn=_warn if is_main else lambda message: None)
+    except checkpoints.CheckpointError:
+        pipeline.close()
+        checkpointer.close()
+        raise
+    if resumed is not None:
+        state, meta, _ = resumed
         pipeline.restore(meta["input"][jax.process_index()])
         if is_main:
             print(f"resumed from step {int(sharding.to_host(state.step))} in {checkpointer.directory}", flush=True)
@@ -277,7 +304,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return results
 
     progress = metric_writers.ReportProgress(num_steps, every_steps=config.log_every_steps)
-    preemption = _Preemption()
+    preemption = Preemption()
     accumulated: dict[str, list[float]] = {}
     step = int(sharding.to_host(state.step))
     if is_main:
@@ -298,10 +325,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 scalars["epoch"] = (step - 1) // steps_per_epoch
                 scalars.update(progress(step) or {})
                 writer.write_scalars(step, scalars)
+                writer.flush()
                 accumulated = {}
-            if step % config.checkpoint_every_steps == 0 or preemption.requested:
-                save()
-            if preemption.requested:
+            preempted = preemption.reached(step)  # every step, on every process
+            if step % config.checkpoint_every_steps == 0 or preempted:
+                save(force=preempted)
+                writer.flush()
+            if preempted:
                 checkpointer.wait()
                 if is_main:
                     print(f"stopped at step {step} on SIGTERM; checkpoint saved.", flush=True)

@@ -10,11 +10,11 @@ MSR-VTT 1k-A test (968 present) and 3350 for YouCook2 (3339 present).
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 
 import numpy as np
 
+from msk_jax import storage
 from msk_jax.data import features as F
 from msk_jax.data.word2vec import WordVectors
 
@@ -55,10 +55,10 @@ class EvalSet:
 def load_eval_entries(path: str, fmt: EvalFormat) -> tuple[list[dict], int]:
     """The pickle's usable entries as {'id', 'features_2d', 'features_3d', 'audio', 'caption'}
     and the number dropped for lacking 2D features."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{fmt.name} evaluation pickle '{path}' does not exist.")
     try:
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             entries = pickle.load(f)
     except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ImportError) as err:
         raise F.DataError(path, f"cannot be unpickled ({type(err).__name__}: {err}); truncated?", "unreadable")

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 import pickle
 import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
+from msk_jax import storage
 from msk_jax.data import features as F
 from msk_jax.data.word2vec import WordVectors
 
@@ -56,10 +56,10 @@ class Video:
 
 
 def read_csv_paths(csv_path: str) -> list[str]:
-    """The `path` column of the HowTo100M csv."""
-    if not os.path.exists(csv_path):
+    """The `path` column of the HowTo100M csv (a local path or a URL)."""
+    if not storage.exists(csv_path):
         raise FileNotFoundError(f"HowTo100M csv '{csv_path}' does not exist.")
-    with open(csv_path, newline="") as f:
+    with storage.open_read(csv_path, text=True) as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise F.DataError(csv_path, f"needs a 'path' column, found columns {reader.fieldnames}", "bad csv")
@@ -67,9 +67,9 @@ def read_csv_paths(csv_path: str) -> list[str]:
 
 
 def load_captions(path: str) -> dict:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"caption file '{path}' does not exist.")
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         return pickle.load(f)
 
 
@@ -92,10 +92,10 @@ def check_caption(source: str, video_id: str, caption: Any) -> dict:
 
 
 def _load_npz(path: str, key: str) -> np.ndarray:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise F.DataError(path, "file does not exist", "missing features")
     try:
-        with np.load(path) as data:
+        with np.load(storage.local_or_buffer(path)) as data:
             if key not in data.files:
                 raise F.DataError(path, f"has no key '{key}' (keys: {data.files})", "bad file")
             return data[key]
@@ -125,10 +125,10 @@ class HowTo100MReader:
         return self.paths[index].split("/")[-1]
 
     def _feature_path(self, root: str, path: str, video_id: str, suffix: str) -> str:
-        candidate = os.path.join(root, path, f"{video_id}{suffix}")
-        if not os.path.exists(candidate):  # the original's fallback layouts
-            alternative = os.path.join(root, f"{path}{suffix}")
-            if os.path.exists(alternative):
+        candidate = storage.join(root, path, f"{video_id}{suffix}")
+        if not storage.exists(candidate):  # the original's fallback layouts
+            alternative = storage.join(root, f"{path}{suffix}")
+            if storage.exists(alternative):
                 return alternative
         return candidate
 
@@ -137,7 +137,7 @@ class HowTo100MReader:
         path, video_id = self.paths[index], self.video_id(index)
         p2d = self._feature_path(self.root_2d, path, video_id, "_2d.npz")
         p3d = self._feature_path(self.root_3d, path, video_id, "_3d.npz")
-        paudio = os.path.join(self.root_audio, path, f"{video_id}_spec.npz")
+        paudio = storage.join(self.root_audio, path, f"{video_id}_spec.npz")
         f2d = F.check_features(p2d, _load_npz(p2d, "features"), self.dim_2d, "2D features")
         f3d = F.check_features(p3d, _load_npz(p3d, "features"), self.dim_3d, "3D features")
         log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), self.settings.audio_bins)

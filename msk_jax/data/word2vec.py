@@ -6,10 +6,11 @@ little-endian float32 values (and an optional "\n"). A short reader suffices; no
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Mapping
 
 import numpy as np
+
+from msk_jax import storage
 
 
 class WordVectors:
@@ -32,9 +33,9 @@ class WordVectors:
 
 def load_word2vec_binary(path: str, limit: int | None = None) -> WordVectors:
     """Reads a word2vec binary file; `limit` keeps only the first words (the file's order)."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"word vectors: '{path}' does not exist.")
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         header = f.readline().split()
         if len(header) != 2 or not all(h.isdigit() for h in header):
             raise ValueError(f"word vectors: '{path}' does not start with a '<vocab> <dim>' header "

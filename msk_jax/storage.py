@@ -1,0 +1,135 @@
+"""Paths on the local disk or in a bucket (``gs://bucket/...``), read and written one way.
+
+Every path a user gives msk_jax (the work directory, data paths, checkpoints, output folders)
+goes through this module, which is built on etils ``epath`` (the path library orbax uses), so a
+``gs://`` URL works wherever a local path does. Buckets are reached with gcsfs; its standard
+environment variables apply (``STORAGE_EMULATOR_HOST`` points it at a local emulator, as the
+tests do). Local caches (the demo corpus, compiled kernels) are not user paths and stay local.
+
+Objects in a bucket cannot be appended to or renamed cheaply, so:
+- `write_atomic` writes a whole file at once (a temporary file and a rename on disk; one upload,
+  which appears whole or not at all, in a bucket);
+- `AppendableFile` appends on disk and, in a bucket, keeps the file's bytes and uploads them
+  whole at `flush` (metric logs: small, and flushed at log and checkpoint steps).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for URLs with a scheme (gs://, s3://, ...), False for local paths."""
+    return "://" in os.fspath(path)
+
+
+def path(p: PathLike) -> epath.Path:
+    """An epath.Path for a local path (made absolute) or a URL."""
+    p = os.fspath(p)
+    return epath.Path(p if is_remote(p) else os.path.abspath(p))
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """`base/part/...` as a string, for local paths and URLs alike."""
+    return os.fspath(path(base).joinpath(*parts))
+
+
+def exists(p: PathLike) -> bool:
+    return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+    return path(p).is_dir()
+
+
+def listdir(p: PathLike) -> list[str]:
+    """Names in a folder ([] when it does not exist)."""
+    folder = path(p)
+    if not folder.is_dir():
+        return []
+    return sorted(child.name for child in folder.iterdir())
+
+
+def makedirs(p: PathLike) -> None:
+    path(p).mkdir(parents=True, exist_ok=True)
+
+
+def open_read(p: PathLike, text: bool = False):
+    """A file object for reading. Bucket objects are read through a 4 MiB buffer, so small
+    reads (word by word, line by line) do not each become a request."""
+    if not is_remote(p):
+        return open(p, "r" if text else "rb", newline="" if text else None)
+    raw = path(p).open("rb")
+    buffered = io.BufferedReader(raw, buffer_size=4 << 20)
+    return io.TextIOWrapper(buffered, encoding="utf-8", newline="") if text else buffered
+
+
+def read_bytes(p: PathLike) -> bytes:
+    return path(p).read_bytes()
+
+
+def local_or_buffer(p: PathLike):
+    """What `np.load` / `zipfile` read fastest: the local path itself, or a bucket object's bytes
+    in memory (one download instead of many ranged reads)."""
+    return io.BytesIO(read_bytes(p)) if is_remote(p) else os.fspath(p)
+
+
+def write_atomic(p: PathLike, data: bytes | str) -> None:
+    """Writes a whole file so that readers see the old or the new content, never a part."""
+    data = data.encode() if isinstance(data, str) else data
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(p):
+        target.write_bytes(data)  # one upload: the object appears complete or not at all
+        return
+    tmp = f"{target}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+
+
+class AppendableFile:
+    """A file that grows by appends: appended on disk; in a bucket, held in memory and uploaded
+    whole at `flush` (at most every `min_upload_seconds` unless forced), since objects cannot
+    be appended to. Existing content is kept (a resumed run continues the same file)."""
+
+    def __init__(self, p: PathLike, min_upload_seconds: float = 10.0):
+        self.path, self.remote = os.fspath(p), is_remote(p)
+        path(p).parent.mkdir(parents=True, exist_ok=True)
+        self.min_upload_seconds = min_upload_seconds
+        if self.remote:
+            target = path(p)
+            self._content = bytearray(target.read_bytes() if target.exists() else b"")
+            self._uploaded, self._last_upload = len(self._content), time.monotonic()
+        else:
+            self._file = open(self.path, "ab")
+
+    def write(self, data: bytes | str) -> None:
+        data = data.encode() if isinstance(data, str) else data
+        if self.remote:
+            self._content += data
+        else:
+            self._file.write(data)
+
+    def flush(self, force: bool = True) -> None:
+        """Makes what was written durable (forced) or, in a bucket, at most every
+        `min_upload_seconds` (not forced)."""
+        if not self.remote:
+            self._file.flush()
+            return
+        if self._uploaded == len(self._content):
+            return
+        if force or time.monotonic() - self._last_upload >= self.min_upload_seconds:
+            path(self.path).write_bytes(bytes(self._content))
+            self._uploaded, self._last_upload = len(self._content), time.monotonic()
+
+    def close(self) -> None:
+        self.flush(force=True)
+        if not self.remote:
+            self._file.close()
