@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -98,10 +99,25 @@ def _shape_differences(stored_metadata: Any, template: Any) -> list[str]:
     return lines
 
 
+def _file_in_traceback(err: BaseException, folder: str) -> str | None:
+    """The innermost path under `folder` that the failing code held (the file it was reading),
+    for errors whose message names none (e.g. a JSON decode error of a truncated metadata file)."""
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)):
+                text = os.fspath(value)
+                if isinstance(text, str) and text.startswith(folder + "/") and not text.endswith("/"):
+                    found = text
+        tb = tb.tb_next
+    return found
+
+
 def _describe_failure(err: BaseException, folder: str) -> str:
     """What could not be read: the deepest cause of an Orbax/TensorStore error, which names the
     array and the file (e.g. 'Error reading "params.x/0.0" in OCDBT database at local file
-    ".../checkpoints/8/state/": ...'), or the first line of the error."""
+    ".../checkpoints/8/state/": ...'), or the file being read and the first line of the error."""
     causes = [err]
     while causes[-1].__cause__ is not None and len(causes) < 10:
         causes.append(causes[-1].__cause__)
@@ -109,7 +125,10 @@ def _describe_failure(err: BaseException, folder: str) -> str:
         text = str(cause).strip()
         if text:
             first = text.splitlines()[0][:400]
-            return first if folder in first else f"{folder}: {first}"
+            if folder in first:
+                return first
+            where = next(filter(None, (_file_in_traceback(c, folder) for c in reversed(causes))), folder)
+            return f"{where}: {type(cause).__name__}: {first}"
     return f"{folder}: {type(err).__name__}"
 
 

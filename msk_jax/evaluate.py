@@ -59,7 +59,7 @@ def locate(path: str) -> tuple[str, str, int | None]:
 
 
 def _manager(folder: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True),
+    return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False),
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                 "meta": ocp.JsonCheckpointHandler()})
 
@@ -67,10 +67,11 @@ def _manager(folder: str) -> ocp.CheckpointManager:
 def finished_steps(folder: str) -> list[int]:
     """Steps whose checkpoint is complete (Orbax marks a checkpoint complete when done: on disk
     by renaming it into place, in a bucket with a commit marker)."""
+    storage.refresh(folder)
     if not storage.isdir(folder):
         return []
     with _manager(folder) as manager:
-        return sorted(manager.all_steps(read=True))
+        return sorted(manager.all_steps())
 
 
 def _check_shapes(restored, template, what: str) -> None:

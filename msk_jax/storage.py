@@ -56,6 +56,17 @@ def listdir(p: PathLike) -> list[str]:
     return sorted(child.name for child in folder.iterdir())
 
 
+def refresh(p: PathLike) -> None:
+    """Forgets cached listings under a bucket path (gcsfs caches them for the life of the
+    process), so a folder that another process writes to is listed afresh."""
+    if is_remote(p):
+        import fsspec
+
+        fs_class = type(fsspec.core.url_to_fs(os.fspath(p))[0])
+        for fs in list(getattr(fs_class, "_cache", {}).values()) or [fs_class()]:
+            fs.invalidate_cache()  # every instance: epath and orbax hold their own
+
+
 def makedirs(p: PathLike) -> None:
     path(p).mkdir(parents=True, exist_ok=True)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from msk_jax import checkpoints, evaluation, metric_writers, sharding, storage, train_step
 from msk_jax.data import eval_sets as eval_data
+from msk_jax.data.features import DataError
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
 from msk_jax.data.pipeline import TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary
@@ -65,6 +66,10 @@ def demo_paths(config):
     from msk_jax.data.demo_corpus import build_demo_corpus, default_root
 
     root = config.data.demo_dir or default_root()
+    if storage.is_remote(root):
+        raise DataError("config.data.demo_dir", f"'{root}' is a URL, but the demo corpus is built in a local cache "
+                        "folder; to read a copy of it from a bucket, use config.data.source='files' with gs:// "
+                        "paths (see README.md)", "remote demo_dir")
     return build_demo_corpus(root, size=config.data.demo_size,
                              feature_dim=config.data.dim_2d, progress=jax.process_index() == 0)
 
@@ -333,8 +338,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 writer.flush()
             if preempted:
                 checkpointer.wait()
-                if is_main:
-                    print(f"stopped at step {step} on SIGTERM; checkpoint saved.", flush=True)
+                where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+                print(f"stopped at step {step} on SIGTERM{where}; checkpoint saved.", flush=True)
                 return {}
             if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < num_steps:
                 run_eval(step)

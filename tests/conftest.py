@@ -1,6 +1,12 @@
-"""Shared test fixtures: the golden folder and a float64 dense Multi-SK written from the spec."""
+"""Shared test fixtures: the golden folder, a float64 dense Multi-SK written from the spec, the
+tiny demo corpus and its uninterrupted training run, and a Cloud Storage bucket on localhost."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import jax
 import numpy as np
@@ -85,3 +91,81 @@ def tiny_corpus(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tiny_demo"))
     build_demo_corpus(root, size="tiny", feature_dim=16, progress=False)
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+    """One persistent compilation cache for the training runs the tests start as processes."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def run_env(jax_cache: str, **extra) -> dict:
+    """The environment of a training process started by a test: few XLA optimisations (small
+    shapes compile far longer than they run) and the shared compilation cache."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_COMPILATION_CACHE_DIR=jax_cache,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+
+
+UNINTERRUPTED_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_corpus, jax_cache, tmp_path_factory):
+    """The tiny demo trained for UNINTERRUPTED_STEPS steps in one go (local workdir): the run
+    that interrupted, resumed and bucket runs must reproduce."""
+    from tests.train_fixtures import main_args
+
+    workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    subprocess.run(main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS), cwd=REPO_ROOT, env=run_env(jax_cache),
+                   check=True, capture_output=True)
+    return workdir
+
+
+BUCKET = "msk-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """'gs://msk-test' on a Google Cloud Storage API served on localhost by gcp-storage-emulator
+    (with object generations, tests/gcs_server.py).
+
+    The standard clients are pointed at it only through their standard environment variables,
+    set for this process and the processes it starts: STORAGE_EMULATOR_HOST (gcsfs,
+    google-cloud-storage), TENSORSTORE_GCS_HTTP_URL (tensorstore, i.e. orbax),
+    CLOUD_STORAGE_EMULATOR_ENDPOINT (google-cloud-cpp, i.e. array_record), and
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (gcsfs would first probe a gRPC API the emulator lacks)."""
+    pytest.importorskip("gcp_storage_emulator")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tests.gcs_server", "--port", str(port), "--bucket", BUCKET],
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=2).read()
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError("gcp-storage-emulator did not start")
+            time.sleep(0.2)
+    variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                 "CLOUD_STORAGE_EMULATOR_ENDPOINT": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    previous = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield f"gs://{BUCKET}"
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        server.wait(timeout=30)

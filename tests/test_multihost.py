@@ -1,52 +1,92 @@
-"""Two processes on localhost (4 CPU devices each, gloo collectives) train like one with 8."""
+"""Two processes on localhost (4 CPU devices each, gloo collectives) train like one with 8, and
+stop together when only one of them is told to (pod-wide preemption)."""
 
 import os
-import socket
+import re
+import signal
 import subprocess
+import time
 
 import numpy as np
+import pytest
 
 from msk_jax import metric_writers
-from tests.conftest import REPO_ROOT
-from tests.test_train import _main, _losses
+from msk_jax.evaluate import finished_steps
+from tests.conftest import REPO_ROOT, free_port, run_env
+from tests.train_fixtures import logged_steps, losses, main_args
+
+REFERENCE_STEPS = 60
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _env(jax_cache, devices):
+    return run_env(jax_cache, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
 
 
-def test_two_processes_match_one_process_with_eight_devices(tiny_corpus, tmp_path):
-    steps = 4
-    cache = str(tmp_path / "jax_cache")
+def _start_two(workdir, corpus, steps, jax_cache):
+    port = free_port()
+    return [subprocess.Popen(
+        main_args(workdir, corpus, steps) + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                             f"--process_id={i}", "--cpu_collectives=gloo"],
+        cwd=REPO_ROOT, env=_env(jax_cache, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
 
-    def env(devices):
-        return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                    JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_COMPILATION_CACHE_DIR=cache,
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
 
-    single = str(tmp_path / "single")
-    result = subprocess.run(_main(single, tiny_corpus, steps), cwd=REPO_ROOT, env=env(8), capture_output=True,
-                            text=True, timeout=600)
+@pytest.fixture(scope="module")
+def single_process_run(tiny_corpus, jax_cache, tmp_path_factory):
+    """One process with 8 devices, REFERENCE_STEPS steps: the losses the two-process runs must give."""
+    workdir = str(tmp_path_factory.mktemp("single") / "run")
+    result = subprocess.run(main_args(workdir, tiny_corpus, REFERENCE_STEPS), cwd=REPO_ROOT, env=_env(jax_cache, 8),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh {'data': 8, 'model': 1}" in result.stdout
+    return workdir
 
+
+def _assert_same_losses(workdir, reference, steps):
+    want, got = losses(reference), losses(workdir)
+    assert sorted(got) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], [want[s] for s in range(1, steps + 1)],
+                               rtol=1e-5)
+
+
+def test_two_processes_match_one_process_with_eight_devices(single_process_run, tiny_corpus, jax_cache, tmp_path):
+    steps = 4
     multi = str(tmp_path / "multi")
-    port = _free_port()
-    processes = [subprocess.Popen(
-        _main(multi, tiny_corpus, steps) + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                            f"--process_id={i}", "--cpu_collectives=gloo"],
-        cwd=REPO_ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    processes = _start_two(multi, tiny_corpus, steps, jax_cache)
     outputs = [p.communicate(timeout=600) for p in processes]
     for p, (out, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
 
-    want, got = _losses(single), _losses(multi)
-    assert sorted(got) == list(range(1, steps + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5)
+    _assert_same_losses(multi, single_process_run, steps)
     # Only process 0 writes logs and evaluation files.
     rows = [r for r in metric_writers.read_jsonl(os.path.join(multi, "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert "evaluation written" in outputs[0][0] and "evaluation written" not in outputs[1][0]
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["3", "4"]
     assert "mesh {'data': 8, 'model': 1}" in outputs[0][0]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(single_process_run, tiny_corpus, jax_cache, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    processes = _start_two(workdir, tiny_corpus, REFERENCE_STEPS, jax_cache)
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in processes):
+        if logged_steps(workdir) >= 4:
+            break
+        time.sleep(0.02)
+    processes[1].send_signal(signal.SIGTERM)  # process 1 only, as when one VM of a pod is preempted
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    stops = [re.findall(r"stopped at step (\d+) on SIGTERM", out) for out, _ in outputs]
+    assert len(stops[0]) == len(stops[1]) == 1 and stops[0] == stops[1], outputs
+    stopped = int(stops[0][0])
+    assert 4 <= stopped < REFERENCE_STEPS, "stopped too late to test a resume: more reference steps are needed"
+    assert finished_steps(os.path.join(workdir, "checkpoints"))[-1] == stopped  # one complete checkpoint there
+
+    processes = _start_two(workdir, tiny_corpus, REFERENCE_STEPS, jax_cache)
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert f"resumed from step {stopped}" in outputs[0][0]
+    _assert_same_losses(workdir, single_process_run, REFERENCE_STEPS)

@@ -1,18 +1,21 @@
-"""The training loop end to end: runs, evaluates, resumes after SIGKILL, stops on NaN."""
+"""The training loop end to end: runs, evaluates, resumes after SIGKILL, stops on SIGTERM and on NaN,
+refuses a checkpoint of another configuration and steps over an unreadable one."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from msk_jax import metric_writers, train
-from tests.conftest import REPO_ROOT
-from tests.train_fixtures import tiny_config
+from msk_jax.evaluate import finished_steps
+from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
+from tests.train_fixtures import kill_after_checkpoint, logged_steps, losses, main_args, tiny_config
 
 
 def test_train_and_evaluate_writes_everything(tiny_corpus, tmp_path):
@@ -60,62 +63,74 @@ def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeyp
     assert not os.path.exists(os.path.join(tmp_path, "nan", "checkpoints", "1"))
 
 
-def _main(workdir, corpus, steps):
-    args = [sys.executable, "-m", "msk_jax.main", "--config=configs/howto.py:demo", f"--workdir={workdir}"]
-    for key, value in _overrides(corpus, steps).items():
-        args.append(f"--config.{key}={value}")
-    return args
-
-
-def _overrides(corpus, steps):
-    """tiny_config as command-line overrides of the demo config."""
-    config = tiny_config(corpus)
-    d, m = config.data, config.model
-    return {"data.demo_dir": corpus, "data.demo_size": "tiny", "data.dim_2d": d.dim_2d, "data.dim_3d": d.dim_3d,
-            "data.n_clips": d.n_clips, "data.n_video_tokens": d.n_video_tokens, "data.max_words": d.max_words,
-            "data.num_audio_frames": d.num_audio_frames, "data.workers": 1, "model.video_dim": m.video_dim,
-            "model.davenet_widths": "(" + ",".join(map(str, m.davenet_widths)) + ")",
-            "model.embed_dim": m.embed_dim, "model.num_heads": m.num_heads, "model.projection_dim": m.projection_dim,
-            "model.num_anchors": m.num_anchors, "objective.queue_len": config.objective.queue_len,
-            "objective.sinkhorn.num_iters": 5, "videos_per_batch": config.videos_per_batch,
-            "num_train_steps": steps, "log_every_steps": 1, "checkpoint_every_steps": 3, "eval_every_steps": 0}
-
-
-def _losses(workdir):
-    last = {}
-    for row in metric_writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-        if "loss" in row:
-            last[row["step"]] = row["loss"]
-    return last
-
-
-def test_sigkill_and_resume_gives_the_uninterrupted_losses(tiny_corpus, tmp_path):
-    steps = 30
-    # The three runs share one compilation cache, and compile with few optimisations.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    straight = str(tmp_path / "straight")
-    subprocess.run(_main(straight, tiny_corpus, steps), cwd=REPO_ROOT, env=env, check=True, capture_output=True)
-
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(tiny_corpus, uninterrupted_run, jax_cache, tmp_path):
+    steps, env = UNINTERRUPTED_STEPS, run_env(jax_cache)
     killed = str(tmp_path / "killed")
-    process = subprocess.Popen(_main(killed, tiny_corpus, steps), cwd=REPO_ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint_dir = os.path.join(killed, "checkpoints")
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        done = [int(s) for s in os.listdir(checkpoint_dir) if s.isdigit()] if os.path.isdir(checkpoint_dir) else []
-        if any(s >= 6 for s in done):
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run finished before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    interrupted_at = max(int(s) for s in os.listdir(checkpoint_dir) if s.isdigit())
+    interrupted_at = kill_after_checkpoint(main_args(killed, tiny_corpus, steps), env,
+                                           os.path.join(killed, "checkpoints"), min_step=6)
     assert interrupted_at < steps
 
-    result = subprocess.run(_main(killed, tiny_corpus, steps), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(main_args(killed, tiny_corpus, steps), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from step {interrupted_at}" in result.stdout
-    want, got = _losses(straight), _losses(killed)
+    want, got = losses(uninterrupted_run), losses(killed)
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     np.testing.assert_array_equal([got[s] for s in range(1, steps + 1)], [want[s] for s in range(1, steps + 1)])
+
+
+def _copy_of(run, tmp_path):
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_resuming_with_another_model_stops_with_the_differences(tiny_corpus, uninterrupted_run, jax_cache, tmp_path):
+    workdir = _copy_of(uninterrupted_run, tmp_path)
+    changed = {"model.embed_dim": 32, "optimizer.lr": 0.5}
+    result = subprocess.run(main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS + 3, **changed),
+                            cwd=REPO_ROOT, env=run_env(jax_cache), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "model.embed_dim: 16 -> 32" in result.stderr and "optimizer.lr: 0.001 -> 0.5" in result.stderr
+    assert "another --workdir" in result.stderr and "num_train_steps" not in result.stderr  # run length may change
+    assert len(result.stderr.strip().splitlines()) <= 8, result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["24", "27", "30"]  # untouched
+
+
+def test_unreadable_latest_checkpoint_is_named_and_the_previous_one_used(tiny_corpus, uninterrupted_run, jax_cache,
+                                                                        tmp_path):
+    workdir = _copy_of(uninterrupted_run, tmp_path)
+    state = os.path.join(workdir, "checkpoints", "30", "state")
+    arrays = [os.path.join(root, name) for root, _, names in os.walk(state) for name in names
+              if os.path.basename(root) == "d"]  # Orbax's array data files
+    largest = max(arrays, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    steps = UNINTERRUPTED_STEPS + 3
+    result = subprocess.run(main_args(workdir, tiny_corpus, steps), cwd=REPO_ROOT, env=run_env(jax_cache),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "step 30" in warnings[0] and state in warnings[0]
+    assert "resuming from step 27" in warnings[1]
+    assert "resumed from step 27" in result.stdout
+    assert [n.split(".")[0] for n in os.listdir(os.path.join(workdir, "unreadable_checkpoints"))] == ["30"]
+    want, got = losses(uninterrupted_run), losses(workdir)
+    assert sorted(got) == list(range(1, steps + 1))
+    np.testing.assert_array_equal([got[s] for s in (28, 29, 30)], [want[s] for s in (28, 29, 30)])
+
+
+def test_sigterm_saves_and_stops_at_a_step_boundary(tiny_corpus, jax_cache, tmp_path):
+    workdir = str(tmp_path / "run")
+    process = subprocess.Popen(main_args(workdir, tiny_corpus, 10_000), cwd=REPO_ROOT, env=run_env(jax_cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and logged_steps(workdir) < 5:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", out).group(1))
+    assert 5 <= stopped < 10_000 and max(losses(workdir)) == stopped
+    assert stopped in finished_steps(os.path.join(workdir, "checkpoints"))

@@ -2,6 +2,13 @@
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from msk_jax import metric_writers
 
 from tests.conftest import REPO_ROOT
 
@@ -42,3 +49,65 @@ def tiny_config(corpus_dir, arg="demo", **overrides):
             target = target[p]
         target[leaf] = value
     return config
+
+
+def main_args(workdir, corpus, steps, **extra):
+    """`python -m msk_jax.main` with the demo config shrunk to tiny_config, for `steps` steps
+    (`extra`: more --config overrides)."""
+    args = [sys.executable, "-m", "msk_jax.main", "--config=configs/howto.py:demo", f"--workdir={workdir}"]
+    for key, value in {**overrides(corpus, steps), **extra}.items():
+        args.append(f"--config.{key}={value}")
+    return args
+
+
+def overrides(corpus, steps):
+    """tiny_config as command-line overrides of the demo config."""
+    config = tiny_config(corpus)
+    d, m = config.data, config.model
+    return {"data.demo_dir": corpus, "data.demo_size": "tiny", "data.dim_2d": d.dim_2d, "data.dim_3d": d.dim_3d,
+            "data.n_clips": d.n_clips, "data.n_video_tokens": d.n_video_tokens, "data.max_words": d.max_words,
+            "data.num_audio_frames": d.num_audio_frames, "data.workers": 1, "model.video_dim": m.video_dim,
+            "model.davenet_widths": "(" + ",".join(map(str, m.davenet_widths)) + ")",
+            "model.embed_dim": m.embed_dim, "model.num_heads": m.num_heads, "model.projection_dim": m.projection_dim,
+            "model.num_anchors": m.num_anchors, "objective.queue_len": config.objective.queue_len,
+            "objective.sinkhorn.num_iters": 5, "videos_per_batch": config.videos_per_batch,
+            "num_train_steps": steps, "log_every_steps": 1, "checkpoint_every_steps": 3, "eval_every_steps": 0}
+
+
+def losses(workdir):
+    """{step: loss} from a run's metrics.jsonl (the last line of a step, after a resume)."""
+    last = {}
+    for row in metric_writers.read_jsonl(f"{workdir}/metrics.jsonl"):
+        if "loss" in row:
+            last[row["step"]] = row["loss"]
+    return last
+
+
+def kill_after_checkpoint(args, env, checkpoints_folder, min_step, timeout=300):
+    """Starts a training process and SIGKILLs it once a complete checkpoint of step >= min_step
+    exists (local folder or bucket); returns the newest complete step at the kill."""
+    from msk_jax.evaluate import finished_steps
+
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.poll() is None:
+            if any(s >= min_step for s in finished_steps(checkpoints_folder)):
+                break
+            time.sleep(0.01)
+        if process.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"the run ended (code {process.returncode}) before it could be killed:\n"
+                                 + log.read()[-3000:])
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    return max(finished_steps(checkpoints_folder))
+
+
+def logged_steps(workdir):
+    """The last step a running training has logged (0 before any; a half-written line counts
+    as not yet written)."""
+    try:
+        return max(losses(workdir), default=0)
+    except (OSError, ValueError):
+        return 0

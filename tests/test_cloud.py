@@ -1,0 +1,152 @@
+"""Training, evaluation and data in a bucket: gs:// paths against a real Cloud Storage API on
+localhost (gcp-storage-emulator, see the `gcs_bucket` fixture and tests/gcs_server.py), reached
+only through the clients' standard environment variables."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from msk_jax import evaluate, metric_writers, storage
+from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
+from tests.train_fixtures import kill_after_checkpoint, losses, main_args, overrides, tiny_config
+
+
+
+def _fs():
+    """gcsfs, imported after the `gcs_bucket` fixture has set its environment."""
+    gcsfs = pytest.importorskip("gcsfs")
+    return gcsfs.GCSFileSystem()
+
+
+def _bucket_data(corpus_url):
+    """config.data overrides that read the tiny demo corpus (copied into a bucket) as plain files."""
+    howto = f"{corpus_url}/howto"
+    return {"data.source": "files", "data.csv": f"{howto}/howto_train.csv", "data.caption": f"{howto}/caption.pickle",
+            "data.features_2d": f"{howto}/features_2d", "data.features_3d": f"{howto}/features_3d",
+            "data.audio": f"{howto}/audio", "data.word_vectors": f"{corpus_url}/word2vec.bin",
+            "data.msrvtt": f"{corpus_url}/msrvtt_jsfusion_test.pkl", "data.youcook2": f"{corpus_url}/youcook_val.pkl"}
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs_bucket, tiny_corpus, jax_cache):
+    """The tiny demo with its data and its workdir in the bucket, SIGKILLed after a checkpoint
+    and restarted: (workdir URL, data overrides, the restart's stdout)."""
+    corpus = f"{gcs_bucket}/corpus"
+    _fs().put(tiny_corpus.rstrip("/") + "/", corpus.removeprefix("gs://"), recursive=True)
+    data = _bucket_data(corpus)
+    workdir = f"{gcs_bucket}/runs/killed"
+    args = main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS, **data)
+    env = run_env(jax_cache)
+    interrupted_at = kill_after_checkpoint(args, env, f"{workdir}/checkpoints", min_step=6)
+    assert interrupted_at < UNINTERRUPTED_STEPS
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {interrupted_at} in {workdir}/checkpoints" in result.stdout
+    return workdir, data, result.stdout
+
+
+def test_bucket_data_and_workdir_resume_with_the_uninterrupted_losses(bucket_run, uninterrupted_run):
+    workdir, _, _ = bucket_run
+    # Data read from the bucket, killed and resumed there: the losses of one run from local disk.
+    want, got = losses(uninterrupted_run), losses(workdir)
+    assert sorted(got) == sorted(want) == list(range(1, UNINTERRUPTED_STEPS + 1))
+    np.testing.assert_array_equal([got[s] for s in sorted(got)], [want[s] for s in sorted(want)])
+    # Every artefact is in the bucket, nothing in a local "gs:" folder.
+    assert evaluate.finished_steps(f"{workdir}/checkpoints") == [24, 27, 30]
+    results = json.loads(storage.read_bytes(f"{workdir}/eval/step_30.json"))
+    assert set(results) == {"MSRVTT", "YouCook2"}
+    events = storage.listdir(f"{workdir}/tensorboard")
+    assert len(events) == 2 and all(e.startswith("events.out.tfevents.") for e in events)  # one per start
+    assert not os.path.exists(os.path.join(REPO_ROOT, "gs:"))
+
+
+def test_tensorboard_events_in_the_bucket_are_readable(bucket_run, tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    workdir, _, _ = bucket_run
+    steps = set()
+    for name in storage.listdir(f"{workdir}/tensorboard"):
+        local = tmp_path / name
+        local.write_bytes(storage.read_bytes(f"{workdir}/tensorboard/{name}"))
+        events = list(EventFileLoader(str(local)).Load())
+        assert events[0].file_version == "brain.Event:2"
+        steps |= {e.step for e in events[1:] if any(v.tag == "loss" for v in e.summary.value)}
+    assert steps == set(range(1, UNINTERRUPTED_STEPS + 1))
+
+
+def _evaluate_args(checkpoint, corpus_dir, data, *extra):
+    args = [sys.executable, "-m", "msk_jax.evaluate", "--config=configs/howto.py:demo",
+            f"--checkpoint={checkpoint}", *extra]
+    settings = {**overrides(corpus_dir, UNINTERRUPTED_STEPS), **data}
+    return args + [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus, gcs_bucket, jax_cache, tmp_path):
+    workdir, data, _ = bucket_run
+    config = tiny_config(tiny_corpus)
+    for key, value in data.items():
+        config.data[key.split(".")[1]] = value
+    # --checkpoint=gs://...: the same numbers as the same checkpoint copied to disk.
+    local = tmp_path / "run"
+    _fs().get(f"{workdir}/checkpoints/30".removeprefix("gs://"), str(local / "checkpoints" / "30"), recursive=True)
+    from_disk = evaluate.run(config, str(local), None)
+    from_bucket = evaluate.run(config, workdir, None, output_dir=f"{gcs_bucket}/evaluations/once")
+    assert from_bucket[30] == from_disk[30]
+    assert json.loads(storage.read_bytes(f"{gcs_bucket}/evaluations/once/eval/step_30.json")) == from_bucket[30]
+
+    # --watch on the bucket: every complete checkpoint once, stopping at the run's last.
+    out = f"{gcs_bucket}/evaluations/watch"
+    result = subprocess.run(_evaluate_args(workdir, tiny_corpus, data, "--watch", "--poll_seconds=0.2",
+                                           "--idle_timeout=60", f"--output_dir={out}"),
+                            cwd=REPO_ROOT, env=run_env(jax_cache), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 30 is the run's last; stopping." in result.stdout
+    assert storage.listdir(f"{out}/eval") == ["step_24.json", "step_27.json", "step_30.json"]
+    assert storage.listdir(f"{out}/tensorboard")
+
+    # A checkpoint that appears in the bucket after a first look is seen at the next poll.
+    folder = f"{workdir}/checkpoints"
+    assert evaluate.finished_steps(folder) == [24, 27, 30]
+    fs = _fs()
+    fs.copy(f"{folder}/30".removeprefix("gs://"), f"{folder}/33".removeprefix("gs://"), recursive=True)
+    try:
+        assert evaluate.finished_steps(folder) == [24, 27, 30, 33]
+    finally:
+        fs.rm(f"{folder}/33".removeprefix("gs://"), recursive=True)
+
+
+def test_metrics_log_in_a_bucket_keeps_what_was_written_before(gcs_bucket):
+    path = f"{gcs_bucket}/logs/metrics.jsonl"
+    first = metric_writers.JsonlWriter(path)
+    first.write_scalars(1, {"loss": 2.0})
+    first.close()
+    second = metric_writers.JsonlWriter(path)  # a resumed run appends to the same log
+    second.write_scalars(2, {"loss": 1.5})
+    second.flush()
+    assert metric_writers.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_tfds_data_dir_in_a_bucket(gcs_bucket, tmp_path):
+    """Built TFDS datasets are read from a bucket (TFDS metadata through epath, the array_record
+    shards through array_record's own Cloud Storage reader)."""
+    tfds_builders = pytest.importorskip("msk_jax.data.tfds_builders")
+    from msk_jax.data import eval_sets
+    from tests.data_fixtures import write_eval_pickle
+    from tests.test_eval_sets import WORDS
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    write_eval_pickle(str(manual / "youcook_val.pkl"), "youcook", 5, rng=np.random.default_rng(0), drop_2d=1)
+    local = str(tmp_path / "tfds")
+    tfds_builders.build("youcook2_retrieval", str(manual), local)
+    remote = f"{gcs_bucket}/tfds"
+    _fs().put(local + "/", remote.removeprefix("gs://"), recursive=True)
+    want = tfds_builders.read_tfds_eval_set("youcook2_retrieval", local, eval_sets.YOUCOOK2, WORDS)
+    got = tfds_builders.read_tfds_eval_set("youcook2_retrieval", remote, eval_sets.YOUCOOK2, WORDS)
+    assert got.ids == want.ids and got.dropped == want.dropped == 1
+    for key in want.batch:
+        np.testing.assert_array_equal(got.batch[key], want.batch[key])

@@ -1,0 +1,50 @@
+"""Paths on disk (the bucket side is in test_cloud.py) and the resume check of configurations."""
+
+import json
+import os
+
+from msk_jax import checkpoints, metric_writers, storage
+from tests.train_fixtures import load_config
+
+
+def test_local_paths_are_absolute_and_urls_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.join("run", "eval", "step_1.json") == os.path.join(str(tmp_path), "run", "eval", "step_1.json")
+    assert storage.join("gs://bucket/run", "checkpoints") == "gs://bucket/run/checkpoints"
+    assert storage.is_remote("gs://bucket/x") and not storage.is_remote("/tmp/x")
+
+
+def test_appendable_file_and_atomic_writes_on_disk(tmp_path):
+    log = metric_writers.JsonlWriter(str(tmp_path / "logs" / "metrics.jsonl"))
+    log.write_scalars(1, {"loss": 3.0})
+    log.close()
+    again = metric_writers.JsonlWriter(str(tmp_path / "logs" / "metrics.jsonl"))
+    again.write_scalars(2, {"loss": 2.0})
+    again.flush()
+    assert metric_writers.read_jsonl(str(tmp_path / "logs" / "metrics.jsonl")) == [
+        {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]
+    storage.write_atomic(tmp_path / "a" / "b.json", json.dumps({"x": 1}))
+    assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": 1}
+    assert os.listdir(tmp_path / "a") == ["b.json"]  # no temporary file left
+
+
+def _as_stored(config):
+    return json.loads(config.to_json())
+
+
+def test_config_differences_name_what_changes_the_state():
+    old = load_config("demo")
+    new = load_config("demo")
+    # The run's length, cadence, data locations and layout may change on resume.
+    new.num_train_steps, new.log_every_steps, new.data.csv, new.data.workers = 99, 7, "gs://b/x.csv", 8
+    new.mesh = [("data", 2), ("model", 4)]
+    assert checkpoints.config_differences(_as_stored(old), _as_stored(new)) == []
+    new.model.embed_dim, new.objective.sinkhorn.eps, new.seed, new.data.n_clips = 64, 0.5, 3, 4
+    assert checkpoints.config_differences(_as_stored(old), _as_stored(new)) == [
+        "data.n_clips: 10 -> 4", "model.embed_dim: 128 -> 64", "objective.sinkhorn.eps: 0.07 -> 0.5", "seed: 0 -> 3"]
+    baseline = load_config("demo,baseline")
+    assert checkpoints.config_differences(_as_stored(old), _as_stored(baseline)) == [
+        "objective.consistency: true -> false"]
+    stored = _as_stored(old)
+    del stored["objective"]["queue_len"]  # a field the checkpoint's version did not have
+    assert checkpoints.config_differences(stored, _as_stored(old)) == ['objective.queue_len: "(absent)" -> 256']
