@@ -4,10 +4,12 @@
     python -m msk_jax.evaluate --config=configs/howto.py --checkpoint=RUN --weights=online
     python -m msk_jax.evaluate --config=configs/howto.py --torch_checkpoint=model_best.pth --output_dir=OUT
     python -m msk_jax.evaluate --config=configs/howto.py:demo --checkpoint=RUN --watch
+    python -m msk_jax.evaluate --config=configs/howto.py --checkpoint=gs://bucket/run --watch
 
 --checkpoint takes a training workdir (its latest checkpoint), its `checkpoints/` folder, or one
-step folder. --torch_checkpoint takes original PyTorch weights (.pth, needs torch) or a .npz of
-torch name -> array. Results: a table on the terminal, `<dir>/eval/step_<step>.json` and
+step folder, on disk or in a bucket (gs://...; so do --output_dir and the data paths).
+--torch_checkpoint takes original PyTorch weights (.pth, needs torch) or a .npz of torch name ->
+array. Results: a table on the terminal, `<dir>/eval/step_<step>.json` and
 TensorBoard scalars in `<dir>/tensorboard`, where <dir> is the workdir (or --output_dir).
 With --watch it follows a training workdir and evaluates each new checkpoint once.
 """

@@ -1,8 +1,10 @@
 """The training loop: data, sharded state, jitted step, checkpoints, metrics, evaluation.
 
-`train_and_evaluate(config, workdir)` is what `python -m msk_jax.main` runs. Restarting with
-the same workdir resumes from the last checkpoint (state, input position, RNG), so a killed
-run continues with exactly the losses an uninterrupted one has.
+`train_and_evaluate(config, workdir)` is what `python -m msk_jax.main` runs; the workdir is a
+local folder or a gs:// URL. Restarting with the same workdir resumes from the last readable
+checkpoint (state, input position, RNG) after checking that it was trained with a compatible
+configuration, so a killed run continues with exactly the losses an uninterrupted one has.
+SIGTERM (on any process of a multi-host run) saves and stops every process at the same step.
 """
 
 from __future__ import annotations

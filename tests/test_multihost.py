@@ -15,7 +15,7 @@ from msk_jax.evaluate import finished_steps
 from tests.conftest import REPO_ROOT, free_port, run_env
 from tests.train_fixtures import logged_steps, losses, main_args
 
-REFERENCE_STEPS = 60
+REFERENCE_STEPS = 12
 
 
 def _env(jax_cache, devices):
@@ -71,7 +71,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(single_process_run, 
     processes = _start_two(workdir, tiny_corpus, REFERENCE_STEPS, jax_cache)
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in processes):
-        if logged_steps(workdir) >= 4:
+        if logged_steps(workdir) >= 3:
             break
         time.sleep(0.02)
     processes[1].send_signal(signal.SIGTERM)  # process 1 only, as when one VM of a pod is preempted
@@ -81,7 +81,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(single_process_run, 
     stops = [re.findall(r"stopped at step (\d+) on SIGTERM", out) for out, _ in outputs]
     assert len(stops[0]) == len(stops[1]) == 1 and stops[0] == stops[1], outputs
     stopped = int(stops[0][0])
-    assert 4 <= stopped < REFERENCE_STEPS, "stopped too late to test a resume: more reference steps are needed"
+    assert 3 <= stopped < REFERENCE_STEPS, "stopped too late to test a resume: more reference steps are needed"
     assert finished_steps(os.path.join(workdir, "checkpoints"))[-1] == stopped  # one complete checkpoint there
 
     processes = _start_two(workdir, tiny_corpus, REFERENCE_STEPS, jax_cache)

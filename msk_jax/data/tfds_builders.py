@@ -21,11 +21,11 @@ the evaluator.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from msk_jax import storage
 from msk_jax.data import eval_sets, howto100m
 from msk_jax.data.features import DataError
 from msk_jax.data.word2vec import WordVectors
@@ -64,9 +64,9 @@ class Howto100mFeatures(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, root: str):
         reader = howto100m.HowTo100MReader(
-            os.path.join(root, "howto_train.csv"), os.path.join(root, "caption.pickle"),
-            os.path.join(root, "features_2d"), os.path.join(root, "audio"), word_vectors=None,
-            features_3d=os.path.join(root, "features_3d"))
+            storage.join(root, "howto_train.csv"), storage.join(root, "caption.pickle"),
+            storage.join(root, "features_2d"), storage.join(root, "audio"), word_vectors=None,
+            features_3d=storage.join(root, "features_3d"))
         skipped = []
         for index in range(len(reader)):
             try:
@@ -101,7 +101,7 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(features=features, metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
-        entries, dropped = eval_sets.load_eval_entries(os.path.join(str(dl_manager.manual_dir), self.PICKLE),
+        entries, dropped = eval_sets.load_eval_entries(storage.join(str(dl_manager.manual_dir), self.PICKLE),
                                                        self.FORMAT)
         self.info.metadata["dropped"] = dropped
         return {"test": self._generate_examples(entries)}
@@ -182,7 +182,7 @@ def build(name: str, manual_dir: str, data_dir: str) -> str:
     """Builds one dataset as array_record shards; returns its folder."""
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset '{name}'; choose from {sorted(BUILDERS)}.")
-    if not os.path.isdir(manual_dir):
+    if not storage.isdir(manual_dir):
         raise FileNotFoundError(f"manual_dir '{manual_dir}' does not exist.")
     builder = BUILDERS[name](data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
