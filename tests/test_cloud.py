@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from msk_jax import evaluate, metric_writers, storage
-from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
+from tests.conftest import REPO_ROOT, run_env
 from tests.train_fixtures import kill_after_checkpoint, losses, main_args, overrides, tiny_config
+
+BUCKET_STEPS = 12  # the first steps of the uninterrupted run (the run's length does not change its steps)
 
 
 
@@ -39,10 +41,10 @@ def bucket_run(gcs_bucket, tiny_corpus, jax_cache):
     _fs().put(tiny_corpus.rstrip("/") + "/", corpus.removeprefix("gs://"), recursive=True)
     data = _bucket_data(corpus)
     workdir = f"{gcs_bucket}/runs/killed"
-    args = main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS, **data)
+    args = main_args(workdir, tiny_corpus, BUCKET_STEPS, **data)
     env = run_env(jax_cache)
-    interrupted_at = kill_after_checkpoint(args, env, f"{workdir}/checkpoints", min_step=6)
-    assert interrupted_at < UNINTERRUPTED_STEPS
+    interrupted_at = kill_after_checkpoint(args, env, f"{workdir}/checkpoints", min_step=3)
+    assert interrupted_at < BUCKET_STEPS
     result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from step {interrupted_at} in {workdir}/checkpoints" in result.stdout
@@ -53,11 +55,11 @@ def test_bucket_data_and_workdir_resume_with_the_uninterrupted_losses(bucket_run
     workdir, _, _ = bucket_run
     # Data read from the bucket, killed and resumed there: the losses of one run from local disk.
     want, got = losses(uninterrupted_run), losses(workdir)
-    assert sorted(got) == sorted(want) == list(range(1, UNINTERRUPTED_STEPS + 1))
-    np.testing.assert_array_equal([got[s] for s in sorted(got)], [want[s] for s in sorted(want)])
+    assert sorted(got) == list(range(1, BUCKET_STEPS + 1))
+    np.testing.assert_array_equal([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
     # Every artefact is in the bucket, nothing in a local "gs:" folder.
-    assert evaluate.finished_steps(f"{workdir}/checkpoints") == [24, 27, 30]
-    results = json.loads(storage.read_bytes(f"{workdir}/eval/step_30.json"))
+    assert evaluate.finished_steps(f"{workdir}/checkpoints") == [6, 9, 12]
+    results = json.loads(storage.read_bytes(f"{workdir}/eval/step_12.json"))
     assert set(results) == {"MSRVTT", "YouCook2"}
     events = storage.listdir(f"{workdir}/tensorboard")
     assert len(events) == 2 and all(e.startswith("events.out.tfevents.") for e in events)  # one per start
@@ -75,13 +77,13 @@ def test_tensorboard_events_in_the_bucket_are_readable(bucket_run, tmp_path):
         events = list(EventFileLoader(str(local)).Load())
         assert events[0].file_version == "brain.Event:2"
         steps |= {e.step for e in events[1:] if any(v.tag == "loss" for v in e.summary.value)}
-    assert steps == set(range(1, UNINTERRUPTED_STEPS + 1))
+    assert steps == set(range(1, BUCKET_STEPS + 1))
 
 
 def _evaluate_args(checkpoint, corpus_dir, data, *extra):
     args = [sys.executable, "-m", "msk_jax.evaluate", "--config=configs/howto.py:demo",
             f"--checkpoint={checkpoint}", *extra]
-    settings = {**overrides(corpus_dir, UNINTERRUPTED_STEPS), **data}
+    settings = {**overrides(corpus_dir, BUCKET_STEPS), **data}
     return args + [f"--config.{k}={v}" for k, v in settings.items()]
 
 
@@ -92,11 +94,11 @@ def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus
         config.data[key.split(".")[1]] = value
     # --checkpoint=gs://...: the same numbers as the same checkpoint copied to disk.
     local = tmp_path / "run"
-    _fs().get(f"{workdir}/checkpoints/30".removeprefix("gs://"), str(local / "checkpoints" / "30"), recursive=True)
+    _fs().get(f"{workdir}/checkpoints/12".removeprefix("gs://"), str(local / "checkpoints" / "12"), recursive=True)
     from_disk = evaluate.run(config, str(local), None)
     from_bucket = evaluate.run(config, workdir, None, output_dir=f"{gcs_bucket}/evaluations/once")
-    assert from_bucket[30] == from_disk[30]
-    assert json.loads(storage.read_bytes(f"{gcs_bucket}/evaluations/once/eval/step_30.json")) == from_bucket[30]
+    assert from_bucket[12] == from_disk[12]
+    assert json.loads(storage.read_bytes(f"{gcs_bucket}/evaluations/once/eval/step_12.json")) == from_bucket[12]
 
     # --watch on the bucket: every complete checkpoint once, stopping at the run's last.
     out = f"{gcs_bucket}/evaluations/watch"
@@ -104,19 +106,19 @@ def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus
                                            "--idle_timeout=60", f"--output_dir={out}"),
                             cwd=REPO_ROOT, env=run_env(jax_cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 30 is the run's last; stopping." in result.stdout
-    assert storage.listdir(f"{out}/eval") == ["step_24.json", "step_27.json", "step_30.json"]
+    assert "step 12 is the run's last; stopping." in result.stdout
+    assert storage.listdir(f"{out}/eval") == ["step_12.json", "step_6.json", "step_9.json"]
     assert storage.listdir(f"{out}/tensorboard")
 
     # A checkpoint that appears in the bucket after a first look is seen at the next poll.
     folder = f"{workdir}/checkpoints"
-    assert evaluate.finished_steps(folder) == [24, 27, 30]
+    assert evaluate.finished_steps(folder) == [6, 9, 12]
     fs = _fs()
-    fs.copy(f"{folder}/30".removeprefix("gs://"), f"{folder}/33".removeprefix("gs://"), recursive=True)
+    fs.copy(f"{folder}/12".removeprefix("gs://"), f"{folder}/15".removeprefix("gs://"), recursive=True)
     try:
-        assert evaluate.finished_steps(folder) == [24, 27, 30, 33]
+        assert evaluate.finished_steps(folder) == [6, 9, 12, 15]
     finally:
-        fs.rm(f"{folder}/33".removeprefix("gs://"), recursive=True)
+        fs.rm(f"{folder}/15".removeprefix("gs://"), recursive=True)
 
 
 def test_metrics_log_in_a_bucket_keeps_what_was_written_before(gcs_bucket):
