@@ -42,6 +42,14 @@ RESUMABLE_CHANGES = (
 )
 
 
+def open_manager(directory: str, **options) -> ocp.CheckpointManager:
+    """An Orbax CheckpointManager over `directory` for msk_jax's two items: the state's arrays
+    and the JSON metadata (training writes through it; evaluation reads through it)."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, read, or does not fit the configured model."""
 
@@ -87,13 +95,14 @@ def _key_name(entry: Any) -> str:
     return str(entry)
 
 
-def _shape_differences(stored_metadata: Any, template: Any) -> list[str]:
-    """Arrays whose stored shape differs from the template's (or exist on one side only)."""
+def shape_differences(stored: Any, template: Any) -> list[str]:
+    """'path: stored shape -> template shape' for arrays (or array metadata) whose shapes differ,
+    or that exist on one side only."""
     def shapes(tree):
         leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
         return {"/".join(map(_key_name, k)): tuple(v.shape) for k, v in leaves if hasattr(v, "shape")}
 
-    old, new = shapes(stored_metadata), shapes(template)
+    old, new = shapes(stored), shapes(template)
     lines = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return lines
@@ -132,6 +141,10 @@ def _describe_failure(err: BaseException, folder: str) -> str:
     return f"{folder}: {type(err).__name__}"
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class _QuietFailedReads(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" for Orbax's other pending reads of a
     checkpoint whose read failed (the failure itself is reported once)."""
@@ -146,10 +159,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3):
         self.directory = storage.join(workdir, "checkpoints")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self.manager = open_manager(self.directory, max_to_keep=keep, create=True)
         self._previous_hook = sys.unraisablehook
         sys.unraisablehook = self._quiet_failed_reads
         self._asyncio_filter = _QuietFailedReads()
@@ -198,21 +208,17 @@ class Checkpointer:
         shapes) differ from `config` (a JSON-style dict) in what the state depends on, and
         CheckpointError when checkpoints exist but none can be read. Unreadable newer
         checkpoints are reported through `warn` (default: stderr)."""
-        warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+        warn = warn or _warn
         steps = self.all_steps()
         failures = []
         for step in reversed(steps):
             folder = storage.join(self.directory, str(step))
             try:
-                meta = self.read_meta(step)
-            except Exception as err:  # noqa: BLE001 - any read failure: fall back to an older one
-                failures.append(f"step {step}: {_describe_failure(err, folder)}")
-                warn(f"checkpoint {failures[-1]}; trying the previous one.")
-                continue
-            self._check_compatible(step, meta, config, template)
-            try:
+                self._check_compatible(step, self.read_meta(step), config, template)
                 state, meta = self.restore(template, step)
-            except Exception as err:  # noqa: BLE001
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any read failure: fall back to an older one
                 failures.append(f"step {step}: {_describe_failure(err, folder)}")
                 warn(f"checkpoint {failures[-1]}; trying the previous one.")
                 continue
@@ -245,7 +251,7 @@ class Checkpointer:
     def _check_compatible(self, step: int, meta: dict, config: dict, template: TrainState) -> None:
         stored = meta.get("config")
         stored = json.loads(stored) if isinstance(stored, str) else stored
-        problems = config_differences(stored or {}, config) if stored is not None else []
+        problems = config_differences(stored, config) if stored is not None else []
         if not problems:
             try:
                 metadata = self.manager.item_metadata(step)["state"]
@@ -253,7 +259,7 @@ class Checkpointer:
                 metadata = None
             if metadata is not None:
                 tree = getattr(metadata, "tree", metadata)
-                problems = _shape_differences(tree, state_arrays(template))
+                problems = shape_differences(tree, state_arrays(template))
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise IncompatibleCheckpointError(

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msk_jax import allocator, convert, evaluation, metric_writers, storage, train
-from msk_jax.checkpoints import CheckpointError
+from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
 
 FLAGS = flags.FLAGS
@@ -60,36 +60,27 @@ def locate(path: str) -> tuple[str, str, int | None]:
     raise CheckpointError(f"'{path}' is not a training workdir, a checkpoints/ folder or a step folder.")
 
 
-def _manager(folder: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False),
-                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                "meta": ocp.JsonCheckpointHandler()})
-
-
 def finished_steps(folder: str) -> list[int]:
     """Steps whose checkpoint is complete (Orbax marks a checkpoint complete when done: on disk
     by renaming it into place, in a bucket with a commit marker)."""
     storage.refresh(folder)
     if not storage.isdir(folder):
         return []
-    with _manager(folder) as manager:
+    with open_manager(folder, create=False) as manager:
         return sorted(manager.all_steps())
 
 
 def _check_shapes(restored, template, what: str) -> None:
-    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(template)[0]}
-    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-    problems = [f"{k}: checkpoint {got.get(k)} vs config {s}" for k, s in want.items() if got.get(k) != s]
-    problems += [f"{k}: in the checkpoint, not in the configured model" for k in got if k not in want]
+    problems = shape_differences(restored, template)
     if problems:
-        raise CheckpointError(f"{what} does not fit the configured model (check --config and its overrides):\n  "
-                              + "\n  ".join(problems[:20]))
+        raise CheckpointError(f"{what} does not fit the configured model (check --config and its overrides; "
+                              "checkpoint -> config):\n  " + "\n  ".join(problems[:20]))
 
 
 def final_step(folder: str, step: int) -> int | None:
     """The run's last step, from the checkpoint's metadata (None if unknown)."""
     try:
-        with _manager(folder) as manager:
+        with open_manager(folder, create=False) as manager:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return int(meta.get("num_train_steps"))
     except Exception:  # metadata is informational here
@@ -104,7 +95,7 @@ def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: 
     step = steps[-1] if step is None else step
     if step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in '{folder}' (have {steps}).")
-    with _manager(folder) as manager:
+    with open_manager(folder, create=False) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     params = restored.get("ema_params") if weights == "ema" else None
     if params is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 
 from etils import epath
 
@@ -107,17 +106,16 @@ def write_atomic(p: PathLike, data: bytes | str) -> None:
 
 class AppendableFile:
     """A file that grows by appends: appended on disk; in a bucket, held in memory and uploaded
-    whole at `flush` (at most every `min_upload_seconds` unless forced), since objects cannot
-    be appended to. Existing content is kept (a resumed run continues the same file)."""
+    whole at `flush`, since objects cannot be appended to. Existing content is kept (a resumed
+    run continues the same file)."""
 
-    def __init__(self, p: PathLike, min_upload_seconds: float = 10.0):
+    def __init__(self, p: PathLike):
         self.path, self.remote = os.fspath(p), is_remote(p)
-        path(p).parent.mkdir(parents=True, exist_ok=True)
-        self.min_upload_seconds = min_upload_seconds
+        target = path(p)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if self.remote:
-            target = path(p)
             self._content = bytearray(target.read_bytes() if target.exists() else b"")
-            self._uploaded, self._last_upload = len(self._content), time.monotonic()
+            self._uploaded = len(self._content)
         else:
             self._file = open(self.path, "ab")
 
@@ -128,19 +126,15 @@ class AppendableFile:
         else:
             self._file.write(data)
 
-    def flush(self, force: bool = True) -> None:
-        """Makes what was written durable (forced) or, in a bucket, at most every
-        `min_upload_seconds` (not forced)."""
+    def flush(self) -> None:
+        """Makes what was written durable (in a bucket: uploads the file when it grew)."""
         if not self.remote:
             self._file.flush()
-            return
-        if self._uploaded == len(self._content):
-            return
-        if force or time.monotonic() - self._last_upload >= self.min_upload_seconds:
+        elif self._uploaded != len(self._content):
             path(self.path).write_bytes(bytes(self._content))
-            self._uploaded, self._last_upload = len(self._content), time.monotonic()
+            self._uploaded = len(self._content)
 
     def close(self) -> None:
-        self.flush(force=True)
+        self.flush()
         if not self.remote:
             self._file.close()

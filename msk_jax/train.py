@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -211,10 +210,6 @@ def _gather_positions(pipeline: TrainingPipeline) -> list[dict]:
              "process_count": jax.process_count()} for i, (e, p) in enumerate(rows)]
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 class Preemption:
     """SIGTERM -> checkpoint and stop at a step boundary, on every process at the same step.
 
@@ -281,7 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         resumed = checkpointer.restore_latest(state, json.loads(config.to_json()),
-                                              warn=_warn if is_main else lambda message: None)
+                                              warn=None if is_main else lambda message: None)
     except checkpoints.CheckpointError:
         pipeline.close()
         checkpointer.close()
