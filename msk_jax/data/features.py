@@ -68,22 +68,21 @@ def audio_features(log_mel: np.ndarray, num_frames: int):
     return audio, mask
 
 
-def crop_log_mel(log_mel: np.ndarray, start: float, end: float) -> np.ndarray:
-    first, last = time_to_frames([start, end])
-    return log_mel[:, max(0, first):last]
-
-
 def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows divided by max(||row||, eps) (torch.nn.functional.normalize), in numpy."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-def nearest_resample(x: np.ndarray, size: int) -> np.ndarray:
-    """Rows of x resampled to `size` rows, nearest neighbour as torch computes it:
+def nearest_indices(n: int, size: int) -> np.ndarray:
+    """Row indices that resample `n` rows to `size` rows, nearest neighbour as torch computes it:
     floor(i * scale) with scale = n / size, both in float32."""
-    scale = np.float32(len(x)) / np.float32(size)
-    index = np.floor(np.arange(size, dtype=np.float32) * scale).astype(int)
-    return x[np.minimum(index, len(x) - 1)]
+    scale = np.float32(n) / np.float32(size)
+    return np.minimum(np.floor(np.arange(size, dtype=np.float32) * scale).astype(int), n - 1)
+
+
+def nearest_resample(x: np.ndarray, size: int) -> np.ndarray:
+    """Rows of x resampled to `size` rows (`nearest_indices`)."""
+    return x[nearest_indices(len(x), size)]
 
 
 def video_features(feat_2d: np.ndarray, feat_3d: np.ndarray, n_tokens: int):
@@ -91,13 +90,21 @@ def video_features(feat_2d: np.ndarray, feat_3d: np.ndarray, n_tokens: int):
 
     Empty 2D or 3D features give an all-masked (empty) video.
     """
-    video = np.zeros((n_tokens, feat_2d.shape[1] + feat_3d.shape[1]), np.float32)
+    if not (len(feat_2d) and len(feat_3d)):
+        return video_tokens(feat_2d[:0], feat_3d[:0], n_tokens)
+    n = min(len(feat_3d), n_tokens)
+    return video_tokens(nearest_resample(feat_2d, len(feat_3d))[:n], feat_3d[:n], n_tokens)
+
+
+def video_tokens(rows_2d: np.ndarray, rows_3d: np.ndarray, n_tokens: int):
+    """The tokens of `video_features` from its rows already aligned: the 2D rows resampled to the
+    3D rows' times, both cut to at most `n_tokens` rows (what a windowed reader fetches)."""
+    video = np.zeros((n_tokens, rows_2d.shape[1] + rows_3d.shape[1]), np.float32)
     mask = np.zeros(n_tokens, np.float32)
-    if len(feat_2d) and len(feat_3d):
-        feat_2d = nearest_resample(feat_2d, len(feat_3d))
-        n = min(len(feat_3d), n_tokens)
-        video[:n, : feat_2d.shape[1]] = l2_normalize_rows(feat_2d[:n].astype(np.float32))
-        video[:n, feat_2d.shape[1]:] = l2_normalize_rows(feat_3d[:n].astype(np.float32))
+    n = len(rows_3d)
+    if n:
+        video[:n, : rows_2d.shape[1]] = l2_normalize_rows(rows_2d.astype(np.float32))
+        video[:n, rows_2d.shape[1]:] = l2_normalize_rows(rows_3d.astype(np.float32))
         mask[:n] = 1
     return video, mask
 

@@ -46,13 +46,37 @@ class ClipSettings:
 
 @dataclasses.dataclass
 class Video:
-    """One video's raw features."""
+    """One video's raw features, in memory. Clip sampling reads it through the window methods
+    (`num_rows_2d`, `rows_2d(lo, hi)`, ...), which a store that reads only what a clip uses also
+    provides (`msk_jax.data.feature_store`)."""
 
     id: str
     features_2d: np.ndarray  # (T2, D2)
     features_3d: np.ndarray  # (T3, D3)
     log_mel: np.ndarray      # (bins, frames)
     caption: dict            # {'start': (S,), 'end': (S,), 'text': [S str]}
+
+    @property
+    def num_rows_2d(self) -> int:
+        return len(self.features_2d)
+
+    @property
+    def num_rows_3d(self) -> int:
+        return len(self.features_3d)
+
+    @property
+    def num_frames(self) -> int:
+        return self.log_mel.shape[1]
+
+    def rows_2d(self, lo: int, hi: int) -> np.ndarray:
+        return self.features_2d[lo:hi]
+
+    def rows_3d(self, lo: int, hi: int) -> np.ndarray:
+        return self.features_3d[lo:hi]
+
+    def frames(self, lo: int, hi: int) -> np.ndarray:
+        """Log-mel frames [lo, hi) as (bins, hi - lo)."""
+        return self.log_mel[:, lo:hi]
 
 
 def read_csv_paths(csv_path: str) -> list[str]:
@@ -174,9 +198,20 @@ def _extend_to_min_time(caption: dict, index: int, min_time: float) -> tuple[int
     return first, last, words
 
 
-def sample_clip(video: Video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator):
+def _window(start, stop, length: int) -> tuple[int, int]:
+    """[lo, hi) that the Python slice `[start:stop]` selects from `length` items (hi >= lo)."""
+    lo, hi, _ = slice(int(start), int(stop)).indices(length)
+    return lo, max(lo, hi)
+
+
+def _audio(video, window: tuple[int, int], settings: ClipSettings):
+    lo, hi = window
+    return F.audio_features(video.frames(lo, min(hi, lo + settings.num_audio_frames)), settings.num_audio_frames)
+
+
+def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator):
     """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text)."""
-    duration = int(F.frames_to_time(video.log_mel.shape[1]))
+    duration = int(F.frames_to_time(video.num_frames))
     start = rng.random() * max(0, duration - settings.min_time)
     end = start + settings.min_time
     starts, ends = video.caption["start"], video.caption["end"]
@@ -190,7 +225,7 @@ def sample_clip(video: Video, word_vectors: WordVectors, settings: ClipSettings,
         segment = None
     if segment is None:  # no ASR narration in this clip
         first_frame = max(0, int(F.time_to_frames(start)))
-        log_mel = video.log_mel[:, first_frame:first_frame + settings.num_audio_frames]
+        frames = _window(first_frame, first_frame + settings.num_audio_frames, video.num_frames)
         words = []
     else:
         first, last, words = _extend_to_min_time(video.caption, segment, settings.min_time)
@@ -199,24 +234,33 @@ def sample_clip(video: Video, word_vectors: WordVectors, settings: ClipSettings,
         if settings.text_audio_misaligned:
             audio_start = start + 0.5 * settings.min_time
             audio_end = audio_start + settings.min_time
-        log_mel = F.crop_log_mel(video.log_mel, audio_start, audio_end)
-    audio, audio_mask = F.audio_features(log_mel, settings.num_audio_frames)
+        first_frame, last_frame = F.time_to_frames([audio_start, audio_end])
+        frames = _window(max(0, first_frame), last_frame, video.num_frames)
+    audio, audio_mask = _audio(video, frames, settings)
     text, text_mask, raw_text = F.text_features(words, word_vectors, settings.max_words)
     return start, end, audio, audio_mask, text, text_mask, raw_text
 
 
-def _video_slice(features: np.ndarray, fps: float, start: float, end: float) -> np.ndarray:
-    return features[int(start * fps):int(end * fps) + 1]
+def clip_video(video, settings: ClipSettings, start: float, end: float):
+    """The video tokens of [start, end]: rows int(start * fps) : int(end * fps) + 1 at each rate,
+    of which only those the tokens use are read."""
+    lo2, hi2 = _window(start * settings.fps_2d, int(end * settings.fps_2d) + 1, video.num_rows_2d)
+    lo3, hi3 = _window(start * settings.fps_3d, int(end * settings.fps_3d) + 1, video.num_rows_3d)
+    n = min(hi3 - lo3, settings.n_video_tokens) if hi2 > lo2 else 0
+    if n == 0:
+        return F.video_tokens(video.rows_2d(lo2, lo2), video.rows_3d(lo3, lo3), settings.n_video_tokens)
+    index = F.nearest_indices(hi2 - lo2, hi3 - lo3)[:n]
+    rows_2d = video.rows_2d(lo2 + index[0], lo2 + index[-1] + 1)[index - index[0]]
+    return F.video_tokens(rows_2d, video.rows_3d(lo3, lo3 + n), settings.n_video_tokens)
 
 
-def sample_clips(video: Video, path: str, word_vectors: WordVectors, settings: ClipSettings,
+def sample_clips(video, path: str, word_vectors: WordVectors, settings: ClipSettings,
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """`settings.n_clips` clips of one video, stacked: video (n, tokens, D2 + D3), audio
-    (n, bins, frames), text (n, words, dim), their masks, and `start`, `end`, `raw_text`, `id`."""
+    """`settings.n_clips` clips of one video (a `Video`, or anything with its window methods),
+    stacked: video (n, tokens, D2 + D3), audio (n, bins, frames), text (n, words, dim), their
+    masks, and `start`, `end`, `raw_text`, `id`."""
     clips = [sample_clip(video, word_vectors, settings, rng) for _ in range(settings.n_clips)]
-    videos = [F.video_features(_video_slice(video.features_2d, settings.fps_2d, s, e),
-                               _video_slice(video.features_3d, settings.fps_3d, s, e), settings.n_video_tokens)
-              for s, e, *_ in clips]
+    videos = [clip_video(video, settings, s, e) for s, e, *_ in clips]
     return {
         "video": np.stack([v for v, _ in videos]), "video_mask": np.stack([m for _, m in videos]),
         "audio": np.stack([c[2] for c in clips]), "audio_mask": np.stack([c[3] for c in clips]),
