@@ -53,8 +53,10 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
 def get_data_config() -> ml_collections.ConfigDict:
     """Where the features are, and how clips are cut (REFERENCE: Data)."""
     data = ml_collections.ConfigDict()
-    data.source = "files"          # "files": the original layout below; "tfds": built array_record
+    data.source = "files"          # "files": the original layout below; "tfds": built array_record;
+                                   # "store": a feature store (read by clip window)
     data.tfds_data_dir = ""        # for source="tfds" (python -m msk_jax.data.build_tfds ...)
+    data.store_dir = ""            # for source="store" (python -m msk_jax.data.build_feature_store ...)
     data.csv = ""                  # HowTo100M csv with a `path` column
     data.caption = ""              # caption.pickle
     data.features_2d = ""          # root of <path>/<id>_2d.npz
@@ -72,6 +74,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.n_clips = 10
     data.text_audio_misaligned = True
     data.workers = 4
+    data.worker_processes = True   # load videos in worker processes (else threads, which share the GIL)
     data.prefetch = 2
     # Zero-shot evaluation sets (EAO's data.tar pickles); empty paths are skipped.
     data.msrvtt = ""               # msrvtt_jsfusion_test.pkl
@@ -134,6 +137,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     config.data.dim_2d = 128
     config.data.dim_3d = 128
     config.data.workers = 2
+    config.data.worker_processes = False   # the demo's videos are small: threads keep up
     config.data.msrvtt_complete_size = -1   # the demo sets are complete: their own size
     config.data.youcook2_complete_size = -1
     m = config.model

@@ -37,7 +37,7 @@ RESUMABLE_CHANGES = (
     "keep_checkpoints", "eval_every_steps", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
     "model.dtype", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
     "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
-    "data.workers", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
+    "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
     "data.eval_video_tokens", "data.eval_audio_frames",
 )
 

@@ -138,3 +138,50 @@ class AppendableFile:
         self.flush()
         if not self.remote:
             self._file.close()
+
+
+class RangeReader:
+    """Reads byte ranges of files: `os.pread` on disk (one open file per path), a ranged GET in a
+    bucket. Counts the bytes it read. Each process makes its own (it pickles as a fresh one)."""
+
+    def __init__(self):
+        self._files: dict[str, object] = {}
+        self.bytes_read = 0
+
+    def read(self, p: str, offset: int, length: int) -> bytes:
+        handle = self._files.get(p)
+        if handle is None:
+            if is_remote(p):
+                import fsspec
+
+                handle = fsspec.core.url_to_fs(p)
+            else:
+                handle = os.open(p, os.O_RDONLY)
+            self._files[p] = handle
+        if isinstance(handle, int):
+            data = os.pread(handle, length, offset)
+        else:
+            fs, object_path = handle
+            data = fs.cat_file(object_path, start=offset, end=offset + length)
+        if len(data) != length:
+            raise OSError(f"{p}: read {len(data)} of {length} bytes at offset {offset}; truncated?")
+        self.bytes_read += length
+        return data
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            if isinstance(handle, int):
+                os.close(handle)
+        self._files.clear()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

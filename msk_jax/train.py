@@ -96,8 +96,8 @@ def data_paths(config, training: bool = True) -> DataPaths:
     if d.source == "demo":
         p = demo_paths(config)
         return DataPaths(p.word_vectors, p.msrvtt, p.youcook, p.csv, p.caption, p.features_2d, p.features_3d, p.audio)
-    if d.source not in ("files", "tfds"):
-        raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds' or 'demo'.")
+    if d.source not in ("files", "tfds", "store"):
+        raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds', 'store' or 'demo'.")
     paths = DataPaths(_require(d.word_vectors, "the word2vec binary word vectors", "word_vectors"),
                       msrvtt=d.msrvtt, youcook2=d.youcook2)
     if training and d.source == "files":
@@ -124,6 +124,10 @@ def build_training_source(config, paths: DataPaths, words):
         from msk_jax.data.tfds_builders import TFDSVideoSource
         return TFDSVideoSource.load(_require(d.tfds_data_dir, "the built TFDS datasets", "tfds_data_dir"),
                                     words, settings)
+    if d.source == "store":
+        from msk_jax.data.feature_store import FeatureStoreSource
+        return FeatureStoreSource(_require(d.store_dir, "the feature store", "store_dir"), settings,
+                                  dim_2d=d.dim_2d, dim_3d=d.dim_3d, word_dim=words.dim)
     return HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
                            features_3d=paths.features_3d, settings=settings, dim_2d=d.dim_2d, dim_3d=d.dim_3d)
 
@@ -272,7 +276,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     pipeline = TrainingPipeline(source, config.videos_per_batch, seed=config.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
-                                workers=config.data.workers, prefetch=config.data.prefetch)
+                                workers=config.data.workers, prefetch=config.data.prefetch,
+                                processes=config.data.worker_processes)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         resumed = checkpointer.restore_latest(state, json.loads(config.to_json()),

@@ -135,7 +135,7 @@ class HowTo100MReader:
     def __init__(self, csv_path: str, caption_path: str, features_2d: str, audio: str,
                  word_vectors: WordVectors, features_3d: str | None = None,
                  settings: ClipSettings = ClipSettings(), dim_2d: int | None = None, dim_3d: int | None = None):
-        self.paths = read_csv_paths(csv_path)
+        self.paths, self.csv_path = read_csv_paths(csv_path), csv_path
         self.captions = load_captions(caption_path)
         self.caption_path = caption_path
         self.root_2d, self.root_3d, self.root_audio = features_2d, features_3d or features_2d, audio

@@ -1,0 +1,53 @@
+"""Builds a feature store (`msk_jax.data.feature_store`) from HowTo100M features in the original layout.
+
+    python -m msk_jax.data.build_feature_store --config=configs/howto.py \\
+        --config.data.csv=... --config.data.caption=... --config.data.features_2d=... \\
+        --config.data.features_3d=... --config.data.audio=... --config.data.word_vectors=... \\
+        --output=gs://bucket/howto100m_store [--dtype=bfloat16]
+
+then train with ``--config.data.source=store --config.data.store_dir=<output>``. The same config
+(paths, dimensions, log-mel bins) is read as for training; ``--config=configs/howto.py:demo``
+builds the store of the demo corpus.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file (its data paths are read).",
+                                lock_config=True)
+flags.DEFINE_string("output", None, "Folder (or gs:// URL) of the store to build.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "How the feature rows are stored.")
+flags.DEFINE_integer("shard_gib", 4, "Size of each shard file, GiB.")
+flags.mark_flags_as_required(["config", "output"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from msk_jax import train
+    from msk_jax.data.feature_store import build_feature_store
+    from msk_jax.data.features import DataError
+    from msk_jax.data.howto100m import HowTo100MReader
+
+    config = FLAGS.config
+    try:
+        paths = train.data_paths(config)
+        if not paths.csv:
+            raise FileNotFoundError("config.data.source must be 'files' or 'demo' to build a store (it reads the "
+                                    "original layout: config.data.csv, caption, features_2d/3d, audio).")
+        words = train.load_words(config, paths)
+        d = config.data
+        reader = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
+                                 features_3d=paths.features_3d, settings=train.clip_settings(config),
+                                 dim_2d=d.dim_2d, dim_3d=d.dim_3d)
+        build_feature_store(reader, FLAGS.output, dtype=FLAGS.dtype, shard_bytes=FLAGS.shard_gib << 30)
+    except (FileNotFoundError, FileExistsError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,251 @@
+"""The feature store: HowTo100M features laid out so that a clip reads only the rows it uses.
+
+The original layout keeps each video in three npz files that must be read whole (~15 MB per
+video at HowTo100M's sizes) to cut ten 8-second clips (~3 MB). The store is built once from that
+layout (`python -m msk_jax.data.build_feature_store`) and gives random access by time window:
+
+    <store>/meta.json            format, dtype, dimensions, shard files, build summary (written last:
+                                 a store without it is incomplete)
+    <store>/index.npz            per video (csv order): path, shard, byte offset and row count of
+                                 its 2D, 3D and log-mel blocks; why it is unusable, if it is
+    <store>/captions.pickle      the checked ASR segments of every usable video
+    <store>/words.txt, words.npy the word vectors of the caption words (float32), so workers need
+                                 not load the whole word2vec file
+    <store>/features-00000.bin   per video, row-major and time-major: 2D (T2, D2), 3D (T3, D3) and
+                                 the log-mel transposed to (frames, bins), so a window is one read
+
+Rows are stored as float32, float16 or bfloat16 (`dtype`); clips are float32 whatever the
+storage. Videos that cannot be used are found at build time and raise the same `DataError` (same
+reason) when sampled, so the training stream and its skip counts equal those of the npz files.
+`FeatureStoreSource` is a `VideoSource` for `TrainingPipeline`; it pickles as its folder and
+settings, so worker processes open the store themselves. A store may live in a bucket (gs://).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import time
+
+import numpy as np
+
+from msk_jax import storage
+from msk_jax.data import features as F
+from msk_jax.data import howto100m
+from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+from msk_jax.data.word2vec import WordVectors
+
+FORMAT = "msk_jax.feature_store/1"
+DTYPES = ("float32", "float16", "bfloat16")
+KINDS = ("2d", "3d", "audio")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"feature store dtype '{name}': expected one of {', '.join(DTYPES)}.")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class _ShardWriter:
+    """Appends blocks to shard files of about `shard_bytes` each."""
+
+    def __init__(self, directory: str, shard_bytes: int):
+        self.directory, self.shard_bytes = directory, shard_bytes
+        self.names: list[str] = []
+        self._file, self._offset = None, 0
+
+    def append(self, blocks: list[bytes]) -> tuple[int, list[int]]:
+        size = sum(len(b) for b in blocks)
+        if self._file is None or (self._offset and self._offset + size > self.shard_bytes):
+            self.close()
+            self.names.append(f"features-{len(self.names):05d}.bin")
+            self._file, self._offset = storage.path(storage.join(self.directory, self.names[-1])).open("wb"), 0
+        offsets = []
+        for block in blocks:
+            offsets.append(self._offset)
+            self._file.write(block)
+            self._offset += len(block)
+        return len(self.names) - 1, offsets
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "float32",
+                        shard_bytes: int = 4 << 30, progress: bool = True) -> dict:
+    """Writes the store of every video of `reader` (its word vectors give the vocabulary) to
+    `output`; returns the summary also kept in meta.json. Unusable videos are recorded, not
+    written. An existing complete store is an error (delete it to rebuild)."""
+    meta_path = storage.join(output, "meta.json")
+    if storage.exists(meta_path):
+        raise FileExistsError(f"feature store '{output}' already exists (meta.json); delete it to rebuild.")
+    store_dtype = numpy_dtype(dtype)
+    storage.makedirs(output)
+    n = len(reader)
+    offsets = np.zeros((n, 3), np.int64)
+    rows = np.zeros((n, 3), np.int64)
+    shards = np.full(n, -1, np.int32)
+    reasons, where, problems = [""] * n, [""] * n, [""] * n
+    captions, vocabulary = {}, set()
+    dims: dict[str, int] = {}
+    writer = _ShardWriter(output, shard_bytes)
+    start, written = time.monotonic(), 0
+    for i in range(n):
+        try:
+            video = reader.video(i)
+        except F.DataError as err:
+            reasons[i], where[i], problems[i] = err.reason, err.path, err.problem
+            continue
+        arrays = (video.features_2d, video.features_3d, video.log_mel.T)
+        for kind, array in zip(KINDS, arrays):
+            if dims.setdefault(kind, array.shape[1]) != array.shape[1]:
+                reasons[i], where[i] = "wrong dimension", reader.paths[i]
+                problems[i] = f"{kind} features have dimension {array.shape[1]}, the store's first video {dims[kind]}"
+        if reasons[i]:
+            continue
+        blocks = [np.ascontiguousarray(a, store_dtype).tobytes() for a in arrays]
+        shards[i], offsets[i] = writer.append(blocks)
+        rows[i] = [len(a) for a in arrays]
+        captions[video.id] = video.caption
+        vocabulary.update(w for text in video.caption["text"] for w in F.tokenize(text) if w in reader.word_vectors)
+        written += sum(len(b) for b in blocks)
+        if progress and ((i + 1) % 1000 == 0 or i + 1 == n):
+            rate = (i + 1) / max(time.monotonic() - start, 1e-9)
+            print(f"feature store: {i + 1}/{n} videos, {written / 2**30:.2f} GiB, {rate:.0f} videos/s, "
+                  f"{(n - i - 1) / rate / 60:.1f} min left", flush=True)
+    writer.close()
+    usable = int((shards >= 0).sum())
+    if not usable:
+        raise F.DataError(output, f"none of the {n} videos could be read (e.g. {where[0]}: {problems[0]})",
+                          "no usable video")
+    words = sorted(vocabulary)
+    vectors = reader.word_vectors.lookup(words) if words else np.zeros((0, reader.word_vectors.dim), np.float32)
+    storage.write_atomic(storage.join(output, "words.txt"), "".join(w + "\n" for w in words))
+    storage.write_atomic(storage.join(output, "words.npy"), _npy_bytes(vectors))
+    storage.write_atomic(storage.join(output, "captions.pickle"), pickle.dumps(captions, protocol=4))
+    buffer = io.BytesIO()
+    np.savez(buffer, paths=np.array(reader.paths, dtype=str), shard=shards, offset=offsets, rows=rows,
+             reason=np.array(reasons, dtype=str), where=np.array(where, dtype=str),
+             problem=np.array(problems, dtype=str))
+    storage.write_atomic(storage.join(output, "index.npz"), buffer.getvalue())
+    skipped: dict[str, int] = {}
+    for reason in reasons:
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    meta = {"format": FORMAT, "dtype": dtype, "dim_2d": dims["2d"], "dim_3d": dims["3d"],
+            "audio_bins": dims["audio"], "word_dim": int(vectors.shape[1]), "videos": n, "usable": usable,
+            "skipped": skipped, "bytes": written, "shards": writer.names, "words": len(words),
+            "built_from": {"csv": reader.csv_path, "caption": reader.caption_path}}
+    storage.write_atomic(meta_path, json.dumps(meta, indent=1))
+    if progress:
+        print(f"feature store: {usable} of {n} videos in {output} ({written / 2**30:.2f} GiB, {dtype}); "
+              f"skipped: {skipped or 'none'}", flush=True)
+    return meta
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class _StoredVideo:
+    """One video of the store, read by window (the window methods of `howto100m.Video`)."""
+
+    def __init__(self, store: "FeatureStoreSource", index: int):
+        self.store, self.index = store, index
+        self.id = store.video_id(index)
+        self.caption = store.captions[self.id]
+        self.num_rows_2d, self.num_rows_3d, self.num_frames = (int(r) for r in store.rows[index])
+
+    def rows_2d(self, lo: int, hi: int) -> np.ndarray:
+        return self.store.read_rows(self.index, 0, lo, hi)
+
+    def rows_3d(self, lo: int, hi: int) -> np.ndarray:
+        return self.store.read_rows(self.index, 1, lo, hi)
+
+    def frames(self, lo: int, hi: int) -> np.ndarray:
+        return self.store.read_rows(self.index, 2, lo, hi).T
+
+
+class FeatureStoreSource:
+    """Random access to the videos of a feature store: `len(source)`, `source.sample_clips(i, rng)`
+    (the clips `HowTo100MReader` cuts from the same videos, read by window)."""
+
+    def __init__(self, directory: str, settings: ClipSettings = ClipSettings(), *, dim_2d: int | None = None,
+                 dim_3d: int | None = None, word_dim: int | None = None):
+        self.directory, self.settings = directory, settings
+        self._expected = {"dim_2d": dim_2d, "dim_3d": dim_3d, "audio_bins": settings.audio_bins, "word_dim": word_dim}
+        meta_path = storage.join(directory, "meta.json")
+        if not storage.exists(meta_path):
+            raise F.DataError(directory, "is not a complete feature store (no meta.json); build it with "
+                              "python -m msk_jax.data.build_feature_store", "no feature store")
+        self.meta = json.loads(storage.read_bytes(meta_path))
+        if self.meta.get("format") != FORMAT:
+            raise F.DataError(meta_path, f"format '{self.meta.get('format')}', expected '{FORMAT}'", "bad store")
+        for field, want in self._expected.items():
+            if want is not None and self.meta[field] != want:
+                raise F.DataError(meta_path, f"{field} is {self.meta[field]} but the config expects {want}; "
+                                  "rebuild the store or fix the config", "wrong dimension")
+        self.dtype = numpy_dtype(self.meta["dtype"])
+        with np.load(storage.local_or_buffer(storage.join(directory, "index.npz"))) as index:
+            self.paths = [str(p) for p in index["paths"]]
+            self.shard, self.offset, self.rows = index["shard"], index["offset"], index["rows"]
+            self.reason, self.where, self.problem = index["reason"], index["where"], index["problem"]
+        with storage.open_read(storage.join(directory, "captions.pickle")) as f:
+            self.captions = pickle.load(f)
+        self.word_vectors = self._load_words()
+        self.shard_paths = [storage.join(directory, name) for name in self.meta["shards"]]
+        self.row_bytes = [self.meta[k] * self.dtype.itemsize for k in ("dim_2d", "dim_3d", "audio_bins")]
+        self.reader = storage.RangeReader()
+
+    def _load_words(self) -> WordVectors:
+        words = storage.read_bytes(storage.join(self.directory, "words.txt")).decode("utf-8").split("\n")[:-1]
+        npy = storage.join(self.directory, "words.npy")
+        vectors = (np.load(npy, mmap_mode="r") if not storage.is_remote(npy)
+                   else np.load(io.BytesIO(storage.read_bytes(npy))))
+        return WordVectors(words, vectors)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def video_id(self, index: int) -> str:
+        return self.paths[index].split("/")[-1]
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def read_rows(self, index: int, block: int, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of block 0 (2D), 1 (3D) or 2 (log-mel, time-major) of video `index`."""
+        lo, hi = max(0, lo), min(max(lo, hi), int(self.rows[index, block]))
+        width = self.row_bytes[block] // self.dtype.itemsize
+        if hi <= lo:
+            return np.zeros((0, width), self.dtype)
+        data = self.reader.read(self.shard_paths[self.shard[index]],
+                                int(self.offset[index, block]) + lo * self.row_bytes[block], (hi - lo) * self.row_bytes[block])
+        return np.frombuffer(data, self.dtype).reshape(hi - lo, width)
+
+    def video(self, index: int) -> _StoredVideo:
+        if self.reason[index]:
+            raise F.DataError(str(self.where[index]), str(self.problem[index]), str(self.reason[index]))
+        return _StoredVideo(self, index)
+
+    def sample_clips(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return howto100m.sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng)
+
+    # Worker processes open the store themselves rather than receive its tables.
+    def __getstate__(self):
+        return {"directory": self.directory, "settings": self.settings, "expected": self._expected}
+
+    def __setstate__(self, state):
+        e = state["expected"]
+        self.__init__(state["directory"], state["settings"], dim_2d=e["dim_2d"], dim_3d=e["dim_3d"],
+                      word_dim=e["word_dim"])

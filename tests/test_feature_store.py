@@ -1,0 +1,126 @@
+"""The feature store: the clips of the npz files, read by window; stored videos that cannot be used
+skip as in the npz files; worker processes give the batches of threads; a store in a bucket."""
+
+import os
+
+import numpy as np
+import pytest
+
+from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
+from msk_jax.data.features import DataError
+from msk_jax.data.howto100m import ClipSettings
+from msk_jax.data.pipeline import TrainingPipeline
+from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
+from tests.test_howto100m import reader
+
+SETTINGS = dict(n_clips=3, num_audio_frames=256)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Videos of different lengths (some shorter than a clip), one without ASR segments, one
+    without its log-mel file."""
+    root = str(tmp_path_factory.mktemp("store_corpus"))
+    videos = [(f"demo/v{i:02d}", 6 + 3 * i, segments((1.0, 5.0, "a b"), (6.0, 9.0 + i / 2, "c d e"),
+                                                       (12.0 + i, 14.0 + i, "p q")), {}) for i in range(8)]
+    videos.append(("demo/empty", 15, segments(), {}))
+    videos.append(("demo/gone", 15, segments((1.0, 2.0, "a")), {}))
+    write_howto(root, videos)
+    os.remove(os.path.join(root, "audio", "demo/gone", "gone_spec.npz"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(corpus, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("store") / "float32")
+    build_feature_store(reader(corpus, **SETTINGS), path, shard_bytes=1 << 14, progress=False)
+    return path
+
+
+def _same_clips(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_store_gives_the_clips_of_the_npz_files(corpus, store):
+    raw, stored = reader(corpus, **SETTINGS), FeatureStoreSource(store, ClipSettings(**SETTINGS))
+    assert len(stored.meta["shards"]) > 1 and stored.meta["usable"] == 8
+    assert stored.meta["skipped"] == {"no ASR segments": 1, "missing features": 1}
+    for i in range(len(raw)):
+        for seed in range(3):
+            try:
+                want = raw.sample_clips(i, np.random.default_rng(seed))
+            except DataError as err:
+                with pytest.raises(DataError) as got:
+                    stored.sample_clips(i, np.random.default_rng(seed))
+                assert got.value.reason == err.reason and str(got.value) == str(err)
+                continue
+            assert _same_clips(want, stored.sample_clips(i, np.random.default_rng(seed)))
+    # A clip reads its window only: fewer bytes than the videos hold.
+    assert 0 < stored.bytes_read
+    with pytest.raises(FileExistsError):
+        build_feature_store(raw, store, progress=False)
+
+
+def test_half_precision_store(corpus, tmp_path):
+    raw = reader(corpus, **SETTINGS)
+    build_feature_store(raw, str(tmp_path / "f16"), dtype="float16", progress=False)
+    build_feature_store(raw, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    full = build_feature_store(raw, str(tmp_path / "f32"), progress=False)
+    for name, tolerance in (("f16", 2e-3), ("bf16", 1.6e-2)):
+        half = FeatureStoreSource(str(tmp_path / name), ClipSettings(**SETTINGS))
+        assert half.meta["bytes"] == full["bytes"] // 2
+        want, got = raw.sample_clips(3, np.random.default_rng(0)), half.sample_clips(3, np.random.default_rng(0))
+        assert got["video"].dtype == got["audio"].dtype == np.float32
+        np.testing.assert_allclose(got["video"], want["video"], rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(got["audio"], want["audio"], rtol=tolerance)
+        assert not np.array_equal(got["video"], want["video"])
+        np.testing.assert_array_equal(got["text"], want["text"])
+
+
+def test_store_checks_the_config(store):
+    with pytest.raises(DataError, match="dim_2d is 4 but the config expects 2048"):
+        FeatureStoreSource(store, ClipSettings(**SETTINGS), dim_2d=2048)
+    with pytest.raises(DataError, match="no meta.json"):
+        FeatureStoreSource(os.path.dirname(store), ClipSettings(**SETTINGS))
+
+
+def _take(pipeline, n):
+    batches = [next(pipeline) for _ in range(n)]
+    return batches, pipeline
+
+
+def test_worker_processes_give_the_batches_of_threads(corpus, store):
+    threads, pipeline = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=5), 6)  # crosses epochs
+    pipeline.close()
+    source = FeatureStoreSource(store, ClipSettings(**SETTINGS))
+    processes = TrainingPipeline(source, 4, seed=5, workers=2, processes=True)
+    try:
+        first, _ = _take(processes, 2)
+        state = processes.state()
+        processes.restore(state)  # drops the loads in flight, continues at the same place
+        rest, _ = _take(processes, 4)
+        assert all(_same_clips(a, b) for a, b in zip(threads, first + rest))
+        assert processes.skipped == pipeline.skipped and sum(processes.skipped.values()) >= 2
+        assert processes.worker_cpu_seconds > 0 and processes.worker_bytes_read > 0
+    finally:
+        processes.close()
+    # The second of two hosts, resumed from a saved position, in worker processes.
+    host = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=5, process_index=1, process_count=2)
+    want, _ = _take(host, 3)
+    resumed = TrainingPipeline(source, 4, seed=5, process_index=1, process_count=2, processes=True, workers=1)
+    try:
+        resumed.restore(host.state() | {"epoch": 0, "position": 0})
+        got, _ = _take(resumed, 3)
+        assert all(_same_clips(a, b) for a, b in zip(want, got))
+    finally:
+        resumed.close()
+        host.close()
+
+
+def test_store_in_a_bucket(corpus, store, gcs_bucket):
+    url = f"{gcs_bucket}/feature_store"
+    build_feature_store(reader(corpus, **SETTINGS), url, progress=False)
+    local, remote = (FeatureStoreSource(p, ClipSettings(**SETTINGS)) for p in (store, url))
+    for i in (0, 7):
+        assert _same_clips(local.sample_clips(i, np.random.default_rng(i)), remote.sample_clips(i, np.random.default_rng(i)))
+    assert remote.bytes_read == local.bytes_read
