@@ -430,14 +430,114 @@ def run_pipeline(corpus_dir: str | None = None, size: str = "default", videos_pe
     return results
 
 
+def _batch_bytes(batch: dict[str, np.ndarray]) -> int:
+    return sum(v.nbytes for v in batch.values())
+
+
+def _time_pipeline(make, videos_per_batch: int, batches: int) -> dict:
+    """Times `batches` batches of a pipeline after two warm-up batches (worker start-up)."""
+    pipeline = make()
+    try:
+        for _ in range(2):
+            next(pipeline)
+        wall, cpu = time.perf_counter(), time.process_time()
+        worker_cpu, worker_read = pipeline.worker_cpu_seconds, pipeline.worker_bytes_read
+        used = sum(_batch_bytes(next(pipeline)) for _ in range(batches))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu + pipeline.worker_cpu_seconds - worker_cpu
+        videos = batches * videos_per_batch + sum(pipeline.skipped.values())
+        return {"videos_per_second": videos / wall, "clips_per_second": batches * videos_per_batch * 10 / wall, "cpu_ms_per_video": 1e3 * cpu / videos,
+                "used_bytes_per_video": used / videos, "worker_bytes_read": int(pipeline.worker_bytes_read - worker_read),
+                "videos": videos}
+    finally:
+        pipeline.close()
+
+
+def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
+                           batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32") -> dict:
+    """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
+    cache: today's npz files read whole by threads, against the feature store read by window
+    (threads, then worker processes), with 1 and 2 workers, in the same run."""
+    from msk_jax.data import synthetic
+    from msk_jax.data.demo_corpus import default_root
+    from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
+    from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.word2vec import load_word2vec_binary
+
+    root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
+    paths = synthetic.write_synthetic_howto100m(os.path.join(root, "npz"), videos)
+    settings = ClipSettings()
+    reader = HowTo100MReader(paths["csv"], paths["caption"], paths["features_2d"], paths["audio"],
+                             load_word2vec_binary(paths["word_vectors"]), features_3d=paths["features_3d"],
+                             settings=settings, dim_2d=2048, dim_3d=2048)
+    store_dir = os.path.join(root, f"store_{dtype}_{videos}")
+    if not os.path.exists(os.path.join(store_dir, "meta.json")):
+        build_feature_store(reader, store_dir, dtype=dtype, progress=False)
+    store = FeatureStoreSource(store_dir, settings)
+    npz_bytes = np.mean([sum(os.path.getsize(os.path.join(paths[k], reader.paths[i], f"{reader.video_id(i)}{suffix}"))
+                             for k, suffix in (("features_2d", "_2d.npz"), ("features_3d", "_3d.npz"),
+                                               ("audio", "_spec.npz")))
+                         for i in range(len(reader))])
+    for i in range(len(reader)):  # both formats into the page cache
+        reader.video(i)
+    paths_under_test = {"old": ("npz files, threads", reader, False), "store_threads": ("store, threads", store, False),
+                        "new": ("store, processes", store, True)}
+    results = {"videos": videos, "videos_per_batch": videos_per_batch, "npz_bytes_per_video": float(npz_bytes),
+               "store_dtype": dtype}
+    for name, (label, source, processes) in paths_under_test.items():
+        rows = {}
+        for count in workers:
+            row = _time_pipeline(lambda: TrainingPipeline(source, videos_per_batch, seed=0, workers=count,
+                                                          processes=processes), videos_per_batch, batches)
+            if name == "old":
+                row["read_per_used"] = npz_bytes / row["used_bytes_per_video"]
+            elif processes:
+                row["read_per_used"] = row["worker_bytes_read"] / row["videos"] / row["used_bytes_per_video"]
+            rows[count] = row
+        best = max(rows.values(), key=lambda r: r["videos_per_second"])
+        results[name] = {"label": label, "workers": {str(k): v for k, v in rows.items()},
+                         "videos_per_second": best["videos_per_second"], "clips_per_second": best["clips_per_second"],
+                         "cpu_ms_per_video": rows[min(rows)]["cpu_ms_per_video"],
+                         "read_per_used": best.get("read_per_used"),
+                         "scaling_1_to_2": (rows[2]["videos_per_second"] / rows[1]["videos_per_second"]
+                                            if 1 in rows and 2 in rows else None)}
+    results.update({k: results["new"][k] for k in ("videos_per_second", "cpu_ms_per_video", "read_per_used",
+                                                    "scaling_1_to_2")})
+    return results
+
+
+def format_pipeline_howto100m(r: dict) -> str:
+    lines = [f"input path at HowTo100M sizes: {r['videos']} videos, {r['npz_bytes_per_video'] / 1e6:.1f} MB of npz "
+             f"each, {r['videos_per_batch']} videos (x 10 clips) per batch, page cache; {_machine()}",
+             f"{'path':22s} {'workers':>7s} {'videos/s':>9s} {'clips/s':>8s} {'CPU-ms/video':>13s} {'read/used':>10s}"]
+    for name in ("old", "store_threads", "new"):
+        for count, row in r[name]["workers"].items():
+            read = row.get("read_per_used")
+            lines.append(f"{r[name]['label']:22s} {count:>7s} {row['videos_per_second']:9.0f} "
+                         f"{row['clips_per_second']:8.0f} {row['cpu_ms_per_video']:13.2f} "
+                         f"{'' if read is None else f'{read:.2f}x':>10s}")
+        if r[name]["scaling_1_to_2"]:
+            lines.append(f"{'':22s} 1 -> 2 workers: {r[name]['scaling_1_to_2']:.2f}x")
+    return "\n".join(lines)
+
+
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus-dir", default=None, help="demo corpus folder (default: the cache)")
-    parser.add_argument("--size", default="default", choices=("tiny", "small", "default"))
-    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--sizes", default="demo", choices=("demo", "howto100m"),
+                        help="demo: the demo corpus; howto100m: a synthetic corpus at HowTo100M's per-video sizes")
+    parser.add_argument("--corpus-dir", default=None, help="corpus folder (default: under the cache)")
+    parser.add_argument("--size", default="default", choices=("tiny", "small", "default"), help="demo corpus size")
+    parser.add_argument("--videos", type=int, default=300, help="videos of the howto100m-size corpus")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="feature store dtype (howto100m sizes)")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches (default 30 demo, 12 howto100m)")
 
 
 def _cli_pipeline(args: argparse.Namespace) -> dict:
-    results = run_pipeline(args.corpus_dir, args.size, batches=args.batches)
+    if args.sizes == "howto100m":
+        results = run_pipeline_howto100m(args.corpus_dir, args.videos, batches=args.batches or 12, dtype=args.dtype)
+        print(format_pipeline_howto100m(results), flush=True)
+        return results
+    results = run_pipeline(args.corpus_dir, args.size, batches=args.batches or 30)
     for key, value in results.items():
         if key.startswith("clips_per_second_"):
             print(f"input pipeline, {key.rsplit('_', 1)[1]} worker(s): {value:8.0f} clips/s", flush=True)

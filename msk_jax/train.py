@@ -9,14 +9,16 @@ SIGTERM (on any process of a multi-host run) saves and stops every process at th
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
-import math
 import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 
 from msk_jax import checkpoints, evaluation, metric_writers, sharding, storage, train_step
 from msk_jax.data import eval_sets as eval_data
@@ -195,15 +197,76 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def check_finite(step: int, metrics: dict[str, float]) -> None:
-    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-    if bad:
-        raise NonFiniteLossError(f"step {step}: non-finite value in {', '.join(bad)} "
-                                 f"(loss = {metrics.get('loss')}); no checkpoint was written from this state.")
+class StepMetrics:
+    """The step's metrics accumulated on the devices (a `clu.metrics.Collection` of `Average`s),
+    read by the host only at log steps, so the host never waits for a step to finish.
+
+    It also keeps, per metric, the first step whose value was not finite; `check_finite` (at log,
+    evaluation and checkpoint steps) raises `NonFiniteLossError` naming that step and the terms,
+    before any state computed from it is saved."""
+
+    def __init__(self, names):
+        self.names = tuple(sorted(names))
+        self.collection_type = clu_metrics.Collection.create(
+            **{name: clu_metrics.Average.from_output(name) for name in self.names})
+
+        def add(collection, first_bad, metrics, step):
+            update = self.collection_type.single_from_model_output(**metrics)
+            first_bad = {k: jnp.where((first_bad[k] < 0) & ~jnp.isfinite(metrics[k]), step, first_bad[k])
+                         for k in self.names}
+            return collection.merge(update), first_bad
+
+        self._add = jax.jit(add, donate_argnums=(0, 1))
+        self.first_bad = {k: jnp.int32(-1) for k in self.names}
+        self.reset()
+
+    def reset(self) -> None:
+        self.collection = self.collection_type.empty()
+
+    def add(self, metrics: dict, step) -> None:
+        """Adds one step's metrics (device arrays; `step` is the step that computed them)."""
+        self.collection, self.first_bad = self._add(self.collection, self.first_bad, metrics, step)
+
+    def check_finite(self) -> None:
+        first_bad = {k: int(v) for k, v in sharding.to_host(self.first_bad).items()}
+        bad = [k for k, v in first_bad.items() if v >= 0]
+        if bad:
+            step = min(first_bad[k] for k in bad)
+            terms = sorted(k for k in bad if first_bad[k] == step)
+            raise NonFiniteLossError(f"step {step}: non-finite value in {', '.join(terms)}; no checkpoint was "
+                                     "written from this state.")
+
+    def read(self) -> dict[str, float]:
+        """The means since the last `read` (checks finiteness first), and starts again."""
+        self.check_finite()
+        values = {k: float(v) for k, v in sharding.to_host(self.collection.compute()).items()}
+        self.reset()
+        return values
 
 
-def _gather_positions(pipeline: TrainingPipeline) -> list[dict]:
-    state = pipeline.state()
+class DeviceBatches:
+    """The pipeline's batches as global device arrays, `ahead` of the step that uses them: the
+    host reads and transfers the next batches while the devices run the current step. Each
+    comes with the pipeline's position after it (what a checkpoint of that step must store)."""
+
+    def __init__(self, pipeline: TrainingPipeline, batch_sharding, ahead: int = 2):
+        self.pipeline, self.batch_sharding, self.ahead = pipeline, batch_sharding, max(1, ahead)
+        self._queue: collections.deque = collections.deque()
+
+    def fill(self) -> None:
+        while len(self._queue) < self.ahead:
+            local = next(self.pipeline)
+            self._queue.append((global_batch(local, self.batch_sharding), self.pipeline.state()))
+
+    def pop(self):
+        """(global batch, input position after it)."""
+        if not self._queue:
+            self.fill()
+        return self._queue.popleft()
+
+
+def _gather_positions(state: dict) -> list[dict]:
+    """Every process's input position (a pipeline `state()`), for the checkpoint's metadata."""
     local = np.array([state["epoch"], state["position"]], np.int64)
     if jax.process_count() == 1:
         rows = local[None]
@@ -286,19 +349,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pipeline.close()
         checkpointer.close()
         raise
+    input_position = pipeline.state()
     if resumed is not None:
         state, meta, _ = resumed
         pipeline.restore(meta["input"][jax.process_index()])
+        input_position = pipeline.state()
         if is_main:
             print(f"resumed from step {int(sharding.to_host(state.step))} in {checkpointer.directory}", flush=True)
+    if is_main:
+        print(parameter_overview.get_parameter_overview(state.params, include_stats=False), flush=True)
 
     def save(force=False):
-        meta = {"input": _gather_positions(pipeline), "config": config.to_json(), "num_train_steps": num_steps}
+        step_metrics.check_finite()  # raises before a state computed from a non-finite step is saved
+        meta = {"input": _gather_positions(input_position), "config": config.to_json(), "num_train_steps": num_steps}
         checkpointer.save(state, meta, force=force)
 
     def run_eval(step):
         if not evals:
             return {}
+        step_metrics.check_finite()
         variables = {"params": state.ema_params if config.eval_ema and state.ema_params is not None
                      else state.params, "batch_stats": state.batch_stats}
         results = evaluation.evaluate(model, variables, evals, config.eval_batch_size,
@@ -312,28 +381,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     progress = metric_writers.ReportProgress(num_steps, every_steps=config.log_every_steps)
     preemption = Preemption()
-    accumulated: dict[str, list[float]] = {}
+    batches = DeviceBatches(pipeline, batch_sharding, ahead=max(1, config.data.prefetch))
+    metric_shapes = jax.eval_shape(step_fn, state, sample_batch(config, words.dim))[1]
+    step_metrics = StepMetrics(metric_shapes)
     step = int(sharding.to_host(state.step))
     if is_main:
         print(f"training {num_steps} steps ({steps_per_epoch} per epoch) from step {step}; "
               f"mesh {dict(mesh.shape)}; {len(source)} videos", flush=True)
     try:
         while step < num_steps:
-            batch = global_batch(next(pipeline), batch_sharding)
-            new_state, metrics = step_fn(state, batch)
-            host_metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-            check_finite(step, host_metrics)  # raises before the state can be saved
-            state, step = new_state, step + 1
-            for k, v in host_metrics.items():
-                accumulated.setdefault(k, []).append(v)
+            batch, position = batches.pop()
+            state, metrics = step_fn(state, batch)  # dispatched; the host goes on while it runs
+            step_metrics.add(metrics, step)
+            step, input_position = step + 1, position
+            if step < num_steps:
+                batches.fill()  # the next batches, read and transferred during this step
             if step % config.log_every_steps == 0 or step == num_steps:
-                scalars = {k: float(np.mean(v)) for k, v in accumulated.items()}
+                scalars = step_metrics.read()  # waits for this step; raises on a non-finite value
                 scalars["learning_rate"] = float(schedule(step - 1))
                 scalars["epoch"] = (step - 1) // steps_per_epoch
                 scalars.update(progress(step) or {})
                 writer.write_scalars(step, scalars)
                 writer.flush()
-                accumulated = {}
             preempted = preemption.reached(step)  # every step, on every process
             if step % config.checkpoint_every_steps == 0 or preempted:
                 save(force=preempted)

@@ -1,6 +1,7 @@
 """The training loop end to end: runs, evaluates, resumes after SIGKILL, stops on SIGTERM and on NaN,
 refuses a checkpoint of another configuration and steps over an unreadable one."""
 
+import itertools
 import json
 import os
 import re
@@ -41,10 +42,13 @@ def test_missing_data_points_to_the_readme(tmp_path):
 
 
 def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    """NaN inputs in the batch of step 3 (of 0..7), between log steps (every 5): the metrics are
+    read asynchronously, yet the run stops at the checkpoint of step 4, naming step 3."""
     real = train.build_data
 
     def poisoned(config):
         source, words, evals = real(config)
+        calls = itertools.count()  # one loading thread (tiny_config): calls come in stream order
 
         class NaNAudio:
             def __len__(self):
@@ -52,15 +56,17 @@ def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeyp
 
             def sample_clips(self, index, rng):
                 clips = source.sample_clips(index, rng)
-                clips["audio"] = np.full_like(clips["audio"], np.nan)
+                if next(calls) // config.videos_per_batch == 3:
+                    clips["audio"] = np.full_like(clips["audio"], np.nan)
                 return clips
 
         return NaNAudio(), words, evals
 
     monkeypatch.setattr(train, "build_data", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match=r"step 0: non-finite value in .*loss"):
-        train.train_and_evaluate(tiny_config(tiny_corpus), str(tmp_path / "nan"))
-    assert not os.path.exists(os.path.join(tmp_path, "nan", "checkpoints", "1"))
+    config = tiny_config(tiny_corpus, num_train_steps=8, log_every_steps=5, checkpoint_every_steps=2)
+    with pytest.raises(train.NonFiniteLossError, match=r"step 3: non-finite value in .*loss"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
+    assert finished_steps(str(tmp_path / "nan" / "checkpoints")) == [2]
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_losses(tiny_corpus, uninterrupted_run, jax_cache, tmp_path):
