@@ -403,6 +403,105 @@ def _cli_step(args: argparse.Namespace) -> dict:
     return results
 
 
+# --- loop: the train loop against the bare step ------------------------------------------------
+
+class _MemorySource:
+    """A video source of cpu-bench clips kept in memory (10 clips per video)."""
+
+    def __init__(self, videos: int, clips: dict[str, np.ndarray]):
+        self.videos, self.clips = videos, clips
+
+    def __len__(self) -> int:
+        return self.videos
+
+    def sample_clips(self, index: int, rng) -> dict[str, np.ndarray]:
+        return self.clips
+
+
+def run_loop(clips: int = 64, queue_len: int = 512, steps: int = 10, repeats: int = 3, log_every: int = 10,
+             model_fields: dict | None = None) -> dict:
+    """Seconds per step of the cpu-bench step run bare (the same device batch, no host work, one
+    wait at the end) against the training loop's machinery: batches from a `TrainingPipeline`
+    (in-memory clips), transferred ahead (`train.DeviceBatches`), metrics accumulated on the
+    device (`train.StepMetrics`) and read every `log_every` steps; and the loop before that, which
+    transferred each batch when needed and read every metric after every step. Round-robin over
+    `repeats` rounds of `steps` steps; medians."""
+    from msk_jax import sharding, train, train_step
+    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.loss import ObjectiveConfig
+    from msk_jax.model import MultiSKModel
+
+    model = MultiSKModel(**(model_fields or CPU_BENCH_MODEL))
+    host = cpu_bench_batch(clips)
+    mesh = sharding.create_mesh([("data", 1)], jax.devices()[:1])
+    batch_sharding = sharding.batch_sharding(mesh)
+    objective = ObjectiveConfig(queue_len=queue_len)
+    state = train_step.create_train_state(jax.random.PRNGKey(0), model, objective, train_step.adam(5e-5), host)
+    state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), state)
+    step_fn = train.compile_train_step(state_sharding, batch_sharding)
+    device_batch = train.global_batch(host, batch_sharding)
+    while not bool(state.queues.is_full):  # as `run_step`: queues filled by the step itself
+        state, _ = step_fn(state, device_batch)
+    per_video = {k: v[:10] for k, v in host.items()}
+    pipeline = TrainingPipeline(_MemorySource(10 * clips, per_video), clips // 10, seed=0, workers=1)
+    batches = train.DeviceBatches(pipeline, batch_sharding, ahead=2)
+    metrics_names = jax.eval_shape(step_fn, state, device_batch)[1]
+    step_metrics = train.StepMetrics(metrics_names)
+    holder = {"state": state}
+
+    def bare():
+        for _ in range(steps):
+            holder["state"], metrics = step_fn(holder["state"], device_batch)
+        return metrics["loss"]
+
+    def loop():
+        for i in range(steps):
+            batch, _ = batches.pop()
+            holder["state"], metrics = step_fn(holder["state"], batch)
+            step_metrics.add(metrics, i)
+            batches.fill()
+            if (i + 1) % log_every == 0:
+                step_metrics.read()
+        return holder["state"].step
+
+    def synchronous():
+        for _ in range(steps):
+            batch = train.global_batch(next(pipeline), batch_sharding)
+            holder["state"], metrics = step_fn(holder["state"], batch)
+            {k: float(v) for k, v in sharding.to_host(metrics).items()}
+        return holder["state"].step
+
+    times = time_side_by_side({"bare": bare, "loop": loop, "synchronous": synchronous}, repeats)
+    pipeline.close()
+    per_step = {k: v / steps for k, v in times.items()}
+    return {"clips": clips, "steps": steps, "log_every": log_every, "bare_step_seconds": per_step["bare"],
+            "loop_step_seconds": per_step["loop"], "synchronous_loop_step_seconds": per_step["synchronous"],
+            "loop_overhead": per_step["loop"] / per_step["bare"] - 1,
+            "synchronous_overhead": per_step["synchronous"] / per_step["bare"] - 1, "machine": _machine()}
+
+
+def format_loop(r: dict) -> str:
+    return "\n".join([
+        f"train loop vs bare step (cpu-bench, {r['clips']} clips, {r['steps']} steps per round, metrics read every "
+        f"{r['log_every']}) on {r['machine']}",
+        f"  bare jitted step        {r['bare_step_seconds'] * 1e3:8.1f} ms",
+        f"  loop (asynchronous)     {r['loop_step_seconds'] * 1e3:8.1f} ms  ({100 * r['loop_overhead']:+.1f}%)",
+        f"  loop (sync every step)  {r['synchronous_loop_step_seconds'] * 1e3:8.1f} ms  "
+        f"({100 * r['synchronous_overhead']:+.1f}%)"])
+
+
+def _add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def _cli_loop(args: argparse.Namespace) -> dict:
+    results = run_loop(clips=args.clips, steps=args.steps, repeats=args.repeats)
+    print(format_loop(results), flush=True)
+    return results
+
+
 # --- pipeline: input clips/s ---------------------------------------------------------------------
 
 def run_pipeline(corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
@@ -453,7 +552,8 @@ def _time_pipeline(make, videos_per_batch: int, batches: int) -> dict:
 
 
 def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
-                           batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32") -> dict:
+                           batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32",
+                           seconds: int = 396, dim: int = 2048) -> dict:
     """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
     cache: today's npz files read whole by threads, against the feature store read by window
     (threads, then worker processes), with 1 and 2 workers, in the same run."""
@@ -465,12 +565,13 @@ def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, vid
     from msk_jax.data.word2vec import load_word2vec_binary
 
     root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
-    paths = synthetic.write_synthetic_howto100m(os.path.join(root, "npz"), videos)
+    paths = synthetic.write_synthetic_howto100m(os.path.join(root, "npz"), videos, seconds=seconds, dim_2d=dim,
+                                                dim_3d=dim, progress=False)
     settings = ClipSettings()
     reader = HowTo100MReader(paths["csv"], paths["caption"], paths["features_2d"], paths["audio"],
                              load_word2vec_binary(paths["word_vectors"]), features_3d=paths["features_3d"],
-                             settings=settings, dim_2d=2048, dim_3d=2048)
-    store_dir = os.path.join(root, f"store_{dtype}_{videos}")
+                             settings=settings, dim_2d=dim, dim_3d=dim)
+    store_dir = os.path.join(root, f"store_{dtype}_{videos}_{seconds}_{dim}")
     if not os.path.exists(os.path.join(store_dir, "meta.json")):
         build_feature_store(reader, store_dir, dtype=dtype, progress=False)
     store = FeatureStoreSource(store_dir, settings)
@@ -544,11 +645,133 @@ def _cli_pipeline(args: argparse.Namespace) -> dict:
     return results
 
 
+# --- plan: the paper config compiled ahead of time per accelerator ------------------------------
+
+# Chips a JAX process sees, their memory and dense bf16 matmul peak (vendor figures), hosts.
+ACCELERATORS = {
+    "v4-8": {"devices": 4, "memory_gib": 32, "peak_tflops": 275, "hosts": 1},
+    "v5e-16": {"devices": 16, "memory_gib": 16, "peak_tflops": 197, "hosts": 4},
+    "8xH100": {"devices": 8, "memory_gib": 80, "peak_tflops": 989, "hosts": 1},
+}
+PLAN_MESHES = ("data", "fsdp", "fsdp_model2")
+
+
+def _plan_mesh(kind: str, devices: int) -> list:
+    return {"data": [("data", devices)], "fsdp": [("fsdp", devices)],
+            "fsdp_model2": [("fsdp", devices // 2), ("model", 2)]}[kind]
+
+
+def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
+    """AOT-compiles the train step of configs/howto.py[:config_arg] over all local devices with the
+    given mesh, without allocating it: per-device memory_analysis and cost_analysis FLOPs."""
+    import importlib.util
+
+    from msk_jax import sharding, train, train_step
+    from msk_jax.loss import ObjectiveConfig
+
+    spec = importlib.util.spec_from_file_location(
+        "howto", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "howto.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(config_arg)
+    devices = jax.device_count()
+    mesh = sharding.create_mesh(_plan_mesh(mesh_kind, devices))
+    rules = sharding.rules_for(mesh, [])
+    model = train.build_model(config)
+    objective = ObjectiveConfig.from_config(config.objective)
+    tx = train_step.adam(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in train.sample_batch(config, config.model.text_dim).items()}
+
+    def init(rng):
+        zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
+        return train_step.create_train_state(rng, model, objective, tx, zeros, ema_decay=config.ema_decay)
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    state_sharding = sharding.tree_shardings(abstract, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
+    start = time.perf_counter()
+    compiled = train.compile_train_step(state_sharding, batch_sharding).lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    parameters = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+    return {"mesh": dict(mesh.shape), "devices": devices, "clips_per_step": int(batch["video"].shape[0]),
+            "clips_per_device": int(batch["video"].shape[0]) // devices, "parameters": int(parameters),
+            "compile_seconds": time.perf_counter() - start,
+            "flops_per_device": float(cost.get("flops", 0.0)),
+            "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
+            "alias_bytes": int(memory.alias_size_in_bytes), "temp_bytes": int(memory.temp_size_in_bytes),
+            "peak_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)}
+
+
+def run_plan(targets: tuple[str, ...] = tuple(ACCELERATORS), meshes: tuple[str, ...] = PLAN_MESHES,
+             config_arg: str = "", store_videos_per_core: float | None = None, timeout: int = 1800) -> dict:
+    """Each accelerator's device count forced on the CPU (one subprocess per target and mesh), the
+    paper step compiled, and the input rate it needs at 40 % MFU."""
+    import subprocess
+
+    results = {}
+    for target in targets:
+        spec = ACCELERATORS[target]
+        for mesh_kind in meshes:
+            env = dict(os.environ, MSK_JAX_NATIVE="0", MSK_JAX_TCMALLOC="0", JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={spec['devices']}")
+            code = ("import json, sys; from msk_jax import bench; "
+                    f"print('PLAN ' + json.dumps(bench.compile_paper_step({mesh_kind!r}, {config_arg!r})))")
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("PLAN ")]
+            if proc.returncode or not lines:
+                results[f"{target}/{mesh_kind}"] = {"error": (proc.stderr or proc.stdout)[-800:]}
+                print(f"plan {target} {mesh_kind}: failed", flush=True)
+                continue
+            r = json.loads(lines[-1][5:])
+            flops = r["flops_per_device"] * r["devices"]
+            step_seconds = flops / (spec["devices"] * spec["peak_tflops"] * 1e12 * 0.4)
+            videos = r["clips_per_step"] / 10
+            r.update({"target": target, "memory_gib": spec["memory_gib"], "flops_per_step": flops,
+                      "fits": r["peak_bytes"] <= spec["memory_gib"] * 2**30,
+                      "step_seconds_at_40pct_mfu": step_seconds,
+                      "videos_per_second_needed": videos / step_seconds,
+                      "videos_per_second_needed_per_host": videos / step_seconds / spec["hosts"]})
+            if store_videos_per_core:
+                r["input_cores_per_host"] = r["videos_per_second_needed_per_host"] / store_videos_per_core
+            results[f"{target}/{mesh_kind}"] = r
+            print(format_plan_row(r), flush=True)
+    return results
+
+
+def format_plan_row(r: dict) -> str:
+    cores = f", {r['input_cores_per_host']:.1f} input cores/host" if "input_cores_per_host" in r else ""
+    return (f"{r['target']:7s} mesh {r['mesh']}: {r['clips_per_device']} clips/device, "
+            f"peak {r['peak_bytes'] / 2**30:.1f} GiB of {r['memory_gib']} ({'fits' if r['fits'] else 'does NOT fit'}; "
+            f"args {r['argument_bytes'] / 2**30:.1f}, temp {r['temp_bytes'] / 2**30:.1f}), "
+            f"{r['flops_per_step'] / 1e12:.0f} TFLOP/step, {r['step_seconds_at_40pct_mfu']:.2f} s/step at 40% MFU, "
+            f"{r['videos_per_second_needed_per_host']:.0f} videos/s per host{cores}")
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--targets", default=",".join(ACCELERATORS), help="comma-separated: " + ", ".join(ACCELERATORS))
+    parser.add_argument("--meshes", default=",".join(PLAN_MESHES), help="comma-separated: " + ", ".join(PLAN_MESHES))
+    parser.add_argument("--config", default="", help="configs/howto.py variant (default: the paper)")
+    parser.add_argument("--store-videos-per-core", type=float, default=None,
+                        help="videos/s one input worker delivers (bench pipeline --sizes=howto100m), for cores/host")
+
+
+def _cli_plan(args: argparse.Namespace) -> dict:
+    return run_plan(tuple(args.targets.split(",")), tuple(args.meshes.split(",")), args.config,
+                    args.store_videos_per_core)
+
+
 BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                             Callable[[argparse.Namespace], dict], str]] = {
     "sk": (_add_sk_arguments, _cli_sk, "Multi-SK solver at the production size"),
     "step": (_add_step_arguments, _cli_step, "cpu-bench train step"),
     "pipeline": (_add_pipeline_arguments, _cli_pipeline, "input pipeline clips/s on the demo corpus"),
+    "loop": (_add_loop_arguments, _cli_loop, "the train loop's time per step against the bare jitted step"),
+    "plan": (_add_plan_arguments, _cli_plan, "the paper step compiled ahead of time per accelerator: memory, FLOPs"),
 }
 
 
@@ -559,13 +782,15 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=help_text)
         add_arguments(sub)
         sub.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
-    every = commands.add_parser("all", help="run every benchmark with its default settings")
+    every = commands.add_parser("all", help="run every benchmark but plan with its default settings")
     every.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
     if args.command == "all":
         results = {}
         for name, (add_arguments, run, _) in BENCHMARKS.items():
+            if name == "plan":  # minutes of compilation per target: run it by name
+                continue
             sub = argparse.ArgumentParser()
             add_arguments(sub)
             results[name] = run(sub.parse_args([]))

@@ -34,15 +34,20 @@ class Output:
 class GoldenInputs:
     """Read-only view of a golden .npz that only serves input keys."""
 
-    def __init__(self, npz, is_input: Callable[[str], bool], name: str):
+    def __init__(self, npz, is_input: Callable[[str], bool], name: str, features_dtype: str = "float32"):
         self._npz, self._is_input, self._name = npz, is_input, name
+        self._features_dtype = features_dtype
 
     def __getitem__(self, key: str) -> np.ndarray:
         if not self._is_input(key):
             raise KeyError(f"{self._name}: '{key}' is an expected output, not an input.")
         if key not in self._npz.files:
             raise KeyError(f"{self._name}: missing input '{key}'.")
-        return self._npz[key]
+        value = self._npz[key]
+        if self._features_dtype != "float32" and re.fullmatch(r"(step\d+/)?input/(video|audio)", key):
+            from msk_jax.data.feature_store import numpy_dtype  # features as a store of that dtype holds them
+            value = value.astype(numpy_dtype(self._features_dtype)).astype(value.dtype)
+        return value
 
     def keys(self) -> list[str]:
         return [k for k in self._npz.files if self._is_input(k)]
@@ -201,14 +206,16 @@ def _errors(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     return float(diff.max()), float(rel.max())
 
 
-def check_file(path: str) -> dict:
-    """Checks one golden file; returns {'max_abs_err', 'max_rel_err', 'pass', ...}."""
+def check_file(path: str, features_dtype: str = "float32") -> dict:
+    """Checks one golden file; returns {'max_abs_err', 'max_rel_err', 'pass', ...}.
+    `features_dtype`: round the video and audio inputs to it first (a float16/bfloat16 feature
+    store's effect on the outputs)."""
     name = os.path.basename(path)
     spec = GOLDEN_FILES[name]
     if spec.check is None:
         return {"pass": None, "status": "not yet supported"}
     with np.load(path, allow_pickle=False) as npz:
-        inputs = GoldenInputs(npz, spec.is_input, name)
+        inputs = GoldenInputs(npz, spec.is_input, name, features_dtype)
         outputs = list(spec.check(inputs))  # computed from inputs only
         result = {"max_abs_err": 0.0, "max_rel_err": 0.0, "pass": True, "outputs": len(outputs),
                   "failures": []}
@@ -230,14 +237,14 @@ def check_file(path: str) -> dict:
     return result
 
 
-def check_dir(golden_dir: str) -> dict[str, dict]:
+def check_dir(golden_dir: str, features_dtype: str = "float32") -> dict[str, dict]:
     """Checks every known golden file present in golden_dir."""
     if not os.path.isdir(golden_dir):
         raise FileNotFoundError(f"parity: golden folder '{golden_dir}' does not exist.")
     present = [n for n in GOLDEN_FILES if os.path.exists(os.path.join(golden_dir, n))]
     if not present:
         raise FileNotFoundError(f"parity: no golden file ({', '.join(GOLDEN_FILES)}) in '{golden_dir}'.")
-    return {n: check_file(os.path.join(golden_dir, n)) for n in present}
+    return {n: check_file(os.path.join(golden_dir, n), features_dtype) for n in present}
 
 
 def format_line(name: str, result: dict) -> str:
@@ -255,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m msk_jax.parity", description=__doc__.split("\n")[0])
     parser.add_argument("golden_dir", help="folder with the golden .npz files")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--features_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="round the video and audio inputs to this dtype first (a feature store's dtype): "
+                             "measures its effect against the tolerances")
     args = parser.parse_args(argv)
     try:
-        results = check_dir(args.golden_dir)
+        results = check_dir(args.golden_dir, args.features_dtype)
     except FileNotFoundError as err:
         print(err, file=sys.stderr)
         return 2

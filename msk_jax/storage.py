@@ -141,14 +141,16 @@ class AppendableFile:
 
 
 class RangeReader:
-    """Reads byte ranges of files: `os.pread` on disk (one open file per path), a ranged GET in a
-    bucket. Counts the bytes it read. Each process makes its own (it pickles as a fresh one)."""
+    """Reads byte ranges of files: through a read-only memory map on disk (no copy: the bytes are
+    read where they are used), a ranged GET in a bucket. Counts the bytes it returned. Each
+    process makes its own (it pickles as a fresh one)."""
 
     def __init__(self):
         self._files: dict[str, object] = {}
         self.bytes_read = 0
 
-    def read(self, p: str, offset: int, length: int) -> bytes:
+    def read(self, p: str, offset: int, length: int):
+        """`length` bytes at `offset` of `p` (bytes, or a read-only memoryview of a local file)."""
         handle = self._files.get(p)
         if handle is None:
             if is_remote(p):
@@ -156,10 +158,13 @@ class RangeReader:
 
                 handle = fsspec.core.url_to_fs(p)
             else:
-                handle = os.open(p, os.O_RDONLY)
+                import mmap
+
+                with open(p, "rb") as f:
+                    handle = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self._files[p] = handle
-        if isinstance(handle, int):
-            data = os.pread(handle, length, offset)
+        if isinstance(handle, memoryview):
+            data = handle[offset:offset + length]
         else:
             fs, object_path = handle
             data = fs.cat_file(object_path, start=offset, end=offset + length)
@@ -169,10 +174,7 @@ class RangeReader:
         return data
 
     def close(self) -> None:
-        for handle in self._files.values():
-            if isinstance(handle, int):
-                os.close(handle)
-        self._files.clear()
+        self._files.clear()  # maps are unmapped when no array views them any more
 
     def __getstate__(self):
         return {}

@@ -19,7 +19,7 @@ def test_run_sk_tiny():
 
 
 def test_cli_has_the_subcommands(capsys):
-    for command in ("sk", "all"):
+    for command in ("sk", "pipeline", "loop", "plan", "all"):
         with pytest.raises(SystemExit) as exit_info:
             bench.main([command, "--help"])
         assert exit_info.value.code == 0
@@ -36,3 +36,23 @@ def test_step_and_pipeline_benchmarks_report_their_figures(tiny_corpus):
     pipeline = bench.run_pipeline(tiny_corpus, size="tiny", videos_per_batch=2, batches=2, workers=(1,),
                                   feature_dim=16)
     assert pipeline["clips_per_second"] > 0 and pipeline["clips_per_batch"] == 20
+
+
+def test_pipeline_at_howto100m_layout_reports_old_and_new_paths(tmp_path):
+    r = bench.run_pipeline_howto100m(str(tmp_path), videos=12, videos_per_batch=4, batches=1, seconds=200, dim=16)
+    for name in ("old", "store_threads", "new"):
+        assert set(r[name]["workers"]) == {"1", "2"} and r[name]["videos_per_second"] > 0
+        assert r[name]["scaling_1_to_2"] > 0
+    assert r["old"]["read_per_used"] > r["new"]["read_per_used"] > 0  # whole files against windows
+    assert r["videos_per_second"] == r["new"]["videos_per_second"] and r["cpu_ms_per_video"] > 0
+    assert "store, processes" in bench.format_pipeline_howto100m(r)
+    json.dumps(r)
+
+
+def test_loop_benchmark_times_the_loop_and_the_bare_step():
+    from tests.conftest import TINY_MODEL
+
+    r = bench.run_loop(clips=20, queue_len=40, steps=2, repeats=1, log_every=2,
+                       model_fields=dict(TINY_MODEL, video_dim=4096, text_dim=300))
+    assert r["bare_step_seconds"] > 0 and r["loop_step_seconds"] > 0 and r["synchronous_loop_step_seconds"] > 0
+    assert "asynchronous" in bench.format_loop(r)

@@ -11,8 +11,9 @@ layout (`python -m msk_jax.data.build_feature_store`) and gives random access by
     <store>/captions.pickle      the checked ASR segments of every usable video
     <store>/words.txt, words.npy the word vectors of the caption words (float32), so workers need
                                  not load the whole word2vec file
-    <store>/features-00000.bin   per video, row-major and time-major: 2D (T2, D2), 3D (T3, D3) and
-                                 the log-mel transposed to (frames, bins), so a window is one read
+    <store>/features-00000.bin   per video, row-major and time-major: 2D (T2, D2), 3D (T3, D3) (each
+                                 row L2-normalised, as clips use it) and the log-mel transposed to
+                                 (frames, bins), so a window is one contiguous read
 
 Rows are stored as float32, float16 or bfloat16 (`dtype`); clips are float32 whatever the
 storage. Videos that cannot be used are found at build time and raise the same `DataError` (same
@@ -103,7 +104,10 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
         except F.DataError as err:
             reasons[i], where[i], problems[i] = err.reason, err.path, err.problem
             continue
-        arrays = (video.features_2d, video.features_3d, video.log_mel.T)
+        # Video rows are stored L2-normalised, as every clip uses them (the same bits as normalising
+        # at sampling time, one pass fewer per clip).
+        arrays = (F.l2_normalize_rows(video.features_2d.astype(np.float32)),
+                  F.l2_normalize_rows(video.features_3d.astype(np.float32)), video.log_mel.T)
         for kind, array in zip(KINDS, arrays):
             if dims.setdefault(kind, array.shape[1]) != array.shape[1]:
                 reasons[i], where[i] = "wrong dimension", reader.paths[i]
@@ -139,7 +143,7 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
     for reason in reasons:
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
-    meta = {"format": FORMAT, "dtype": dtype, "dim_2d": dims["2d"], "dim_3d": dims["3d"],
+    meta = {"format": FORMAT, "dtype": dtype, "video_rows": "l2-normalised", "dim_2d": dims["2d"], "dim_3d": dims["3d"],
             "audio_bins": dims["audio"], "word_dim": int(vectors.shape[1]), "videos": n, "usable": usable,
             "skipped": skipped, "bytes": written, "shards": writer.names, "words": len(words),
             "built_from": {"csv": reader.csv_path, "caption": reader.caption_path}}
@@ -158,6 +162,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 class _StoredVideo:
     """One video of the store, read by window (the window methods of `howto100m.Video`)."""
+
+    rows_normalized = True  # the video rows are stored L2-normalised
 
     def __init__(self, store: "FeatureStoreSource", index: int):
         self.store, self.index = store, index
@@ -238,8 +244,9 @@ class FeatureStoreSource:
             raise F.DataError(str(self.where[index]), str(self.problem[index]), str(self.reason[index]))
         return _StoredVideo(self, index)
 
-    def sample_clips(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return howto100m.sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng)
+    def sample_clips(self, index: int, rng: np.random.Generator, out=None) -> dict[str, np.ndarray]:
+        return howto100m.sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng,
+                                      out=out)
 
     # Worker processes open the store themselves rather than receive its tables.
     def __getstate__(self):

@@ -46,31 +46,52 @@ def tokenize(sentence) -> list[str]:
     return _WORD.findall(str(sentence))
 
 
-def text_features(words: list[str], word_vectors: WordVectors, max_words: int):
-    """(max_words, dim) vectors of the first in-vocabulary words, mask, and the raw text."""
+def _outputs(out, shapes):
+    """Float32 zeros of `shapes`, or the given arrays (`out`, e.g. a batch's rows) to fill: the
+    caller writes a prefix of rows (of columns, for audio) and zeroes the rest with `_pad`."""
+    if out is None:
+        return tuple(np.zeros(shape, np.float32) for shape in shapes)
+    return out
+
+
+def _pad(array: np.ndarray, n: int, axis: int = 0) -> None:
+    """Zeroes what follows the first `n` entries along `axis`."""
+    array[(slice(None),) * axis + (slice(n, None),)] = 0
+
+
+def text_features(words: list[str], word_vectors: WordVectors, max_words: int, out=None):
+    """(max_words, dim) vectors of the first in-vocabulary words, mask, and the raw text
+    (written into `out` = (text, mask) when given)."""
     raw_text = " ".join(words)
     known = [w for w in words if w in word_vectors][:max_words]
-    text = np.zeros((max_words, word_vectors.dim), np.float32)
-    mask = np.zeros(max_words, np.float32)
+    text, mask = _outputs(out, ((max_words, word_vectors.dim), (max_words,)))
     if known:
         text[: len(known)] = word_vectors.lookup(known)
         mask[: len(known)] = 1
+    _pad(text, len(known))
+    _pad(mask, len(known))
     return text, mask, raw_text
 
 
-def audio_features(log_mel: np.ndarray, num_frames: int):
-    """The first `num_frames` frames of a (bins, frames) log-mel, zero-padded, and the mask."""
-    audio = np.zeros((log_mel.shape[0], num_frames), np.float32)
-    mask = np.zeros(num_frames, np.float32)
+def audio_features(log_mel: np.ndarray, num_frames: int, out=None):
+    """The first `num_frames` frames of a (bins, frames) log-mel, zero-padded, and the mask
+    (written into `out` = (audio, mask) when given)."""
+    audio, mask = _outputs(out, ((log_mel.shape[0], num_frames), (num_frames,)))
     n = min(log_mel.shape[1], num_frames)
     audio[:, :n] = log_mel[:, :n]
     mask[:n] = 1
+    _pad(audio, n, axis=1)
+    _pad(mask, n)
     return audio, mask
 
 
-def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows divided by max(||row||, eps) (torch.nn.functional.normalize), in numpy."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+def l2_normalize_rows(x: np.ndarray, eps: float = 1e-12, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows divided by max(||row||, eps) (torch.nn.functional.normalize), in numpy. The norm is
+    computed as `np.linalg.norm(x, axis=1)` computes it (the same bits), without its overhead;
+    with `out`, the squares are kept there too (no temporary)."""
+    squares = np.multiply(x, x, out=out)
+    norm = np.sqrt(np.add.reduce(squares, axis=1, keepdims=True))
+    return np.divide(x, np.maximum(norm, eps), out=out)
 
 
 def nearest_indices(n: int, size: int) -> np.ndarray:
@@ -96,16 +117,23 @@ def video_features(feat_2d: np.ndarray, feat_3d: np.ndarray, n_tokens: int):
     return video_tokens(nearest_resample(feat_2d, len(feat_3d))[:n], feat_3d[:n], n_tokens)
 
 
-def video_tokens(rows_2d: np.ndarray, rows_3d: np.ndarray, n_tokens: int):
+def video_tokens(rows_2d: np.ndarray, rows_3d: np.ndarray, n_tokens: int, out=None, normalized: bool = False):
     """The tokens of `video_features` from its rows already aligned: the 2D rows resampled to the
-    3D rows' times, both cut to at most `n_tokens` rows (what a windowed reader fetches)."""
-    video = np.zeros((n_tokens, rows_2d.shape[1] + rows_3d.shape[1]), np.float32)
-    mask = np.zeros(n_tokens, np.float32)
+    3D rows' times, both cut to at most `n_tokens` rows (what a windowed reader fetches).
+    Written into `out` = (video, mask) when given. `normalized`: the rows are already
+    `l2_normalize_rows`'d (a row's normalisation does not depend on the clip)."""
+    d2 = rows_2d.shape[1]
+    video, mask = _outputs(out, ((n_tokens, d2 + rows_3d.shape[1]), (n_tokens,)))
     n = len(rows_3d)
     if n:
-        video[:n, : rows_2d.shape[1]] = l2_normalize_rows(rows_2d.astype(np.float32))
-        video[:n, rows_2d.shape[1]:] = l2_normalize_rows(rows_3d.astype(np.float32))
+        if normalized:
+            video[:n, :d2], video[:n, d2:] = rows_2d, rows_3d
+        else:
+            l2_normalize_rows(np.asarray(rows_2d, np.float32), out=video[:n, :d2])
+            l2_normalize_rows(np.asarray(rows_3d, np.float32), out=video[:n, d2:])
         mask[:n] = 1
+    _pad(video, n)
+    _pad(mask, n)
     return video, mask
 
 

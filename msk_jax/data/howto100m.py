@@ -168,8 +168,8 @@ class HowTo100MReader:
         caption = check_caption(self.caption_path, video_id, self.captions.get(video_id))
         return Video(video_id, f2d, f3d, log_mel, caption)
 
-    def sample_clips(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng)
+    def sample_clips(self, index: int, rng: np.random.Generator, out=None) -> dict[str, np.ndarray]:
+        return sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng, out=out)
 
 
 def _extend_to_min_time(caption: dict, index: int, min_time: float) -> tuple[int, int, list[str]]:
@@ -204,13 +204,16 @@ def _window(start, stop, length: int) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-def _audio(video, window: tuple[int, int], settings: ClipSettings):
+def _audio(video, window: tuple[int, int], settings: ClipSettings, out=None):
     lo, hi = window
-    return F.audio_features(video.frames(lo, min(hi, lo + settings.num_audio_frames)), settings.num_audio_frames)
+    return F.audio_features(video.frames(lo, min(hi, lo + settings.num_audio_frames)), settings.num_audio_frames,
+                            out=out)
 
 
-def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator):
-    """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text)."""
+def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator,
+                out: dict[str, np.ndarray] | None = None):
+    """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text); with `out`
+    ({'audio', 'audio_mask', 'text', 'text_mask'} of this clip), the arrays are written there."""
     duration = int(F.frames_to_time(video.num_frames))
     start = rng.random() * max(0, duration - settings.min_time)
     end = start + settings.min_time
@@ -236,35 +239,56 @@ def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: n
             audio_end = audio_start + settings.min_time
         first_frame, last_frame = F.time_to_frames([audio_start, audio_end])
         frames = _window(max(0, first_frame), last_frame, video.num_frames)
-    audio, audio_mask = _audio(video, frames, settings)
-    text, text_mask, raw_text = F.text_features(words, word_vectors, settings.max_words)
+    audio, audio_mask = _audio(video, frames, settings, None if out is None else (out["audio"], out["audio_mask"]))
+    text, text_mask, raw_text = F.text_features(words, word_vectors, settings.max_words,
+                                                None if out is None else (out["text"], out["text_mask"]))
     return start, end, audio, audio_mask, text, text_mask, raw_text
 
 
-def clip_video(video, settings: ClipSettings, start: float, end: float):
+def clip_video(video, settings: ClipSettings, start: float, end: float, out=None):
     """The video tokens of [start, end]: rows int(start * fps) : int(end * fps) + 1 at each rate,
-    of which only those the tokens use are read."""
+    of which only those the tokens use are read (written into `out` = (video, mask) if given)."""
     lo2, hi2 = _window(start * settings.fps_2d, int(end * settings.fps_2d) + 1, video.num_rows_2d)
     lo3, hi3 = _window(start * settings.fps_3d, int(end * settings.fps_3d) + 1, video.num_rows_3d)
     n = min(hi3 - lo3, settings.n_video_tokens) if hi2 > lo2 else 0
+    normalized = getattr(video, "rows_normalized", False)
     if n == 0:
-        return F.video_tokens(video.rows_2d(lo2, lo2), video.rows_3d(lo3, lo3), settings.n_video_tokens)
+        return F.video_tokens(video.rows_2d(lo2, lo2), video.rows_3d(lo3, lo3), settings.n_video_tokens, out=out,
+                              normalized=normalized)
     index = F.nearest_indices(hi2 - lo2, hi3 - lo3)[:n]
     rows_2d = video.rows_2d(lo2 + index[0], lo2 + index[-1] + 1)[index - index[0]]
-    return F.video_tokens(rows_2d, video.rows_3d(lo3, lo3 + n), settings.n_video_tokens)
+    return F.video_tokens(rows_2d, video.rows_3d(lo3, lo3 + n), settings.n_video_tokens, out=out,
+                          normalized=normalized)
+
+
+CLIP_ARRAYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
+
+
+def clip_shapes(settings: ClipSettings, video_dim: int, word_dim: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of one video's clip arrays (float32)."""
+    n = settings.n_clips
+    return {"video": (n, settings.n_video_tokens, video_dim), "video_mask": (n, settings.n_video_tokens),
+            "audio": (n, settings.audio_bins, settings.num_audio_frames), "audio_mask": (n, settings.num_audio_frames),
+            "text": (n, settings.max_words, word_dim), "text_mask": (n, settings.max_words)}
 
 
 def sample_clips(video, path: str, word_vectors: WordVectors, settings: ClipSettings,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+                 rng: np.random.Generator, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """`settings.n_clips` clips of one video (a `Video`, or anything with its window methods),
     stacked: video (n, tokens, D2 + D3), audio (n, bins, frames), text (n, words, dim), their
-    masks, and `start`, `end`, `raw_text`, `id`."""
-    clips = [sample_clip(video, word_vectors, settings, rng) for _ in range(settings.n_clips)]
-    videos = [clip_video(video, settings, s, e) for s, e, *_ in clips]
+    masks (`CLIP_ARRAYS`, written into `out` when given, e.g. shared memory), and `start`,
+    `end`, `raw_text`, `id`."""
+    if out is None:
+        video_dim = video.rows_2d(0, 0).shape[1] + video.rows_3d(0, 0).shape[1]
+        out = {k: np.empty(shape, np.float32)
+               for k, shape in clip_shapes(settings, video_dim, word_vectors.dim).items()}
+    clips = []
+    for c in range(settings.n_clips):
+        clip = sample_clip(video, word_vectors, settings, rng, out={k: out[k][c] for k in CLIP_ARRAYS[2:]})
+        clip_video(video, settings, clip[0], clip[1], out=(out["video"][c], out["video_mask"][c]))
+        clips.append(clip)
     return {
-        "video": np.stack([v for v, _ in videos]), "video_mask": np.stack([m for _, m in videos]),
-        "audio": np.stack([c[2] for c in clips]), "audio_mask": np.stack([c[3] for c in clips]),
-        "text": np.stack([c[4] for c in clips]), "text_mask": np.stack([c[5] for c in clips]),
+        **{k: out[k] for k in CLIP_ARRAYS},
         "start": np.array([c[0] for c in clips]), "end": np.array([c[1] for c in clips]),
         "raw_text": np.array([c[6] for c in clips], dtype=object),
         "id": np.array([f"{path}{c[0]}" for c in clips], dtype=object),

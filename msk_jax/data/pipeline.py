@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import inspect
 import multiprocessing
 import time
 from multiprocessing import shared_memory
@@ -78,6 +79,8 @@ _WORKER: dict = {}  # in a worker process: its source and the attached slots
 def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: int) -> None:
     _WORKER["source"] = source
     _WORKER["slots"] = _SharedSlots(layout, count, name=memory_name)
+    # Sources that take `out=` (the readers of this package) write the clips into the slot itself.
+    _WORKER["writes_out"] = "out" in inspect.signature(source.sample_clips).parameters
 
 
 def _load_into_slot(seed: int, epoch: int, video_index: int, slot: int):
@@ -86,13 +89,17 @@ def _load_into_slot(seed: int, epoch: int, video_index: int, slot: int):
     cpu, source = time.process_time(), _WORKER["source"]
     read = getattr(source, "bytes_read", 0)
     rng = np.random.default_rng([seed, epoch, video_index])
+    views = _WORKER["slots"].views(slot)
     try:
-        clips = source.sample_clips(video_index, rng)
+        clips = source.sample_clips(video_index, rng, out=views) if _WORKER["writes_out"] else \
+            source.sample_clips(video_index, rng)
     except DataError as err:
         error = (err.path, err.problem, err.reason)
     else:
         error = None
-        for key, view in _WORKER["slots"].views(slot).items():
+        for key, view in views.items():
+            if clips[key] is view:
+                continue
             if clips[key].shape != view.shape:
                 raise ValueError(f"TrainingPipeline: video {video_index} gave '{key}' of shape {clips[key].shape}, "
                                  f"the first video {view.shape}; worker processes need fixed clip shapes.")

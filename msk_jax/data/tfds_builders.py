@@ -151,14 +151,14 @@ class TFDSVideoSource:
     def __len__(self) -> int:
         return len(self.data)
 
-    def sample_clips(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def sample_clips(self, index: int, rng: np.random.Generator, out=None) -> dict[str, np.ndarray]:
         example = self.data[index]
         video = howto100m.Video(
             id=_text(example["id"]), features_2d=example["features_2d"], features_3d=example["features_3d"],
             log_mel=example["log_mel"],
             caption={"start": example["caption_start"], "end": example["caption_end"],
                      "text": [_text(t) for t in example["caption_text"]]})
-        return howto100m.sample_clips(video, _text(example["path"]), self.word_vectors, self.settings, rng)
+        return howto100m.sample_clips(video, _text(example["path"]), self.word_vectors, self.settings, rng, out=out)
 
 
 def read_tfds_eval_set(name: str, data_dir: str, fmt: eval_sets.EvalFormat, word_vectors: WordVectors,
