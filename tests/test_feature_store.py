@@ -2,6 +2,10 @@
 skip as in the npz files; worker processes give the batches of threads; a store in a bucket."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +14,8 @@ from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
 from msk_jax.data.features import DataError
 from msk_jax.data.howto100m import ClipSettings
 from msk_jax.data.pipeline import TrainingPipeline
-from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
+from tests.conftest import REPO_ROOT
+from tests.data_fixtures import segments, write_howto
 from tests.test_howto100m import reader
 
 SETTINGS = dict(n_clips=3, num_audio_frames=256)
@@ -124,3 +129,42 @@ def test_store_in_a_bucket(corpus, store, gcs_bucket):
     for i in (0, 7):
         assert _same_clips(local.sample_clips(i, np.random.default_rng(i)), remote.sample_clips(i, np.random.default_rng(i)))
     assert remote.bytes_read == local.bytes_read
+
+
+_HOLD_A_PIPELINE = """
+import os, sys, time
+from msk_jax.data.feature_store import FeatureStoreSource
+from msk_jax.data.howto100m import ClipSettings
+from msk_jax.data.pipeline import TrainingPipeline
+
+if __name__ == "__main__":
+    pipeline = TrainingPipeline(FeatureStoreSource(sys.argv[1], ClipSettings(n_clips=3, num_audio_frames=256)), 4,
+                                workers=2, processes=True)
+    next(pipeline)
+    print(pipeline._slots.memory.name, *pipeline._executor._processes, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_and_shared_memory_go_when_the_training_process_is_killed(store, tmp_path):
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_A_PIPELINE)
+    proc = subprocess.Popen([sys.executable, str(script), store], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    memory, *workers = proc.stdout.readline().split()
+    assert len(workers) == 2 and os.path.exists(f"/dev/shm/{memory}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and (any(_alive(int(w)) for w in workers) or os.path.exists(f"/dev/shm/{memory}")):
+        time.sleep(0.2)
+    assert not any(_alive(int(w)) for w in workers)
+    assert not os.path.exists(f"/dev/shm/{memory}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

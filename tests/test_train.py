@@ -70,13 +70,15 @@ def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeyp
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_losses(tiny_corpus, uninterrupted_run, jax_cache, tmp_path):
+    """The run loads videos in worker processes (the uninterrupted one in a thread): killed after
+    a checkpoint and restarted, it gives the same losses."""
     steps, env = UNINTERRUPTED_STEPS, run_env(jax_cache)
     killed = str(tmp_path / "killed")
-    interrupted_at = kill_after_checkpoint(main_args(killed, tiny_corpus, steps), env,
-                                           os.path.join(killed, "checkpoints"), min_step=6)
+    args = main_args(killed, tiny_corpus, steps, **{"data.worker_processes": True, "data.workers": 2})
+    interrupted_at = kill_after_checkpoint(args, env, os.path.join(killed, "checkpoints"), min_step=6)
     assert interrupted_at < steps
 
-    result = subprocess.run(main_args(killed, tiny_corpus, steps), cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from step {interrupted_at}" in result.stdout
     want, got = losses(uninterrupted_run), losses(killed)

@@ -25,6 +25,8 @@ import collections
 import concurrent.futures
 import inspect
 import multiprocessing
+import os
+import threading
 import time
 from multiprocessing import shared_memory
 from typing import Iterator, Protocol
@@ -76,7 +78,19 @@ class _SharedSlots:
 _WORKER: dict = {}  # in a worker process: its source and the attached slots
 
 
-def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose training process was killed (SIGKILL, OOM) exits within a second instead of
+    waiting forever; its shared memory is then freed by the resource tracker."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="msk-data-parent-watch", daemon=True).start()
+
+
+def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: int, parent: int) -> None:
+    _exit_with_parent(parent)
     _WORKER["source"] = source
     _WORKER["slots"] = _SharedSlots(layout, count, name=memory_name)
     # Sources that take `out=` (the readers of this package) write the clips into the slot itself.
@@ -171,7 +185,7 @@ class TrainingPipeline:
         self._free_slots.extend(range(count))
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(self.source, self._slots.memory.name, self._slots.layout, count))
+            initargs=(self.source, self._slots.memory.name, self._slots.layout, count, os.getpid()))
 
     def _submit_until(self, count: int) -> None:
         while len(self._pending) < count:
