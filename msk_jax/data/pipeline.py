@@ -17,6 +17,8 @@ worker processes (spawned; each unpickles the source once, so a source should pi
 `FeatureStoreSource` does): Python threads share one interpreter lock and barely scale, processes
 do. A worker process writes a video's clips into a slot of shared memory and returns only its
 status, so the clips are copied once, into the batch. The batches are the same either way.
+Spawned workers import the program's main module, so a script that starts a process pipeline
+needs the usual `if __name__ == "__main__":` guard; a worker exits when its training process dies.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ MODEL_KEYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
 
 
 class VideoSource(Protocol):
-    """Random access to videos: `len(source)` and `source.sample_clips(index, rng)`."""
+    """Random access to videos: `len(source)` and `source.sample_clips(index, rng)`. A source
+    whose `sample_clips` also takes `out=` (arrays to write the clips into, as
+    `howto100m.sample_clips` does) lets worker processes write straight into shared memory."""
 
     def __len__(self) -> int: ...
 
