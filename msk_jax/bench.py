@@ -551,12 +551,70 @@ def _time_pipeline(make, videos_per_batch: int, batches: int) -> dict:
         pipeline.close()
 
 
+class _GrainClips:
+    """grain map: video index -> its clips (the model's arrays), or None when it cannot be read."""
+
+    def __init__(self, source, seed: int = 0):
+        self.source, self.seed = source, seed
+
+    def __call__(self, index: int):
+        from msk_jax.data.features import DataError
+        from msk_jax.data.pipeline import MODEL_KEYS
+
+        try:
+            clips = self.source.sample_clips(int(index), np.random.default_rng([self.seed, 0, int(index)]))
+        except DataError:
+            return None
+        return {k: clips[k] for k in MODEL_KEYS}
+
+
+def _grain_pipeline(source, videos_per_batch: int, workers: int):
+    """The same work with grain (optional, for comparison): shuffled indices, clips mapped in
+    `workers` grain worker processes, batches of the clips of `videos_per_batch` videos."""
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; this command line is argparse's
+        flags.FLAGS.mark_as_parsed()
+
+    def concatenate(videos):
+        return {k: np.concatenate([v[k] for v in videos]) for k in videos[0]}
+
+    dataset = (grain.MapDataset.range(len(source)).shuffle(seed=0).repeat().map(_GrainClips(source))
+               .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * videos_per_batch))
+               .filter(lambda clips: clips is not None)
+               .batch(videos_per_batch, batch_fn=concatenate))
+    return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+
+
+def _time_grain(source, videos_per_batch: int, batches: int, workers: int) -> dict:
+    import psutil
+
+    iterator = _grain_pipeline(source, videos_per_batch, workers)
+    me = psutil.Process()
+
+    def cpu():  # this process and its worker processes
+        return sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)])
+
+    for _ in range(2):
+        next(iterator)
+    wall, used = time.perf_counter(), cpu()
+    for _ in range(batches):
+        next(iterator)
+    wall, used = time.perf_counter() - wall, cpu() - used
+    videos = batches * videos_per_batch
+    del iterator
+    return {"videos_per_second": videos / wall, "clips_per_second": videos * 10 / wall,
+            "cpu_ms_per_video": 1e3 * used / videos, "videos": videos}
+
+
 def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
                            batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32",
-                           seconds: int = 396, dim: int = 2048) -> dict:
+                           seconds: int = 396, dim: int = 2048, grain: bool = False) -> dict:
     """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
     cache: today's npz files read whole by threads, against the feature store read by window
-    (threads, then worker processes), with 1 and 2 workers, in the same run."""
+    (threads, then worker processes), with 1 and 2 workers, in the same run; with `grain`, also
+    the store through grain's worker processes (grain installed separately)."""
     from msk_jax.data import synthetic
     from msk_jax.data.demo_corpus import default_root
     from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
@@ -604,6 +662,11 @@ def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, vid
                                             if 1 in rows and 2 in rows else None)}
     results.update({k: results["new"][k] for k in ("videos_per_second", "cpu_ms_per_video", "read_per_used",
                                                     "scaling_1_to_2")})
+    if grain:
+        rows = {count: _time_grain(store, videos_per_batch, batches, count) for count in workers}
+        results["grain"] = {"label": "store, grain processes", "workers": {str(k): v for k, v in rows.items()},
+                            "scaling_1_to_2": (rows[2]["videos_per_second"] / rows[1]["videos_per_second"]
+                                               if 1 in rows and 2 in rows else None)}
     return results
 
 
@@ -611,7 +674,9 @@ def format_pipeline_howto100m(r: dict) -> str:
     lines = [f"input path at HowTo100M sizes: {r['videos']} videos, {r['npz_bytes_per_video'] / 1e6:.1f} MB of npz "
              f"each, {r['videos_per_batch']} videos (x 10 clips) per batch, page cache; {_machine()}",
              f"{'path':22s} {'workers':>7s} {'videos/s':>9s} {'clips/s':>8s} {'CPU-ms/video':>13s} {'read/used':>10s}"]
-    for name in ("old", "store_threads", "new"):
+    for name in ("old", "store_threads", "new", "grain"):
+        if name not in r:
+            continue
         for count, row in r[name]["workers"].items():
             read = row.get("read_per_used")
             lines.append(f"{r[name]['label']:22s} {count:>7s} {row['videos_per_second']:9.0f} "
@@ -631,11 +696,14 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="feature store dtype (howto100m sizes)")
     parser.add_argument("--batches", type=int, default=None, help="timed batches (default 30 demo, 12 howto100m)")
+    parser.add_argument("--grain", action="store_true", help="howto100m sizes: also time grain's worker processes "
+                        "on the same store (pip install grain)")
 
 
 def _cli_pipeline(args: argparse.Namespace) -> dict:
     if args.sizes == "howto100m":
-        results = run_pipeline_howto100m(args.corpus_dir, args.videos, batches=args.batches or 12, dtype=args.dtype)
+        results = run_pipeline_howto100m(args.corpus_dir, args.videos, batches=args.batches or 12, dtype=args.dtype,
+                                         grain=args.grain)
         print(format_pipeline_howto100m(results), flush=True)
         return results
     results = run_pipeline(args.corpus_dir, args.size, batches=args.batches or 30)
