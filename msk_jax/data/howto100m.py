@@ -16,9 +16,12 @@ rows int(start * fps) : int(end * fps) + 1.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import pickle
+import sys
+import threading
 import zipfile
 from typing import Any, Mapping
 
@@ -115,6 +118,14 @@ def check_caption(source: str, video_id: str, caption: Any) -> dict:
     return {"start": start, "end": end, "text": text}
 
 
+# NumPy parses each array header with `ast.literal_eval`; CPython before 3.11.8 and 3.12.2 can
+# fail ("AST constructor recursion depth mismatch", gh-106905) when two threads do that at once,
+# so loader threads take turns there (they share one interpreter lock anyway; worker processes
+# do not need this).
+_AST_LOCK = threading.Lock() if sys.version_info < (3, 11, 8) or (3, 12) <= sys.version_info < (3, 12, 2) \
+    else contextlib.nullcontext()
+
+
 def _load_npz(path: str, key: str) -> np.ndarray:
     if not storage.exists(path):
         raise F.DataError(path, "file does not exist", "missing features")
@@ -122,7 +133,8 @@ def _load_npz(path: str, key: str) -> np.ndarray:
         with np.load(storage.local_or_buffer(path)) as data:
             if key not in data.files:
                 raise F.DataError(path, f"has no key '{key}' (keys: {data.files})", "bad file")
-            return data[key]
+            with _AST_LOCK:
+                return data[key]
     except F.DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
