@@ -1,0 +1,58 @@
+"""The experiment runner: grid x seeds, one folder per run, finished runs skipped, the summary."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from msk_jax import experiments
+from tests.train_fixtures import load_config, tiny_config
+
+
+def test_grid_parsing_and_overrides():
+    grid = experiments.parse_grid(["objective.consistency_scale=0,0.1", "model.num_anchors=8,16"])
+    assert grid == {"objective.consistency_scale": [0, 0.1], "model.num_anchors": [8, 16]}
+    assert len(experiments.settings(grid)) == 4
+    config = experiments.apply_overrides(load_config("demo"), {"objective.consistency_scale": 0}, seed=2)
+    assert config.objective.consistency_scale == 0.0 and isinstance(config.objective.consistency_scale, float)
+    assert config.seed == 2
+    with pytest.raises(KeyError, match="no 'consistency_scal'"):
+        experiments.apply_overrides(load_config("demo"), {"objective.consistency_scal": 1}, seed=0)
+    with pytest.raises(ValueError, match="model.num_anchors"):
+        experiments.apply_overrides(load_config("demo"), {"model.num_anchors": 0.5}, seed=0)
+    with pytest.raises(ValueError, match="FIELD=V1"):
+        experiments.parse_grid(["objective.consistency_scale"])
+
+
+def test_interval_is_the_t_interval():
+    mean, sd, half = experiments.interval([50.0, 55.0, 60.0])
+    assert (mean, sd) == (55.0, 5.0)
+    assert half == pytest.approx(4.303 * 5.0 / np.sqrt(3), rel=1e-3)  # t(0.975, 2 dof) = 4.303
+
+
+def test_runs_are_resumable_and_summarised(tmp_path):
+    calls = []
+
+    def fake_train(config, workdir):  # R@10 depends on the setting and the seed
+        calls.append(workdir)
+        r10 = 50 + 10 * config.objective.consistency_scale + config.seed
+        return {"MSRVTT": {"t2v": {"R1": 1.0, "R5": 2.0, "R10": r10}}}
+
+    grid = {"objective.consistency_scale": [0, 1]}
+    runs = experiments.run_grid(load_config("demo"), str(tmp_path), grid, [0, 1, 2], train_fn=fake_train)
+    assert len(runs) == len(calls) == 6 and len(set(calls)) == 6
+    again = experiments.run_grid(load_config("demo"), str(tmp_path), grid, [0, 1, 2], train_fn=fake_train)
+    assert len(calls) == 6 and again == runs  # every run finished: nothing retrained
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["runs"][3] == {"overrides": {"objective.consistency_scale": 1}, "seed": 0,
+                                          "metrics": {"MSRVTT": {"t2v": {"R1": 1.0, "R5": 2.0, "R10": 60}}}}
+    table = (tmp_path / "summary.md").read_text()
+    assert "| objective.consistency_scale=1 | 3 | MSRVTT | t2v |" in table and "61.0 (1.0)" in table
+
+
+def test_a_real_run_on_the_tiny_corpus(tiny_corpus, tmp_path):
+    config = tiny_config(tiny_corpus, num_train_steps=2, checkpoint_every_steps=2)
+    runs = experiments.run_grid(config, str(tmp_path), {"objective.consistency_scale": [0.5]}, [0])
+    assert runs[0]["metrics"]["YouCook2"]["t2v"]["R10"] >= 0
+    assert os.path.exists(tmp_path / "consistency_scale=0.5_seed=0" / "results.json")
