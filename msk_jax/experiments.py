@@ -66,15 +66,15 @@ def run_name(overrides: Mapping[str, Any], seed: int) -> str:
 
 
 def apply_overrides(config, overrides: Mapping[str, Any], seed: int):
-    """A copy of `config` with the overrides (dotted fields) and the seed set; unknown fields are
-    errors naming the field."""
+    """A copy of `config` with the overrides (dotted fields) and the seed set; unknown fields and
+    values of the wrong type are ValueErrors naming the field."""
     config = config.copy_and_resolve_references()
     for field, value in {**overrides, "seed": seed}.items():
         *parents, leaf = field.split(".")
         target = config
         for name in parents + [leaf]:
             if name not in target:
-                raise KeyError(f"--grid field '{field}': the config has no '{name}'.")
+                raise ValueError(f"--grid field '{field}': the config has no '{name}'.")
             if name != leaf:
                 target = target[name]
         try:
@@ -126,6 +126,8 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
         from msk_jax import train
         train_fn = train.train_and_evaluate
     runs, todo = [], [(o, s) for o in settings(grid) for s in seeds]
+    for overrides, seed in todo:  # every setting checked before any training
+        apply_overrides(config, overrides, seed)
     for number, (overrides, seed) in enumerate(todo, 1):
         folder = storage.join(workdir, run_name(overrides, seed))
         result_path = storage.join(folder, "results.json")
@@ -151,7 +153,7 @@ def main(argv):
     try:
         grid = parse_grid(FLAGS.grid)
         runs = run_grid(FLAGS.config, FLAGS.workdir, grid, [int(s) for s in FLAGS.seeds], FLAGS.directions)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(summarise(runs, FLAGS.directions), flush=True)

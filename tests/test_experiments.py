@@ -17,7 +17,7 @@ def test_grid_parsing_and_overrides():
     config = experiments.apply_overrides(load_config("demo"), {"objective.consistency_scale": 0}, seed=2)
     assert config.objective.consistency_scale == 0.0 and isinstance(config.objective.consistency_scale, float)
     assert config.seed == 2
-    with pytest.raises(KeyError, match="no 'consistency_scal'"):
+    with pytest.raises(ValueError, match="no 'consistency_scal'"):
         experiments.apply_overrides(load_config("demo"), {"objective.consistency_scal": 1}, seed=0)
     with pytest.raises(ValueError, match="model.num_anchors"):
         experiments.apply_overrides(load_config("demo"), {"model.num_anchors": 0.5}, seed=0)
