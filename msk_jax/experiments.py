@@ -26,11 +26,18 @@ from ml_collections import config_flags
 from msk_jax import storage
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Base configuration (a configs/*.py[:variant]).", lock_config=False)
-flags.DEFINE_string("workdir", None, "Folder of the runs and the summary (resumable).")
-flags.DEFINE_multi_string("grid", [], "FIELD=V1,V2,... a config field and its values (repeat for more fields).")
-flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) of every setting.")
-flags.DEFINE_list("directions", ["t2v", "t2v+a"], "Directions tabulated in summary.md.")
+
+
+def _define_flags() -> None:
+    """The command line's flags (defined only when run as a program: importing this module next
+    to `msk_jax.evaluate`, whose `--config` is another flag, must not clash)."""
+    config_flags.DEFINE_config_file("config", None, "Base configuration (a configs/*.py[:variant]).",
+                                    lock_config=False)
+    flags.DEFINE_string("workdir", None, "Folder of the runs and the summary (resumable).")
+    flags.DEFINE_multi_string("grid", [], "FIELD=V1,V2,... a config field and its values (repeat for more fields).")
+    flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) of every setting.")
+    flags.DEFINE_list("directions", ["t2v", "t2v+a"], "Directions tabulated in summary.md.")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 METRICS = ("R1", "R5", "R10")
 
@@ -160,5 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
+    _define_flags()
     app.run(main)
