@@ -79,6 +79,11 @@ class _SharedSlots:
             self.memory.unlink()
 
 
+def video_rng(seed: int, epoch: int, video_index: int) -> np.random.Generator:
+    """The generator of one video's clips: the same in a thread, a worker process or another host."""
+    return np.random.default_rng([seed, epoch, int(video_index)])
+
+
 _WORKER: dict = {}  # in a worker process: its source and the attached slots
 
 
@@ -106,7 +111,7 @@ def _load_into_slot(seed: int, epoch: int, video_index: int, slot: int):
     CPU seconds, bytes the source read)."""
     cpu, source = time.process_time(), _WORKER["source"]
     read = getattr(source, "bytes_read", 0)
-    rng = np.random.default_rng([seed, epoch, video_index])
+    rng = video_rng(seed, epoch, video_index)
     views = _WORKER["slots"].views(slot)
     try:
         clips = source.sample_clips(video_index, rng, out=views) if _WORKER["writes_out"] else \
@@ -168,7 +173,7 @@ class TrainingPipeline:
         return blocks[:, self.process_index].ravel()
 
     def _load(self, epoch: int, video_index: int):
-        rng = np.random.default_rng([self.seed, epoch, int(video_index)])
+        rng = video_rng(self.seed, epoch, video_index)
         try:
             clips = self.source.sample_clips(int(video_index), rng)
         except DataError as err:
