@@ -33,15 +33,20 @@ from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The configuration the checkpoint was trained with.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ folder, or a step folder.")
-flags.DEFINE_string("torch_checkpoint", None, "Original PyTorch weights (.pth) or a .npz of torch name -> array.")
-flags.DEFINE_enum("weights", "ema", ["ema", "online"], "Which msk_jax weights to evaluate (ema falls back "
-                  "to online when the checkpoint has no EMA).")
-flags.DEFINE_string("output_dir", None, "Where eval/ and tensorboard/ go (default: the training workdir).")
-flags.DEFINE_bool("watch", False, "Follow a training workdir and evaluate every new checkpoint once.")
-flags.DEFINE_float("poll_seconds", 30.0, "With --watch: how often to look for new checkpoints.")
-flags.DEFINE_float("idle_timeout", 3600.0, "With --watch: stop after this long without a new checkpoint.")
+
+
+def _define_flags() -> None:
+    """The command line's flags (defined only when run as a program, so that other tools can
+    import this module's functions and define their own `--config`)."""
+    config_flags.DEFINE_config_file("config", None, "The configuration the checkpoint was trained with.", lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ folder, or a step folder.")
+    flags.DEFINE_string("torch_checkpoint", None, "Original PyTorch weights (.pth) or a .npz of torch name -> array.")
+    flags.DEFINE_enum("weights", "ema", ["ema", "online"], "Which msk_jax weights to evaluate (ema falls back "
+                      "to online when the checkpoint has no EMA).")
+    flags.DEFINE_string("output_dir", None, "Where eval/ and tensorboard/ go (default: the training workdir).")
+    flags.DEFINE_bool("watch", False, "Follow a training workdir and evaluate every new checkpoint once.")
+    flags.DEFINE_float("poll_seconds", 30.0, "With --watch: how often to look for new checkpoints.")
+    flags.DEFINE_float("idle_timeout", 3600.0, "With --watch: stop after this long without a new checkpoint.")
 
 
 def locate(path: str) -> tuple[str, str, int | None]:
@@ -193,5 +198,6 @@ def main(argv):
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

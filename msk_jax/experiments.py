@@ -13,6 +13,7 @@ evaluation set and direction) is written to `--workdir` after every run.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -37,6 +38,10 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string("grid", [], "FIELD=V1,V2,... a config field and its values (repeat for more fields).")
     flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) of every setting.")
     flags.DEFINE_list("directions", ["t2v", "t2v+a"], "Directions tabulated in summary.md.")
+    flags.DEFINE_enum("analyse", "auto", ["auto", "yes", "no"], "Measure every run's anchor semantics and "
+                      "consistency diagnostics (auto: on the demo corpus, whose captions name each clip's digits).")
+    flags.DEFINE_string("plot_field", None, "Plot R@10 against this grid field into plot.png (default: the first "
+                        "numeric grid field with several values).")
     flags.mark_flags_as_required(["config", "workdir"])
 
 METRICS = ("R1", "R5", "R10")
@@ -125,10 +130,22 @@ def summarise(runs: Sequence[Mapping], directions: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def analyse(config, folder: str) -> dict:
+    """A finished run's anchor semantics (`anchor_semantics`) and, when the consistency loss is on,
+    its diagnostics (`consistency_diagnostics`); needs digit-word captions (the demo corpus)."""
+    from msk_jax import anchor_semantics, consistency_diagnostics
+
+    out = {"anchors": anchor_semantics.measure_run(config, folder)}
+    if config.objective.consistency:
+        out["diagnostics"] = consistency_diagnostics.diagnose_run(config, folder)
+    return out
+
+
 def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence[int],
-             directions: Sequence[str] = ("t2v", "t2v+a"), train_fn=None) -> list[dict]:
+             directions: Sequence[str] = ("t2v", "t2v+a"), train_fn=None, analyse_fn=None) -> list[dict]:
     """Trains every (setting, seed) not yet finished under `workdir`; returns every run's
-    {'overrides', 'seed', 'metrics'} and writes summary.json and summary.md."""
+    {'overrides', 'seed', 'metrics'} (plus what `analyse_fn(config, folder)` returns, added to
+    finished runs that lack it) and writes summary.json and summary.md."""
     if train_fn is None:
         from msk_jax import train
         train_fn = train.train_and_evaluate
@@ -138,20 +155,119 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
     for number, (overrides, seed) in enumerate(todo, 1):
         folder = storage.join(workdir, run_name(overrides, seed))
         result_path = storage.join(folder, "results.json")
+        run_config = apply_overrides(config, overrides, seed)
         if storage.exists(result_path):
             run = json.loads(storage.read_bytes(result_path))
             print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: finished before, skipped", flush=True)
         else:
             print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: training in {folder}", flush=True)
-            metrics = train_fn(apply_overrides(config, overrides, seed), folder)
+            metrics = train_fn(run_config, folder)
             if not metrics:
                 raise RuntimeError(f"run {folder} gave no evaluation results (no evaluation sets configured?)")
             run = {"overrides": dict(overrides), "seed": int(seed), "metrics": metrics}
             storage.write_atomic(result_path, json.dumps(run, indent=1))
+        if analyse_fn is not None and "anchors" not in run:
+            print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: measuring anchors and diagnostics", flush=True)
+            run.update(analyse_fn(run_config, folder))
+            storage.write_atomic(result_path, json.dumps(run, indent=1))
         runs.append(run)
         storage.write_atomic(storage.join(workdir, "summary.json"), json.dumps({"runs": runs}, indent=1))
-        storage.write_atomic(storage.join(workdir, "summary.md"), summarise(runs, directions))
+        storage.write_atomic(storage.join(workdir, "summary.md"), "\n".join(
+            part for part in (summarise(runs, directions), summarise_anchors(runs), summarise_diagnostics(runs)) if part))
     return runs
+
+
+def _label(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(base config)"
+
+
+def _groups(runs: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    groups: dict[str, list[Mapping]] = {}
+    for run in runs:
+        groups.setdefault(_label(run["overrides"]), []).append(run)
+    return groups
+
+
+def summarise_anchors(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting and evaluation set, the mean over seeds of the anchors' NMI with
+    "digit present" per modality/space, learned anchors vs random anchors; '' without analyses."""
+    runs = [r for r in runs if "anchors" in r]
+    if not runs:
+        return ""
+    keys = list(next(iter(runs[0]["anchors"].values())))
+    lines = ["| setting | set | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for label, members in _groups(runs).items():
+        for dataset in members[0]["anchors"]:
+            cells = []
+            for key in keys:
+                rows = [r["anchors"][dataset][key] for r in members]
+                cells.append(f"{np.mean([x['nmi_present'] for x in rows]):.3f} / "
+                             f"{np.mean([x['random_nmi_present'] for x in rows]):.3f} / "
+                             f"{np.mean([x['chance_present'] for x in rows]):.3f}")
+            lines.append(f"| {label} | {dataset} | " + " | ".join(cells) + " |")
+    return ("NMI of the assigned anchor with \"digit d occurs\" (mean over digits and seeds): "
+            "learned anchors / random anchors / shuffled labels\n\n" + "\n".join(lines) + "\n")
+
+
+DIAGNOSTICS = ("consistency_to_contrastive_encoders", "encoder_grad_cosine", "target_entropy", "anchors_per_clip",
+               "targets_below_half")
+
+
+def summarise_diagnostics(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting, the mean over seeds of the consistency diagnostics; '' without any."""
+    runs = [r for r in runs if "diagnostics" in r]
+    if not runs:
+        return ""
+    lines = ["| setting | " + " | ".join(DIAGNOSTICS) + " |", "| --- | " + " | ".join("---" for _ in DIAGNOSTICS) + " |"]
+    for label, members in _groups(runs).items():
+        lines.append(f"| {label} | " + " | ".join(f"{np.mean([r['diagnostics'][k] for r in members]):.3f}"
+                                                  for k in DIAGNOSTICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[Mapping], field: str, path: str, directions: Sequence[str] = ("t2v", "t2v+a"),
+         metric: str = "R10") -> None:
+    """`metric` against the values of `field` (mean and 95 % interval over seeds), one panel per
+    evaluation set; where the field's value 0 is among them (e.g. consistency_scale=0, the
+    baseline) its mean +- sd is drawn as a band across the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if field in r["overrides"]]
+    values = sorted({r["overrides"][field] for r in runs})
+    datasets = list(runs[0]["metrics"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for direction, color in zip(directions, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            stats = [interval([r["metrics"][dataset][direction][metric] for r in runs if r["overrides"][field] == v])
+                     for v in values]
+            shown = [(v, s) for v, s in zip(values, stats) if v != 0] if 0 in values else list(zip(values, stats))
+            ax.errorbar([v for v, _ in shown], [s[0] for _, s in shown], yerr=[np.nan_to_num(s[2]) for _, s in shown],
+                        marker="o", capsize=3, color=color, label=direction)
+            if 0 in values:
+                mean, sd, _ = stats[values.index(0)]
+                ax.axhspan(mean - np.nan_to_num(sd), mean + np.nan_to_num(sd), color=color, alpha=0.15)
+                ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{direction}, {field.split('.')[-1]}=0")
+        ax.set_xscale("log" if all(v > 0 for v, _ in shown) and len(shown) > 2 else "linear")
+        ax.set_xlabel(field)
+        ax.set_ylabel(f"{metric} (mean, 95 % interval over seeds)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_atomic(path, buffer.getvalue())
+
+
+def plot_field(grid: Mapping[str, Sequence]) -> str | None:
+    """The first grid field with several numeric values."""
+    for field, values in grid.items():
+        if len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return field
+    return None
 
 
 def main(argv):
@@ -159,11 +275,19 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         grid = parse_grid(FLAGS.grid)
-        runs = run_grid(FLAGS.config, FLAGS.workdir, grid, [int(s) for s in FLAGS.seeds], FLAGS.directions)
+        field = FLAGS.plot_field or plot_field(grid)
+        if field and field not in grid:
+            raise ValueError(f"--plot_field={field} is not a --grid field.")
+        wanted = FLAGS.analyse == "yes" or (FLAGS.analyse == "auto" and FLAGS.config.data.source == "demo")
+        runs = run_grid(FLAGS.config, FLAGS.workdir, grid, [int(s) for s in FLAGS.seeds], FLAGS.directions,
+                        analyse_fn=analyse if wanted else None)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print(summarise(runs, FLAGS.directions), flush=True)
+    if field:
+        plot(runs, field, storage.join(FLAGS.workdir, "plot.png"), FLAGS.directions)
+        print(f"plot: {storage.join(FLAGS.workdir, 'plot.png')}", flush=True)
+    print(storage.read_bytes(storage.join(FLAGS.workdir, "summary.md")).decode(), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,36 @@ def test_runs_are_resumable_and_summarised(tmp_path):
     assert "| objective.consistency_scale=1 | 3 | MSRVTT | t2v |" in table and "61.0 (1.0)" in table
 
 
-def test_a_real_run_on_the_tiny_corpus(tiny_corpus, tmp_path):
+def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, num_train_steps=2, checkpoint_every_steps=2)
-    runs = experiments.run_grid(config, str(tmp_path), {"objective.consistency_scale": [0.5]}, [0])
-    assert runs[0]["metrics"]["YouCook2"]["t2v"]["R10"] >= 0
-    assert os.path.exists(tmp_path / "consistency_scale=0.5_seed=0" / "results.json")
+    runs = experiments.run_grid(config, str(tmp_path), {"objective.consistency_scale": [0.5]}, [0],
+                                analyse_fn=experiments.analyse)
+    run = runs[0]
+    assert run["metrics"]["YouCook2"]["t2v"]["R10"] >= 0
+    with open(tmp_path / "consistency_scale=0.5_seed=0" / "results.json") as f:
+        assert json.load(f) == run
+    # Anchor semantics: both evaluation sets, three modalities x two spaces, NMI in [0, 1].
+    assert set(run["anchors"]) == {"MSRVTT", "YouCook2"}
+    rows = run["anchors"]["MSRVTT"]
+    assert set(rows) == {f"{m}/{s}" for m in ("text", "video", "audio") for s in ("input", "joint")}
+    assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("nmi_first", "nmi_present", "random_nmi_first"))
+    assert all(1 <= r["anchors_used"] <= 4 for r in rows.values())  # tiny_config: 4 anchors
+    # Diagnostics at step 2 (the queues of 16 rows are full after two steps of 8 clips).
+    d = run["diagnostics"]
+    assert d["step"] == 2 and d["steps_in_queue"] == 2.0
+    assert d["contrastive_grad_encoders"] > 0 and d["consistency_grad_encoders"] > 0
+    assert d["consistency_to_contrastive_encoders"] == pytest.approx(
+        0.5 * d["consistency_grad_encoders"] / d["contrastive_grad_encoders"])
+    assert -1 <= d["encoder_grad_cosine"] <= 1 and 0 < d["target_entropy"] <= 1
+    assert 1 <= d["anchors_per_clip"] <= 4  # Multi-SK: about R = K/2 anchors per clip
+    assert "learned anchors / random anchors" in (tmp_path / "summary.md").read_text()
+
+
+def test_plot_draws_the_sweep_and_the_baseline_band(tmp_path):
+    runs = [{"overrides": {"objective.consistency_scale": v}, "seed": s,
+             "metrics": {d: {t: {"R10": 50 + v + s} for t in ("t2v", "t2v+a")} for d in ("MSRVTT", "YouCook2")}}
+            for v in (0, 0.1, 1) for s in (0, 1, 2)]
+    assert experiments.plot_field({"seed_like": ["a", "b"], "objective.consistency_scale": [0, 0.1, 1]}) == \
+        "objective.consistency_scale"
+    experiments.plot(runs, "objective.consistency_scale", str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

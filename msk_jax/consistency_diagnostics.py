@@ -1,0 +1,155 @@
+"""How the anchor consistency loss acts on a trained model: the evidence for what it does.
+
+At a run's latest checkpoint (online weights, BatchNorm in training mode, the checkpoint's
+feature queues) and on the batch the run would have trained on next, this measures:
+
+- the gradient of the contrastive loss and of the consistency loss (at scale 1): their norms on
+  the encoders (every parameter except the anchors) and on the anchors, the ratio of the scaled
+  consistency gradient to the contrastive one on the encoders, and the cosine between the two
+  (negative: the consistency loss pulls the encoders against the contrastive loss);
+- the Multi-SK targets: the mean entropy of a clip's target row (normalised to a distribution)
+  over log K (1: uniform, no information), and the mean number of anchors a clip is assigned to
+  (target > 0.5);
+- the consistency cost's prediction `sigmoid(exp(s / T))`, which is above 0.5 for every
+  similarity s: the share of target entries below 0.5 that it can therefore never fit;
+- the queue: how many steps a clip stays in it and how many of the corpus's videos it holds.
+
+    python -m msk_jax.consistency_diagnostics --config=configs/howto.py:demo --checkpoint=RUN
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msk_jax.loss import ObjectiveConfig, multisk_loss, multisk_targets
+
+
+def _is_anchor(path) -> bool:
+    return any("anchors" in str(getattr(entry, "key", entry)) for entry in path)
+
+
+def _norms(grads) -> dict[str, jax.Array]:
+    leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+    encoders = sum(jnp.sum(g ** 2) for p, g in leaves if not _is_anchor(p))
+    anchors = sum(jnp.sum(g ** 2) for p, g in leaves if _is_anchor(p))
+    return {"encoders": jnp.sqrt(encoders), "anchors": jnp.sqrt(anchors)}
+
+
+def _encoder_cosine(a, b) -> jax.Array:
+    pairs = [(x, y) for (p, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                                               jax.tree_util.tree_flatten_with_path(b)[0]) if not _is_anchor(p)]
+    dot = sum(jnp.sum(x * y) for x, y in pairs)
+    return dot / jnp.sqrt(sum(jnp.sum(x ** 2) for x, _ in pairs) * sum(jnp.sum(y ** 2) for _, y in pairs))
+
+
+def diagnose(model, params: Mapping[str, Any], batch_stats: Mapping[str, Any], queues, objective: ObjectiveConfig,
+             batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The gradient, target and prediction measures of one batch (see the module docstring)."""
+
+    unscaled = dataclasses.replace(objective, consistency_scale=1.0)
+
+    def terms(p):
+        outputs, _ = model.apply({"params": p, "batch_stats": batch_stats}, batch, train=True, mutable=["batch_stats"])
+        _, metrics, _ = multisk_loss(outputs, p, queues, unscaled)
+        return metrics["contrastive"], metrics["consistency"], outputs
+
+    @jax.jit
+    def measure(p):
+        contrastive = jax.grad(lambda q: terms(q)[0])(p)
+        consistency = jax.grad(lambda q: terms(q)[1])(p)
+        _, _, outputs = terms(p)
+        targets, _ = multisk_targets(outputs, p, queues, objective)
+        entropy, strong, unfit = [], [], []
+        for name, target in targets.items():
+            k = target.shape[-1]
+            dist = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-12)
+            entropy.append(jnp.mean(-jnp.sum(dist * jnp.log(jnp.maximum(dist, 1e-12)), -1)) / jnp.log(k))
+            strong.append(jnp.mean(jnp.sum(target > 0.5, -1)))
+            unfit.append(jnp.mean(target < 0.5))
+        c, s = _norms(contrastive), _norms(consistency)
+        return {"contrastive_grad_encoders": c["encoders"], "consistency_grad_encoders": s["encoders"],
+                "consistency_grad_anchors": s["anchors"], "encoder_grad_cosine": _encoder_cosine(contrastive, consistency),
+                "target_entropy": jnp.mean(jnp.stack(entropy)), "anchors_per_clip": jnp.mean(jnp.stack(strong)),
+                "targets_below_half": jnp.mean(jnp.stack(unfit))}
+
+    out = {k: float(v) for k, v in jax.device_get(measure(params)).items()}
+    out["consistency_to_contrastive_encoders"] = (objective.consistency_scale * out["consistency_grad_encoders"]
+                                                  / out["contrastive_grad_encoders"])
+    return out
+
+
+def queue_turnover(config, num_videos: int) -> dict[str, float]:
+    """How long a clip stays in the feature queue and how much of the corpus the queue holds."""
+    clips_per_step = config.videos_per_batch * config.data.n_clips
+    steps = config.objective.queue_len / clips_per_step
+    return {"queue_len": config.objective.queue_len, "clips_per_step": clips_per_step, "steps_in_queue": steps,
+            "videos_in_queue": steps * config.videos_per_batch,
+            "corpus_fraction_in_queue": min(1.0, steps * config.videos_per_batch / num_videos)}
+
+
+def diagnose_run(config, workdir: str) -> dict[str, float]:
+    """`diagnose` at the run's latest checkpoint on its next training batch, plus `queue_turnover`."""
+    from msk_jax import checkpoints, train, train_step
+    from msk_jax.data.pipeline import TrainingPipeline
+
+    objective = ObjectiveConfig.from_config(config.objective)
+    if not objective.consistency:
+        raise ValueError(f"{workdir}: the consistency loss is off in this configuration: nothing to diagnose.")
+    source, words, _ = train.build_data(config)
+    model = train.build_model(config)
+    schedule = train_step.epoch_decay_schedule(config.optimizer.lr, config.optimizer.lr_decay_per_epoch, 1)
+    tx = train_step.adam(schedule, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)  # (its state's shape)
+    template = train_step.create_train_state(jax.random.PRNGKey(config.seed), model, objective, tx,
+                                             train.sample_batch(config, words.dim), ema_decay=config.ema_decay or None)
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise checkpoints.CheckpointError(f"no checkpoint in {workdir}.")
+        state, meta = checkpointer.restore(template, step)
+    finally:
+        checkpointer.close()
+    pipeline = TrainingPipeline(source, config.videos_per_batch, seed=config.seed, workers=1)
+    try:
+        pipeline.restore(meta["input"][0])
+        batch = next(iter(pipeline))
+    finally:
+        pipeline.close()
+    batch = {k: batch[k] for k in train.sample_batch(config, words.dim)}
+    result = diagnose(model, state.params, state.batch_stats, state.queues, objective, batch)
+    return {"step": step, **result, **queue_turnover(config, len(source))}
+
+
+def main(argv):
+    from absl import app, logging
+
+    from msk_jax import checkpoints
+    from msk_jax.data.features import DataError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        result = diagnose_run(FLAGS.config, FLAGS.checkpoint)
+    except (checkpoints.CheckpointError, FileNotFoundError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(json.dumps(result, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "The configuration the run was trained with.")
+    flags.DEFINE_string("checkpoint", None, "The run's workdir.")
+    flags.mark_flags_as_required(["config", "checkpoint"])
+    app.run(main)
