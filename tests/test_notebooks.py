@@ -109,12 +109,14 @@ def test_quickstart_runs_on_the_tiny_corpus(tiny_corpus, tmp_path, kernel_name):
     nb = set_parameters(read("quickstart.ipynb"), CORPUS_DIR=tiny_corpus, CORPUS_SIZE="tiny", FEATURE_DIM=16,
                         NUM_STEPS=6, SMALL_MODEL=True, WORKDIR=str(workdir), HEATMAP_CLIPS=12)
     nb = execute(nb, kernel_name, tmp_path / "quickstart.executed.ipynb")
-    # Inputs, loss curves, anchor heatmaps, retrieval examples (the inputs take two figures).
-    check_clean_run(nb, min_images=5)
+    # Inputs, loss curves, anchor heatmaps, anchor x digit heatmaps, retrieval examples (the inputs
+    # take two figures).
+    check_clean_run(nb, min_images=6)
     text = stream_text(nb)
     assert "training 6 steps" in text
     assert "MSRVTT" in text and "YouCook2" in text and "t2v" in text
     assert "restored step 6" in text
+    assert "| MSRVTT | video/joint |" in text and "NMI digit present" in text
     assert "query '" in text and "correct clip at rank" in text
     assert (workdir / "metrics.jsonl").is_file()
 
