@@ -285,8 +285,11 @@ def main(argv):
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     if field:
-        plot(runs, field, storage.join(FLAGS.workdir, "plot.png"), FLAGS.directions)
-        print(f"plot: {storage.join(FLAGS.workdir, 'plot.png')}", flush=True)
+        try:
+            plot(runs, field, storage.join(FLAGS.workdir, "plot.png"), FLAGS.directions)
+            print(f"plot: {storage.join(FLAGS.workdir, 'plot.png')}", flush=True)
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install -r requirements-dev.txt)", flush=True)
     print(storage.read_bytes(storage.join(FLAGS.workdir, "summary.md")).decode(), flush=True)
 
 

@@ -28,6 +28,7 @@ def test_restarts_with_tcmalloc_preloaded():
 
 def test_disabled_or_missing_library_changes_nothing():
     assert _probe(MSK_JAX_TCMALLOC="0") == ["absent", "-"]
+    assert _probe(JAX_PLATFORMS="cuda") == ["absent", "-"]  # GPU and TPU hosts: never preloaded
     # No library found (find_library searches the loader cache; an empty LD_LIBRARY_PATH and a
     # name that does not exist stand in for a machine without tcmalloc).
     code = ("from msk_jax import allocator; allocator._LIBRARIES = ('msk_jax_no_such_allocator',); "
@@ -35,3 +36,15 @@ def test_disabled_or_missing_library_changes_nothing():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
     assert done.stdout.strip() == "False"
+
+
+def test_accelerator_hosts_are_recognised(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    assert allocator.accelerator_host()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not allocator.accelerator_host()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(allocator, "ACCELERATOR_PLUGINS", ("json",))  # an importable stand-in for a plugin
+    assert allocator.accelerator_host()
+    monkeypatch.setattr(allocator, "ACCELERATOR_PLUGINS", ("msk_jax_no_such_plugin",))
+    assert not allocator.accelerator_host()

@@ -231,3 +231,9 @@ def test_the_readers_read_it(corpus):
     youcook = read_eval_pickle(paths.youcook, YOUCOOK2, vectors,
                                complete_dataset_size=meta["counts"]["youcook_entries"])
     assert len(youcook) == meta["counts"]["youcook"] and youcook.dropped == 3
+
+
+def test_missing_voices_stop_with_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_corpus, "SOUNDS_ROOT", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"\['it'\] not found.*sudo apt-get install -y asterisk-core-sounds-en-wav"):
+        demo_corpus.ensure_voices(["it"])

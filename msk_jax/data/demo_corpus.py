@@ -33,7 +33,6 @@ import math
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 import time
 import wave
@@ -185,22 +184,12 @@ def _voice_dir(lang: str) -> str | None:
 
 
 def ensure_voices(languages: Sequence[str]) -> dict[str, str]:
-    """lang -> voice folder; installs the Asterisk sound packages with apt-get when root."""
+    """lang -> voice folder; stops with the command that installs the missing sound packages."""
     found = {lang: _voice_dir(lang) for lang in languages}
     missing = [lang for lang, path in found.items() if path is None]
-    if not missing:
-        return found
-    can_install = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")
-    if not can_install:
+    if missing:
         raise RuntimeError(f"demo corpus: spoken digits for {missing} not found under {SOUNDS_ROOT}/<lang>/digits; "
-                           f"install the Asterisk sound packages: {APT_COMMAND}")
-    print(f"[demo corpus] spoken digits for {missing} not found; running: {APT_COMMAND}", flush=True)
-    result = subprocess.run(APT_COMMAND.split(), check=False)
-    found = {lang: _voice_dir(lang) for lang in languages}
-    missing = [lang for lang, path in found.items() if path is None]
-    if result.returncode != 0 or missing:
-        raise RuntimeError(f"demo corpus: installing the Asterisk sound packages failed (exit {result.returncode}); "
-                           f"still missing {missing}. Run: apt-get update && {APT_COMMAND}")
+                           f"install the Asterisk sound packages first: sudo {APT_COMMAND}")
     return found
 
 
