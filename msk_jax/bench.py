@@ -734,8 +734,9 @@ def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
     given mesh, without allocating it: per-device memory_analysis and cost_analysis FLOPs."""
     import importlib.util
 
-    from msk_jax import sharding, train, train_step
+    from msk_jax import input_pipeline, sharding, train, train_step
     from msk_jax.loss import ObjectiveConfig
+    from msk_jax.model import MultiSKModel
 
     spec = importlib.util.spec_from_file_location(
         "howto", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "howto.py"))
@@ -745,10 +746,11 @@ def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
     devices = jax.device_count()
     mesh = sharding.create_mesh(_plan_mesh(mesh_kind, devices))
     rules = sharding.rules_for(mesh, [])
-    model = train.build_model(config)
+    model = MultiSKModel.from_config(config)
     objective = ObjectiveConfig.from_config(config.objective)
     tx = train_step.adam(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in train.sample_batch(config, config.model.text_dim).items()}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in input_pipeline.sample_batch(config, config.model.text_dim).items()}
 
     def init(rng):
         zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}

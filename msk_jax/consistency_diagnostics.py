@@ -96,18 +96,19 @@ def queue_turnover(config, num_videos: int) -> dict[str, float]:
 
 def diagnose_run(config, workdir: str) -> dict[str, float]:
     """`diagnose` at the run's latest checkpoint on its next training batch, plus `queue_turnover`."""
-    from msk_jax import checkpoints, train, train_step
+    from msk_jax import checkpoints, input_pipeline, train_step
+    from msk_jax.model import MultiSKModel
     from msk_jax.data.pipeline import TrainingPipeline
 
     objective = ObjectiveConfig.from_config(config.objective)
     if not objective.consistency:
         raise ValueError(f"{workdir}: the consistency loss is off in this configuration: nothing to diagnose.")
-    source, words, _ = train.build_data(config)
-    model = train.build_model(config)
+    source, words, _ = input_pipeline.build_data(config)
+    model = MultiSKModel.from_config(config)
     schedule = train_step.epoch_decay_schedule(config.optimizer.lr, config.optimizer.lr_decay_per_epoch, 1)
     tx = train_step.adam(schedule, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)  # (its state's shape)
     template = train_step.create_train_state(jax.random.PRNGKey(config.seed), model, objective, tx,
-                                             train.sample_batch(config, words.dim), ema_decay=config.ema_decay or None)
+                                             input_pipeline.sample_batch(config, words.dim), ema_decay=config.ema_decay or None)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         step = checkpointer.latest_step()
@@ -122,7 +123,7 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
         batch = next(iter(pipeline))
     finally:
         pipeline.close()
-    batch = {k: batch[k] for k in train.sample_batch(config, words.dim)}
+    batch = {k: batch[k] for k in input_pipeline.sample_batch(config, words.dim)}
     result = diagnose(model, state.params, state.batch_stats, state.queues, objective, batch)
     return {"step": step, **result, **queue_turnover(config, len(source))}
 

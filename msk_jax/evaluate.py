@@ -28,9 +28,10 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, convert, evaluation, metric_writers, storage, train
+from msk_jax import allocator, convert, evaluation, input_pipeline, metric_writers, storage
 from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
+from msk_jax.model import MultiSKModel
 
 FLAGS = flags.FLAGS
 
@@ -123,7 +124,7 @@ def load_torch_weights(path: str, template: dict) -> dict:
 
 
 def model_template(model, config, words_dim: int) -> dict:
-    batch = {k: v[:1] for k, v in train.sample_batch(config, words_dim).items()}
+    batch = {k: v[:1] for k, v in input_pipeline.sample_batch(config, words_dim).items()}
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), batch)
 
 
@@ -146,10 +147,10 @@ def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: s
     """Evaluates and returns {step: results}."""
     if bool(checkpoint) == bool(torch_checkpoint):
         raise CheckpointError("give exactly one of --checkpoint and --torch_checkpoint.")
-    paths = train.data_paths(config, training=False)
-    words = train.load_words(config, paths)
-    evals = train.build_eval_sets(config, paths, words)
-    model = train.build_model(config)
+    paths = input_pipeline.data_paths(config, training=False)
+    words = input_pipeline.load_words(config, paths)
+    evals = input_pipeline.build_eval_sets(config, paths, words)
+    model = MultiSKModel.from_config(config)
     template = model_template(model, config, words.dim)
     if torch_checkpoint:
         out = output_dir or os.fspath(storage.path(torch_checkpoint).parent)

@@ -100,6 +100,17 @@ class MultiSKModel(nn.Module):
         mask = mask.at[:, 0].set(jnp.where(nonempty, mask[:, 0], jnp.ones_like(mask[:, 0])))
         return x, mask, nonempty
 
+    @classmethod
+    def from_config(cls, config) -> "MultiSKModel":
+        """The model of `config.model` (the whole run configuration is passed)."""
+        fields = dict(config.model)
+        fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
+        for key in ("davenet_layers", "davenet_widths"):
+            fields[key] = tuple(fields[key])
+        if isinstance(fields["num_anchors"], (list, tuple)):
+            fields["num_anchors"] = tuple(fields["num_anchors"])
+        return cls(**fields)
+
     @nn.compact
     def __call__(self, batch, train: bool = False):
         """batch: video (B, Tv, video_dim) + video_mask (B, Tv); text (B, Tt, text_dim) +

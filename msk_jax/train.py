@@ -10,7 +10,6 @@ SIGTERM (on any process of a multi-host run) saves and stops every process at th
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import signal
 
@@ -20,155 +19,17 @@ import numpy as np
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from msk_jax import checkpoints, evaluation, metric_writers, sharding, storage, train_step
-from msk_jax.data import eval_sets as eval_data
-from msk_jax.data.features import DataError
-from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+from msk_jax import checkpoints, evaluation, input_pipeline, metric_writers, sharding, storage, train_step
 from msk_jax.data.pipeline import TrainingPipeline
-from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.input_pipeline import sample_batch
 from msk_jax.loss import ObjectiveConfig
 from msk_jax.model import MultiSKModel
 
-README_DATA = "see 'Data' in README.md, or try the demo: --config=configs/howto.py:demo"
 LOG_KEYS = ("loss", "contrastive", "consistency", "tv", "learning_rate", "steps_per_sec", "eta_minutes")
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; the run stops without checkpointing that state."""
-
-
-# --- construction -------------------------------------------------------------------------------
-
-def build_model(config) -> MultiSKModel:
-    fields = dict(config.model)
-    fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-    for key in ("davenet_layers", "davenet_widths"):
-        fields[key] = tuple(fields[key])
-    if isinstance(fields["num_anchors"], (list, tuple)):
-        fields["num_anchors"] = tuple(fields["num_anchors"])
-    return MultiSKModel(**fields)
-
-
-def clip_settings(config) -> ClipSettings:
-    d = config.data
-    return ClipSettings(min_time=d.min_time, n_video_tokens=d.n_video_tokens, fps_2d=d.fps_2d, fps_3d=d.fps_3d,
-                        max_words=d.max_words, num_audio_frames=d.num_audio_frames, n_clips=d.n_clips,
-                        text_audio_misaligned=d.text_audio_misaligned, audio_bins=config.model.audio_feat_dim)
-
-
-def _require(path: str, what: str, field: str) -> str:
-    if not path:
-        raise FileNotFoundError(f"config.data.{field} is not set: the path of {what}; {README_DATA}.")
-    if not storage.exists(path):
-        raise FileNotFoundError(f"config.data.{field}='{path}' ({what}) does not exist; {README_DATA}.")
-    return path
-
-
-def demo_paths(config):
-    """Builds the demo corpus if needed (cached) and returns its paths."""
-    from msk_jax.data.demo_corpus import build_demo_corpus, default_root
-
-    root = config.data.demo_dir or default_root()
-    if storage.is_remote(root):
-        raise DataError("config.data.demo_dir", f"'{root}' is a URL, but the demo corpus is built in a local cache "
-                        "folder; to read a copy of it from a bucket, use config.data.source='files' with gs:// "
-                        "paths (see README.md)", "remote demo_dir")
-    return build_demo_corpus(root, size=config.data.demo_size,
-                             feature_dim=config.data.dim_2d, progress=jax.process_index() == 0)
-
-
-@dataclasses.dataclass
-class DataPaths:
-    """Where the training data, word vectors and evaluation pickles are (from config.data)."""
-
-    word_vectors: str
-    msrvtt: str = ""
-    youcook2: str = ""
-    csv: str = ""
-    caption: str = ""
-    features_2d: str = ""
-    features_3d: str = ""
-    audio: str = ""
-
-
-def data_paths(config, training: bool = True) -> DataPaths:
-    """Resolves config.data (building the demo corpus when source='demo'); missing paths raise
-    FileNotFoundError naming the field. `training=False` checks only what evaluation needs."""
-    d = config.data
-    if d.source == "demo":
-        p = demo_paths(config)
-        return DataPaths(p.word_vectors, p.msrvtt, p.youcook, p.csv, p.caption, p.features_2d, p.features_3d, p.audio)
-    if d.source not in ("files", "tfds", "store"):
-        raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds', 'store' or 'demo'.")
-    paths = DataPaths(_require(d.word_vectors, "the word2vec binary word vectors", "word_vectors"),
-                      msrvtt=d.msrvtt, youcook2=d.youcook2)
-    if training and d.source == "files":
-        paths.csv = _require(d.csv, "the HowTo100M csv", "csv")
-        paths.caption = _require(d.caption, "caption.pickle", "caption")
-        paths.features_2d = _require(d.features_2d, "the 2D feature root", "features_2d")
-        paths.features_3d = _require(d.features_3d or d.features_2d, "the 3D feature root", "features_3d")
-        paths.audio = _require(d.audio, "the log-mel root", "audio")
-    return paths
-
-
-def load_words(config, paths: DataPaths):
-    words = load_word2vec_binary(paths.word_vectors)
-    if words.dim != config.model.text_dim:
-        raise ValueError(f"word vectors '{paths.word_vectors}' are {words.dim}-d but config.model.text_dim is "
-                         f"{config.model.text_dim}.")
-    return words
-
-
-def build_training_source(config, paths: DataPaths, words):
-    settings = clip_settings(config)
-    d = config.data
-    if d.source == "tfds":
-        from msk_jax.data.tfds_builders import TFDSVideoSource
-        return TFDSVideoSource.load(_require(d.tfds_data_dir, "the built TFDS datasets", "tfds_data_dir"),
-                                    words, settings)
-    if d.source == "store":
-        from msk_jax.data.feature_store import FeatureStoreSource
-        return FeatureStoreSource(_require(d.store_dir, "the feature store", "store_dir"), settings,
-                                  dim_2d=d.dim_2d, dim_3d=d.dim_3d, word_dim=words.dim)
-    return HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
-                           features_3d=paths.features_3d, settings=settings, dim_2d=d.dim_2d, dim_3d=d.dim_3d)
-
-
-def build_eval_sets(config, paths: DataPaths, words) -> dict:
-    """{name: EvalSet} for the evaluation pickles that are configured."""
-    d = config.data
-    evals = {}
-    for name, path, fmt, complete in (("MSRVTT", paths.msrvtt, eval_data.MSRVTT, d.msrvtt_complete_size),
-                                      ("YouCook2", paths.youcook2, eval_data.YOUCOOK2, d.youcook2_complete_size)):
-        if not path:
-            continue
-        entries, dropped = eval_data.load_eval_entries(path, fmt)
-        evals[name] = eval_data.build_eval_set(
-            entries, fmt, words, source=path, dropped=dropped, max_words=d.max_words, dim_2d=d.dim_2d,
-            dim_3d=d.dim_3d, n_video_tokens=d.eval_video_tokens or None,
-            num_audio_frames=d.eval_audio_frames or None,
-            # complete < 0: the file is the whole set (entries without features still count).
-            complete_dataset_size=complete if complete >= 0 else len(entries) + dropped)
-    return evals
-
-
-def build_data(config):
-    """(training video source, word vectors, {name: EvalSet}) from config.data."""
-    paths = data_paths(config)
-    words = load_words(config, paths)
-    return build_training_source(config, paths, words), words, build_eval_sets(config, paths, words)
-
-
-def sample_batch(config, word_dim: int) -> dict[str, np.ndarray]:
-    """Zeros with the shapes of one global training batch."""
-    d = config.data
-    b = config.videos_per_batch * d.n_clips
-    return {"video": np.zeros((b, d.n_video_tokens, config.model.video_dim), np.float32),
-            "video_mask": np.ones((b, d.n_video_tokens), np.float32),
-            "text": np.zeros((b, d.max_words, word_dim), np.float32),
-            "text_mask": np.ones((b, d.max_words), np.float32),
-            "audio": np.zeros((b, config.model.audio_feat_dim, d.num_audio_frames), np.float32),
-            "audio_mask": np.ones((b, d.num_audio_frames), np.float32)}
 
 
 def create_sharded_state(rng, model, objective: ObjectiveConfig, tx, batch_shapes: dict, mesh, rules,
@@ -318,9 +179,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     storage.makedirs(workdir)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, log_keys=LOG_KEYS)
-    model = build_model(config)
+    model = MultiSKModel.from_config(config)
     objective = ObjectiveConfig.from_config(config.objective)
-    source, words, evals = build_data(config)
+    source, words, evals = input_pipeline.build_data(config)
     if config.videos_per_batch > len(source):
         raise ValueError(f"config.videos_per_batch={config.videos_per_batch} exceeds the {len(source)} training videos.")
     steps_per_epoch = max(1, len(source) // config.videos_per_batch)

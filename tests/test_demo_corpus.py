@@ -42,7 +42,7 @@ def _training_rows(paths):
 
 def test_every_file_exists(corpus):
     paths, meta = corpus
-    for path in (paths.csv, paths.caption, paths.msrvtt, paths.youcook, paths.word_vectors, paths.meta):
+    for path in (paths.csv, paths.caption, paths.msrvtt, paths.youcook2, paths.word_vectors, paths.meta):
         assert os.path.isfile(path), path
     for folder in (paths.features_2d, paths.features_3d, paths.audio):
         assert os.path.isdir(folder), folder
@@ -108,7 +108,7 @@ def test_test_strings_never_seen_in_training(corpus):
 
 def test_out_of_domain_test_set(corpus):
     paths, meta = corpus
-    entries = _load_pickle(paths.youcook)
+    entries = _load_pickle(paths.youcook2)
     without = [e["id"] for e in entries if "2d_full" not in e]
     assert len(without) == 3 and sorted(without) == meta["youcook_without_2d_full"]
     kept = [e for e in entries if "2d_full" in e]
@@ -228,7 +228,7 @@ def test_the_readers_read_it(corpus):
     assert batch["video"].shape[-1] == 2 * meta["feature_dim"] and batch["text"].shape[-1] == 50
     msrvtt = read_eval_pickle(paths.msrvtt, MSRVTT, vectors, complete_dataset_size=meta["counts"]["msrvtt"])
     assert len(msrvtt) == meta["counts"]["msrvtt"] and msrvtt.dropped == 0
-    youcook = read_eval_pickle(paths.youcook, YOUCOOK2, vectors,
+    youcook = read_eval_pickle(paths.youcook2, YOUCOOK2, vectors,
                                complete_dataset_size=meta["counts"]["youcook_entries"])
     assert len(youcook) == meta["counts"]["youcook"] and youcook.dropped == 3
 

@@ -71,6 +71,19 @@ def test_tfds_eval_builder_matches_the_pickle(tmp_path):
     assert got.ids == want.ids and got.dropped == want.dropped == 1
     for key in want.batch:
         np.testing.assert_array_equal(got.batch[key], want.batch[key])
+    # With source="tfds" a run evaluates on the built dataset (no pickle configured).
+    from msk_jax import input_pipeline
+    from tests.train_fixtures import load_config
+
+    config = load_config("")
+    d = config.data
+    d.source, d.tfds_data_dir, d.msrvtt, d.youcook2 = "tfds", str(tmp_path / "out"), "", ""
+    d.dim_2d, d.dim_3d, d.max_words, d.eval_video_tokens, d.eval_audio_frames = DIM_2D, DIM_3D, 20, 0, 0
+    d.youcook2_complete_size = -1
+    evals = input_pipeline.build_eval_sets(config, input_pipeline.DataPaths(word_vectors=""), WORDS)
+    assert list(evals) == ["YouCook2"] and evals["YouCook2"].ids == want.ids
+    assert evals["YouCook2"].complete_dataset_size == 5  # 4 entries + 1 without 2D features
+    np.testing.assert_array_equal(evals["YouCook2"].batch["video"], want.batch["video"])
 
 
 def test_word2vec_round_trip_and_errors(tmp_path):

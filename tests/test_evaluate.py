@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from msk_jax import evaluate, evaluation, train
+from msk_jax import evaluate, evaluation, input_pipeline, train
+from msk_jax.model import MultiSKModel
 from tests.train_fixtures import load_config
 
 
@@ -61,11 +62,11 @@ def small_demo(tmp_path_factory):
 
 def test_trained_scores_far_above_untrained(small_demo):
     config, workdir, trained = small_demo
-    paths = train.data_paths(config, training=False)
-    words = train.load_words(config, paths)
-    evals = train.build_eval_sets(config, paths, words)
-    model = train.build_model(config)
-    batch = {k: v[:2] for k, v in train.sample_batch(config, words.dim).items()}
+    paths = input_pipeline.data_paths(config, training=False)
+    words = input_pipeline.load_words(config, paths)
+    evals = input_pipeline.build_eval_sets(config, paths, words)
+    model = MultiSKModel.from_config(config)
+    batch = {k: v[:2] for k, v in input_pipeline.sample_batch(config, words.dim).items()}
     untrained = evaluation.evaluate(model, model.init(jax.random.PRNGKey(1), batch), evals, config.eval_batch_size)
     for direction in ("t2v", "v2t"):
         before, after = untrained["MSRVTT"][direction], trained["MSRVTT"][direction]
@@ -90,9 +91,9 @@ def test_pytorch_weights_through_the_converter(small_demo, tmp_path):
     from msk_jax import convert
 
     config, workdir, _ = small_demo
-    paths = train.data_paths(config, training=False)
-    words = train.load_words(config, paths)
-    model = train.build_model(config)
+    paths = input_pipeline.data_paths(config, training=False)
+    words = input_pipeline.load_words(config, paths)
+    model = MultiSKModel.from_config(config)
     template = evaluate.model_template(model, config, words.dim)
     variables, step = evaluate.load_msk_checkpoint(os.path.join(workdir, "checkpoints"), None, template, "online")
     torch_state = convert.export_state_dict(variables)
@@ -132,6 +133,6 @@ def test_bad_checkpoints_give_clear_errors(small_demo, tmp_path):
         import pickle
         pickle.dump([], open(empty, "wb"))
         no_eval.data.source = "files"
-        no_eval.data.word_vectors = train.data_paths(config, training=False).word_vectors
+        no_eval.data.word_vectors = input_pipeline.data_paths(config, training=False).word_vectors
         no_eval.data.msrvtt = str(empty)
         evaluate.run(no_eval, workdir, None, output_dir=str(tmp_path))

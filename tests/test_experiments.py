@@ -1,7 +1,6 @@
 """The experiment runner: grid x seeds, one folder per run, finished runs skipped, the summary."""
 
 import json
-import os
 
 import numpy as np
 import pytest

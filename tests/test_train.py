@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from msk_jax import metric_writers, train
+from msk_jax import input_pipeline, metric_writers, train
 from msk_jax.evaluate import finished_steps
 from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
 from tests.train_fixtures import kill_after_checkpoint, logged_steps, losses, main_args, tiny_config
@@ -44,7 +44,7 @@ def test_missing_data_points_to_the_readme(tmp_path):
 def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeypatch):
     """NaN inputs in the batch of step 3 (of 0..7), between log steps (every 5): the metrics are
     read asynchronously, yet the run stops at the checkpoint of step 4, naming step 3."""
-    real = train.build_data
+    real = input_pipeline.build_data
 
     def poisoned(config):
         source, words, evals = real(config)
@@ -62,7 +62,7 @@ def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeyp
 
         return NaNAudio(), words, evals
 
-    monkeypatch.setattr(train, "build_data", poisoned)
+    monkeypatch.setattr(input_pipeline, "build_data", poisoned)
     config = tiny_config(tiny_corpus, num_train_steps=8, log_every_steps=5, checkpoint_every_steps=2)
     with pytest.raises(train.NonFiniteLossError, match=r"step 3: non-finite value in .*loss"):
         train.train_and_evaluate(config, str(tmp_path / "nan"))

@@ -27,21 +27,21 @@ flags.mark_flags_as_required(["config", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from msk_jax import train
+    from msk_jax import input_pipeline
     from msk_jax.data.feature_store import build_feature_store
     from msk_jax.data.features import DataError
     from msk_jax.data.howto100m import HowTo100MReader
 
     config = FLAGS.config
     try:
-        paths = train.data_paths(config)
+        paths = input_pipeline.data_paths(config)
         if not paths.csv:
             raise FileNotFoundError("config.data.source must be 'files' or 'demo' to build a store (it reads the "
                                     "original layout: config.data.csv, caption, features_2d/3d, audio).")
-        words = train.load_words(config, paths)
+        words = input_pipeline.load_words(config, paths)
         d = config.data
         reader = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
-                                 features_3d=paths.features_3d, settings=train.clip_settings(config),
+                                 features_3d=paths.features_3d, settings=input_pipeline.clip_settings(config),
                                  dim_2d=d.dim_2d, dim_3d=d.dim_3d)
         build_feature_store(reader, FLAGS.output, dtype=FLAGS.dtype, shard_bytes=FLAGS.shard_gib << 30)
     except (FileNotFoundError, FileExistsError, DataError, ValueError) as err:

@@ -99,7 +99,7 @@ class DemoCorpusPaths:
     audio: str
     caption: str
     msrvtt: str
-    youcook: str
+    youcook2: str
     word_vectors: str
     meta: str
 
@@ -122,7 +122,7 @@ def corpus_paths(root: str) -> DemoCorpusPaths:
         root=root, csv=os.path.join(howto, "howto_train.csv"),
         features_2d=os.path.join(howto, "features_2d"), features_3d=os.path.join(howto, "features_3d"),
         audio=os.path.join(howto, "audio"), caption=os.path.join(howto, "caption.pickle"),
-        msrvtt=os.path.join(root, "msrvtt_jsfusion_test.pkl"), youcook=os.path.join(root, "youcook_val.pkl"),
+        msrvtt=os.path.join(root, "msrvtt_jsfusion_test.pkl"), youcook2=os.path.join(root, "youcook_val.pkl"),
         word_vectors=os.path.join(root, "word2vec.bin"), meta=os.path.join(root, "meta.json"))
 
 
@@ -534,13 +534,13 @@ def _cached(paths: DemoCorpusPaths, settings: dict) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    files = (paths.csv, paths.caption, paths.msrvtt, paths.youcook, paths.word_vectors)
+    files = (paths.csv, paths.caption, paths.msrvtt, paths.youcook2, paths.word_vectors)
     return meta.get("complete") is True and meta.get("settings") == settings and all(map(os.path.exists, files))
 
 
 def _clear(paths: DemoCorpusPaths) -> None:
     """Removes an earlier (possibly partial) build: meta.json first, then the corpus files."""
-    for path in (paths.meta, paths.msrvtt, paths.youcook, paths.word_vectors):
+    for path in (paths.meta, paths.msrvtt, paths.youcook2, paths.word_vectors):
         if os.path.isfile(path):
             os.remove(path)
     howto = os.path.dirname(paths.csv)
@@ -621,7 +621,7 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
     write_msrvtt(paths.msrvtt, msrvtt)
     youcook, youcook_langs = build_test_set("youcook", src, youcook_strings, (HELD_OUT_LANGUAGE,), seed, 3, progress)
     missing_ids = sorted(youcook[i]["id"] for i in rng.choice(len(youcook), NUM_MISSING_YOUCOOK, replace=False))
-    write_youcook(paths.youcook, youcook, set(missing_ids))
+    write_youcook(paths.youcook2, youcook, set(missing_ids))
     vocabulary = write_word_vectors(paths.word_vectors)
     _log(progress, f"word vectors: {vocabulary} words (GloVe 6B 50-d); left out on purpose: {', '.join(OOV_WORDS)}")
 

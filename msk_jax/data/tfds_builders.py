@@ -162,15 +162,19 @@ class TFDSVideoSource:
 
 
 def read_tfds_eval_set(name: str, data_dir: str, fmt: eval_sets.EvalFormat, word_vectors: WordVectors,
-                       **kwargs) -> eval_sets.EvalSet:
-    """A built retrieval dataset as an EvalSet, in the pickle's order."""
+                       complete_dataset_size: int | None = None, **kwargs) -> eval_sets.EvalSet:
+    """A built retrieval dataset as an EvalSet, in the pickle's order (complete_dataset_size
+    None: the format's; < 0: the dataset's entries, those without features included)."""
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     source = builder.as_data_source(split="test")
     examples = sorted((source[i] for i in range(len(source))), key=lambda e: int(e["order"]))
     entries = [{"id": _text(e["id"]), "features_2d": e["features_2d"], "features_3d": e["features_3d"],
                 "audio": e["audio"], "caption": _text(e["caption"])} for e in examples]
     dropped = int(builder.info.metadata.get("dropped", 0)) if builder.info.metadata else 0
-    return eval_sets.build_eval_set(entries, fmt, word_vectors, source=f"tfds:{name}", dropped=dropped, **kwargs)
+    if complete_dataset_size is not None and complete_dataset_size < 0:
+        complete_dataset_size = len(entries) + dropped
+    return eval_sets.build_eval_set(entries, fmt, word_vectors, source=f"tfds:{name}", dropped=dropped,
+                                    complete_dataset_size=complete_dataset_size, **kwargs)
 
 
 
