@@ -3,8 +3,8 @@
 The paper claims that the anchor consistency objective learns semantically meaningful anchors.
 On the demo corpus the content of every evaluation clip is known: its caption is the digit
 string it shows and speaks ("three one four"). Each clip is assigned, per modality and space, to
-the anchor it is most similar to (argmax of `in_{m}_assignment`, the input space, or of
-`trans_{m}_a{m}_assignment`, the joint space), and the normalised mutual information (NMI)
+the anchor it is most similar to (argmax of sim(x_m, Z_m), the input space, or of
+sim(y^_m, Z^_m), the joint space), and the normalised mutual information (NMI)
 between that anchor and the clip's content measures how much the anchors know:
 
 - `nmi_first`: NMI between the anchor and the string's first digit (10 classes);
@@ -39,7 +39,7 @@ from msk_jax.data.pipeline import MODEL_KEYS
 from msk_jax.model import MODALITIES, MultiSKModel
 from msk_jax.sharding import to_host
 
-SPACES = {"input": "in_{m}_assignment", "joint": "trans_{m}_a{m}_assignment"}
+SPACES = ("input", "joint")
 ANCHOR_PARAMS = {"input": "input_anchors_{m}", "joint": "joint_anchors_{m}"}
 SHUFFLES = 20
 
@@ -90,7 +90,7 @@ def describe(anchor: np.ndarray, first: np.ndarray, present: np.ndarray, rng: np
 @functools.partial(jax.jit, static_argnames=("model",))
 def _similarities(model, variables, batch):
     out = model.apply(variables, batch, train=False)
-    return {(m, space): out[key.format(m=m)] for m in MODALITIES for space, key in SPACES.items()}
+    return {(m, space): out[m].similarity(space, m) for m in MODALITIES for space in SPACES}
 
 
 def anchor_similarities(model, variables: Mapping[str, Any], eval_set: EvalSet,

@@ -31,7 +31,7 @@ REPORTED = ("R1", "R5", "R10", "R50", "MedR", "MeanR")
 @functools.partial(jax.jit, static_argnames=("model",))
 def _embed_batch(model, variables, batch):
     out = model.apply(variables, batch, train=False)
-    return {m: out[f"{m}_embed"].astype(jnp.float32) for m in SHORT}
+    return {m: out[m].joint_embedding.astype(jnp.float32) for m in SHORT}
 
 
 def embed(model, variables: Mapping[str, Any], eval_set: EvalSet, batch_size: int = 64,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from msk_jax import sinkhorn
-from msk_jax.model import MODALITIES, anchor_similarity, l2_normalize
+from msk_jax.model import MODALITIES, ModelOutputs, anchor_similarity, l2_normalize
 from msk_jax.queues import FeatureQueues
 
 CONSISTENCY_TEMPERATURE = 0.1
@@ -109,11 +109,18 @@ def contrastive_objective(embeddings: Mapping[str, jax.Array], nonempty: Mapping
 # ---------------------------------------------------------------------------------------------
 # The full objective.
 
-# The 12 Multi-SK problems of a step: (queue, batch similarity, anchors) per problem.
-# Input space: sim(x_m, Z_m). Joint space: sim(y^_x, Z^_a) for every embedding x and anchors a.
+# A similarity of the batch: (space, modality of the embedding, modality of the anchors).
+# The 12 Multi-SK problems of a step, one per similarity: input space sim(x_m, Z_m), joint space
+# sim(y^_x, Z^_a) for every embedding x and anchors a; each with its queue and its anchors.
 SK_PROBLEMS = tuple(
-    [(f"in_{m}", f"in_{m}_assignment", f"input_anchors_{m}") for m in MODALITIES]
-    + [(f"out_{x}", f"trans_{x}_a{a}_assignment", f"joint_anchors_{a}") for x in MODALITIES for a in MODALITIES])
+    [(f"in_{m}", ("input", m, m), f"input_anchors_{m}") for m in MODALITIES]
+    + [(f"out_{x}", ("joint", x, a), f"joint_anchors_{a}") for x in MODALITIES for a in MODALITIES])
+
+
+def similarity(outputs: ModelOutputs, key: tuple[str, str, str]) -> jax.Array:
+    """The batch similarity `key` = (space, embedding modality, anchor modality)."""
+    space, modality, anchors = key
+    return outputs[modality].similarity(space, anchors)
 
 
 def consistency_weights(text_video: float = 1.0, audio: float = 0.1) -> dict[str, float]:
@@ -160,15 +167,15 @@ class ObjectiveConfig:
             consistency_scale=objective.get("consistency_scale", 1.0))
 
 
-def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], queues: FeatureQueues,
-                    config: ObjectiveConfig) -> tuple[dict[str, jax.Array], sinkhorn.MultiSKResult]:
+def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: FeatureQueues,
+                    config: ObjectiveConfig) -> tuple[dict[tuple, jax.Array], sinkhorn.MultiSKResult]:
     """Solves the 12 Multi-SK problems of a step in one batched call.
 
     Problem p stacks [queue_p x current anchors_p ; batch similarities_p] and its target's last
-    B rows belong to the batch. Returns ({batch similarity name: (B, K) target}, a result whose
+    B rows belong to the batch. Returns ({similarity key: (B, K) target}, a result whose
     `iterations` and `marginal_error` hold one entry per problem; its `target` is None).
     """
-    batch = outputs["in_text_assignment"].shape[0]
+    batch = outputs.batch_size
     solve = functools.partial(sinkhorn.multi_sinkhorn_batched, eps=config.sinkhorn_eps,
                               num_iters=config.sinkhorn_iters, required_fraction=config.required_fraction,
                               last_rows=batch)
@@ -179,11 +186,11 @@ def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any],
     targets, results = {}, []
     for problems in by_count.values():
         scores = []
-        for queue, assignment, anchors in problems:
+        for queue, key, anchors in problems:
             queue_scores = anchor_similarity(queues.features[queue], params[anchors])
-            scores.append(jnp.concatenate([queue_scores, outputs[assignment].astype(queue_scores.dtype)], axis=0))
+            scores.append(jnp.concatenate([queue_scores, similarity(outputs, key).astype(queue_scores.dtype)], axis=0))
         result = solve(jnp.stack(scores))
-        targets.update({assignment: result.target[p] for p, (_, assignment, _) in enumerate(problems)})
+        targets.update({key: result.target[p] for p, (_, key, _) in enumerate(problems)})
         results.append(result)
     result = sinkhorn.MultiSKResult(
         target=None, iterations=jnp.concatenate([r.iterations for r in results]),
@@ -191,7 +198,7 @@ def multisk_targets(outputs: Mapping[str, jax.Array], params: Mapping[str, Any],
     return targets, result
 
 
-def consistency_terms(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
+def consistency_terms(outputs: ModelOutputs, targets: Mapping[tuple, jax.Array],
                       config: ObjectiveConfig) -> dict[str, jax.Array]:
     """The 18 weighted consistency terms `loss_pair_i_j` (1 text, 2 video, 3 audio):
 
@@ -202,16 +209,16 @@ def consistency_terms(outputs: Mapping[str, jax.Array], targets: Mapping[str, ja
     terms = {}
     for i, mi in enumerate(MODALITIES, start=1):
         for j, mj in enumerate(MODALITIES, start=1):
-            pairs = ((i, f"in_{mi}_assignment", f"trans_{mj}_a{mi}_assignment"),
-                     (3 + i, f"trans_{mi}_a{mj}_assignment", f"in_{mj}_assignment"))
-            for row, similarity, target in pairs:
+            pairs = ((i, ("input", mi, mi), ("joint", mj, mi)),
+                     (3 + i, ("joint", mi, mj), ("input", mj, mj)))
+            for row, guided, target in pairs:
                 weight = weights.get(f"c_loss_{row}_{j}", 0.0)
-                cost = consistency_cost(outputs[similarity], targets[target], config.consistency_temperature)
+                cost = consistency_cost(similarity(outputs, guided), targets[target], config.consistency_temperature)
                 terms[f"loss_pair_{row}_{j}"] = weight * cost
     return dict(sorted(terms.items()))
 
 
-def multisk_loss(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], queues: FeatureQueues | None,
+def multisk_loss(outputs: ModelOutputs, params: Mapping[str, Any], queues: FeatureQueues | None,
                  config: ObjectiveConfig) -> tuple[jax.Array, dict[str, jax.Array], FeatureQueues | None]:
     """The full objective of one step.
 
@@ -222,8 +229,8 @@ def multisk_loss(outputs: Mapping[str, jax.Array], params: Mapping[str, Any], qu
     sum times consistency_scale, 0 during warm-up),
     `loss` (the total), and the Multi-SK iterations and marginal error.
     """
-    embeddings = {m: outputs[f"{m}_embed"] for m in MODALITIES}
-    nonempty = {m: outputs[f"{m}_nonempty_input_mask"] for m in MODALITIES}
+    embeddings = {m: outputs[m].joint_embedding for m in MODALITIES}
+    nonempty = {m: outputs[m].nonempty for m in MODALITIES}
     contrastive, pair_losses = contrastive_objective(embeddings, nonempty, dict(config.pair_weights),
                                                      config.contrastive_temperature)
     metrics = dict(pair_losses)

@@ -9,8 +9,10 @@ Anchors: `input_anchors_m` (K, embed_dim) and `joint_anchors_m` (K, projection_d
 L2-normalised rows. Similarities: sim(x_m, Z_m) for each m (3) and sim(y^_j, Z^_i) for every
 pair (9), where y^ = l2norm(y).
 
-Outputs use the original's names: `in_{m}_embed`, `{m}_embed`, `{m}_embed_norm`,
-`{m}_nonempty_input_mask`, `in_{m}_assignment`, `trans_{m}_a{n}_assignment`.
+The outputs are a `ModelOutputs`: one `ModalityOutputs` per modality, indexed by field
+(`outputs["video"].joint_similarity["text"]` is sim(y^_v, Z^_t)); `original_names()` gives
+the original's flat names (`in_{m}_embed`, `trans_{m}_a{n}_assignment`, ...) for comparisons
+with its numbers.
 """
 
 from __future__ import annotations
@@ -21,12 +23,73 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from msk_jax.davenet import DAVEnet
 from msk_jax.layers import VIT_INIT, Dtype, GatedEmbeddingUnit, TransformerBlock, layer_norm, masked_mean
 
 MODALITIES = ("text", "video", "audio")
 L2_EPS = 1e-12  # torch.nn.functional.normalize
+
+
+@struct.dataclass
+class ModalityOutputs:
+    """What the model computes for one modality m of a batch of B clips."""
+
+    input_embedding: jax.Array    # x_m (B, embed_dim), L2-normalised (the original's in_{m}_embed)
+    joint_embedding: jax.Array    # y_m (B, projection_dim), float32 ({m}_embed)
+    joint_normalized: jax.Array   # y^_m = l2norm(y_m) ({m}_embed_norm)
+    nonempty: jax.Array           # (B,) bool: the clip has some input of m ({m}_nonempty_input_mask)
+    input_similarity: jax.Array   # sim(x_m, Z_m) (B, K_m) (in_{m}_assignment)
+    joint_similarity: dict[str, jax.Array]  # n -> sim(y^_m, Z^_n) (B, K_n) (trans_{m}_a{n}_assignment)
+
+    def similarity(self, space: str, anchors: str) -> jax.Array:
+        """sim to the anchors of modality `anchors` in `space` ("input": only m's own anchors)."""
+        if space == "input":
+            return self.input_similarity
+        return self.joint_similarity[anchors]
+
+    def queued(self, space: str) -> jax.Array:
+        """The embedding the feature queue of `space` stores: x_m ("input") or y^_m ("joint")."""
+        return self.input_embedding if space == "input" else self.joint_normalized
+
+
+@struct.dataclass
+class ModelOutputs:
+    """The model's outputs, one `ModalityOutputs` per modality (a pytree: jit returns it)."""
+
+    text: ModalityOutputs
+    video: ModalityOutputs
+    audio: ModalityOutputs
+
+    def __getitem__(self, modality: str) -> ModalityOutputs:
+        if modality not in MODALITIES:
+            raise KeyError(f"no modality '{modality}'; the model has {MODALITIES}")
+        return getattr(self, modality)
+
+    @property
+    def batch_size(self) -> int:
+        return self.text.input_similarity.shape[0]
+
+    @classmethod
+    def from_original_names(cls, flat: dict[str, jax.Array]) -> "ModelOutputs":
+        """The inverse of `original_names`."""
+        return cls(**{m: ModalityOutputs(
+            input_embedding=flat[f"in_{m}_embed"], joint_embedding=flat[f"{m}_embed"],
+            joint_normalized=flat[f"{m}_embed_norm"], nonempty=flat[f"{m}_nonempty_input_mask"],
+            input_similarity=flat[f"in_{m}_assignment"],
+            joint_similarity={n: flat[f"trans_{m}_a{n}_assignment"] for n in MODALITIES}) for m in MODALITIES})
+
+    def original_names(self) -> dict[str, jax.Array]:
+        """The outputs under the original implementation's names."""
+        out = {}
+        for m in MODALITIES:
+            o = self[m]
+            out.update({f"in_{m}_embed": o.input_embedding, f"{m}_embed": o.joint_embedding,
+                        f"{m}_embed_norm": o.joint_normalized, f"{m}_nonempty_input_mask": o.nonempty,
+                        f"in_{m}_assignment": o.input_similarity})
+            out.update({f"trans_{m}_a{n}_assignment": o.joint_similarity[n] for n in MODALITIES})
+        return out
 
 
 def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
@@ -123,18 +186,17 @@ class MultiSKModel(nn.Module):
             "video": (batch["video"], batch["video_mask"]),
             "audio": (audio, pool_audio_mask(jnp.asarray(batch["audio_mask"]), audio.shape[1])),
         }
-        out = {}
+        encoded = {}
         for m in MODALITIES:
             features, mask = inputs[m]
             tokens, mask, nonempty = self._tokens(m, jnp.asarray(features, self.dtype),
                                                   jnp.asarray(mask, jnp.float32), masking_token)
-            out[f"in_{m}_embed"] = l2_normalize(masked_mean(tokens, mask).astype(jnp.float32))
-            out[f"{m}_nonempty_input_mask"] = nonempty
             pooled = ModalityTransformer(self.depth, self.num_heads, self.mlp_ratio, self.dtype,
                                          name=f"{m}_transformer")(tokens, mask)
             joint = GatedEmbeddingUnit(self.projection_dim, self.dtype, name=f"{m}_proj")(pooled)
-            out[f"{m}_embed"] = joint.astype(jnp.float32)  # the objective runs in float32
-            out[f"{m}_embed_norm"] = l2_normalize(out[f"{m}_embed"])
+            joint = joint.astype(jnp.float32)  # the objective runs in float32
+            encoded[m] = dict(input_embedding=l2_normalize(masked_mean(tokens, mask).astype(jnp.float32)),
+                              joint_embedding=joint, joint_normalized=l2_normalize(joint), nonempty=nonempty)
 
         normal = nn.initializers.normal(1.0)
         counts = anchor_counts(self.num_anchors)
@@ -142,8 +204,7 @@ class MultiSKModel(nn.Module):
                          for m in MODALITIES}
         joint_anchors = {m: self.param(f"joint_anchors_{m}", normal, (counts[m], self.projection_dim))
                          for m in MODALITIES}
-        for m in MODALITIES:
-            out[f"in_{m}_assignment"] = anchor_similarity(out[f"in_{m}_embed"], input_anchors[m])
-            for n in MODALITIES:
-                out[f"trans_{m}_a{n}_assignment"] = anchor_similarity(out[f"{m}_embed_norm"], joint_anchors[n])
-        return out
+        return ModelOutputs(**{m: ModalityOutputs(
+            **encoded[m], input_similarity=anchor_similarity(encoded[m]["input_embedding"], input_anchors[m]),
+            joint_similarity={n: anchor_similarity(encoded[m]["joint_normalized"], joint_anchors[n]) for n in MODALITIES})
+            for m in MODALITIES})

@@ -123,7 +123,7 @@ def _check_model_forward(inputs: GoldenInputs) -> Iterable[Output]:
     outputs = {"eval": apply(variables, batch, train=False),
                "train": apply(variables, batch, train=True, mutable=("batch_stats",))[0]}
     for mode, out in outputs.items():
-        for name, value in out.items():
+        for name, value in out.original_names().items():
             yield Output(f"{mode}/{name}", np.asarray(value), atol=1e-4)
 
 

@@ -15,13 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-QUEUE_NAMES = ("in_text", "in_video", "in_audio", "out_text", "out_video", "out_audio")
+from msk_jax.model import MODALITIES, ModelOutputs
 
-
-def queue_source(name: str) -> str:
-    """The model output each queue stores: `in_text` <- `in_text_embed`, `out_text` <- `text_embed_norm`."""
-    space, modality = name.split("_")
-    return f"in_{modality}_embed" if space == "in" else f"{modality}_embed_norm"
+# Queue name (the original's) -> (space, modality) of the embedding it stores.
+QUEUES = {**{f"in_{m}": ("input", m) for m in MODALITIES}, **{f"out_{m}": ("joint", m) for m in MODALITIES}}
+QUEUE_NAMES = tuple(QUEUES)
 
 
 class FeatureQueues(struct.PyTreeNode):
@@ -33,7 +31,7 @@ class FeatureQueues(struct.PyTreeNode):
                fill: int = 0) -> "FeatureQueues":
         keys = jax.random.split(rng, len(QUEUE_NAMES))
         features = {
-            name: jax.random.uniform(key, (queue_len, embed_dim if name.startswith("in_") else projection_dim))
+            name: jax.random.uniform(key, (queue_len, embed_dim if QUEUES[name][0] == "input" else projection_dim))
             for name, key in zip(QUEUE_NAMES, keys)
         }
         return cls(features=features, fill=jnp.asarray(fill, jnp.int32))
@@ -47,15 +45,15 @@ class FeatureQueues(struct.PyTreeNode):
         """Whether this step's consistency loss is on (fill reached queue_len before the step)."""
         return self.fill >= self.length
 
-    def push(self, outputs: dict[str, jax.Array]) -> "FeatureQueues":
+    def push(self, outputs: ModelOutputs) -> "FeatureQueues":
         """Drops the oldest B rows of every queue and appends the batch (no gradient)."""
         features = {}
         for name, queue in self.features.items():
-            batch = jax.lax.stop_gradient(outputs[queue_source(name)]).astype(queue.dtype)
+            space, modality = QUEUES[name]
+            batch = jax.lax.stop_gradient(outputs[modality].queued(space)).astype(queue.dtype)
             b = batch.shape[0]
             if b > queue.shape[0]:
                 raise ValueError(f"queue '{name}': batch of {b} rows is larger than the queue ({queue.shape[0]}).")
             features[name] = jnp.concatenate([queue[b:], batch], axis=0)
-        batch_size = outputs[queue_source("in_text")].shape[0]
-        fill = jnp.where(self.fill < self.length, self.fill + batch_size, self.fill)
+        fill = jnp.where(self.fill < self.length, self.fill + outputs.batch_size, self.fill)
         return self.replace(features=features, fill=fill)

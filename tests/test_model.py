@@ -23,21 +23,30 @@ def test_outputs(model_and_variables):
     model, variables, apply = model_and_variables
     out = apply(variables, tiny_batch(1), train=False)
     k = TINY_MODEL["num_anchors"]
+    params = variables["params"]
     for m in MODALITIES:
-        assert out[f"in_{m}_embed"].shape == (6, TINY_MODEL["embed_dim"])
-        assert out[f"{m}_embed"].shape == (6, TINY_MODEL["projection_dim"])
-        np.testing.assert_allclose(jnp.linalg.norm(out[f"in_{m}_embed"], axis=1), 1.0, rtol=1e-5)
-        np.testing.assert_allclose(jnp.linalg.norm(out[f"{m}_embed_norm"], axis=1), 1.0, rtol=1e-5)
-        assert out[f"in_{m}_assignment"].shape == (6, k)
-        for n in MODALITIES:
-            sims = np.asarray(out[f"trans_{m}_a{n}_assignment"])
-            assert sims.shape == (6, k) and np.all(np.abs(sims) <= 1 + 1e-5)
+        o = out[m]
+        assert o.input_embedding.shape == (6, TINY_MODEL["embed_dim"])
+        assert o.joint_embedding.shape == (6, TINY_MODEL["projection_dim"])
+        np.testing.assert_allclose(jnp.linalg.norm(o.input_embedding, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(o.joint_normalized, o.joint_embedding / jnp.linalg.norm(o.joint_embedding, axis=1,
+                                                                                          keepdims=True), rtol=1e-5)
+        assert o.input_similarity.shape == (6, k)
+        for n in MODALITIES:  # sim(y^_m, Z^_n): cosine similarities to n's joint anchors
+            anchors = params[f"joint_anchors_{n}"] / jnp.linalg.norm(params[f"joint_anchors_{n}"], axis=1, keepdims=True)
+            np.testing.assert_allclose(o.joint_similarity[n], o.joint_normalized @ anchors.T, rtol=1e-5, atol=1e-6)
+    # The original's flat names, and back.
+    flat = out.original_names()
+    assert len(flat) == 3 * 8 and flat["trans_video_atext_assignment"] is out["video"].joint_similarity["text"]
+    assert type(out).from_original_names(flat) == out
+    with pytest.raises(KeyError, match="no modality 'image'"):
+        out["image"]
 
 
 def test_empty_modality_gets_the_masking_token(model_and_variables):
     _, variables, apply = model_and_variables
     batch = tiny_batch(2)  # clip 0: no text; clip 1: no audio
-    out = apply(variables, batch, train=False)
+    out = apply(variables, batch, train=False).original_names()
     np.testing.assert_array_equal(out["text_nonempty_input_mask"], [0, 1, 1, 1, 1, 1])
     np.testing.assert_array_equal(out["audio_nonempty_input_mask"], [1, 0, 1, 1, 1, 1])
     token = np.asarray(variables["params"]["masking_token"])
@@ -46,7 +55,7 @@ def test_empty_modality_gets_the_masking_token(model_and_variables):
     changed = dict(batch, text=batch["text"].copy(), audio=batch["audio"].copy())
     changed["text"][0] += 5.0
     changed["audio"][1] += 5.0
-    out2 = apply(variables, changed, train=False)
+    out2 = apply(variables, changed, train=False).original_names()
     np.testing.assert_allclose(out2["text_embed"][0], out["text_embed"][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out2["audio_embed"][1], out["audio_embed"][1], rtol=1e-5, atol=1e-6)
 
@@ -57,7 +66,7 @@ def test_padded_tokens_are_ignored(model_and_variables):
     out = apply(variables, batch, train=False)
     changed = dict(batch, text=np.where(batch["text_mask"][..., None] == 0, 100.0, batch["text"]))
     out2 = apply(variables, changed, train=False)
-    np.testing.assert_allclose(out2["text_embed"], out["text_embed"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out2["text"].joint_embedding, out["text"].joint_embedding, rtol=1e-5, atol=1e-6)
 
 
 def test_pool_audio_mask():
@@ -91,8 +100,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
     batch = tiny_batch(7)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
-    out = jax.jit(functools.partial(model.apply, train=False))(variables, batch)
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, batch).original_names()
     for name in ("text_embed", "in_audio_embed", "trans_video_aaudio_assignment"):
         assert out[name].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out[name])))
     reference = jax.jit(functools.partial(MultiSKModel(**TINY_MODEL).apply, train=False))(variables, batch)
+    reference = reference.original_names()
     np.testing.assert_allclose(out["video_embed_norm"], reference["video_embed_norm"], atol=0.05)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msk_jax.loss import ObjectiveConfig, multisk_loss
-from msk_jax.model import MODALITIES
-from msk_jax.queues import QUEUE_NAMES, FeatureQueues, queue_source
+from msk_jax.model import MODALITIES, ModelOutputs
+from msk_jax.queues import QUEUE_NAMES, QUEUES, FeatureQueues
 
 
 def _outputs(seed, batch=4, dim=6, proj=5, anchors=(3, 3, 3)):
@@ -21,7 +21,7 @@ def _outputs(seed, batch=4, dim=6, proj=5, anchors=(3, 3, 3)):
         out[f"in_{m}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, counts[m])), jnp.float32)
         for n in MODALITIES:
             out[f"trans_{m}_a{n}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, counts[n])), jnp.float32)
-    return out
+    return ModelOutputs.from_original_names(out)
 
 
 def _anchors(anchors=(3, 3, 3), dim=6, proj=5):
@@ -48,8 +48,9 @@ def test_push_is_fifo():
     for name in QUEUE_NAMES:
         q = np.asarray(pushed.features[name])
         np.testing.assert_array_equal(q[:2], np.asarray(queues.features[name])[8:])  # oldest survivors
-        np.testing.assert_array_equal(q[2:6], first[queue_source(name)])
-        np.testing.assert_array_equal(q[6:], second[queue_source(name)])
+        space, modality = QUEUES[name]  # in_*: x_m, out_*: y^_m
+        np.testing.assert_array_equal(q[2:6], first[modality].queued(space))
+        np.testing.assert_array_equal(q[6:], second[modality].queued(space))
     assert int(pushed.fill) == 8
 
 
