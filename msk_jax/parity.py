@@ -10,7 +10,6 @@ per file. Exits non-zero if any file fails.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -258,26 +257,36 @@ def format_line(name: str, result: dict) -> str:
     return line
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msk_jax.parity", description=__doc__.split("\n")[0])
-    parser.add_argument("golden_dir", help="folder with the golden .npz files")
-    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
-    parser.add_argument("--features_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="round the video and audio inputs to this dtype first (a feature store's dtype): "
-                             "measures its effect against the tolerances")
-    args = parser.parse_args(argv)
+def run(golden_dir: str, json_out: str | None = None, features_dtype: str = "float32") -> int:
+    """Checks every golden file of `golden_dir`, prints one line each (and writes `json_out`);
+    returns the exit status: 0 all pass, 1 a failure, 2 no such folder."""
     try:
-        results = check_dir(args.golden_dir, args.features_dtype)
+        results = check_dir(golden_dir, features_dtype)
     except FileNotFoundError as err:
         print(err, file=sys.stderr)
         return 2
     for name, result in results.items():
         print(format_line(name, result), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(results, f, indent=2)
     return 1 if any(r["pass"] is False for r in results.values()) else 0
 
 
+def main(argv):
+    from absl import app
+
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m msk_jax.parity GOLDEN_DIR [--json=OUT] [--features_dtype=float16]")
+    sys.exit(run(argv[1], FLAGS.json, FLAGS.features_dtype))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from absl import app, flags
+
+    FLAGS = flags.FLAGS
+    flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
+    flags.DEFINE_enum("features_dtype", "float32", ["float32", "float16", "bfloat16"],
+                      "Round the video and audio inputs to this dtype first (a feature store's dtype): measures "
+                      "its effect against the tolerances.")
+    app.run(main)

@@ -11,7 +11,7 @@ from msk_jax import parity
 
 def test_golden_parity(golden_dir, tmp_path, capsys):
     out = tmp_path / "parity.json"
-    code = parity.main([golden_dir, "--json", str(out)])
+    code = parity.run(golden_dir, str(out))
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert code == 0, printed
@@ -35,7 +35,7 @@ def test_checker_fails_on_a_wrong_expected_output(golden_dir, tmp_path, capsys):
         data["case1_calculate_sk"] = data["case1_calculate_sk"] + np.float32(1e-3)
 
     folder = _copy_with(golden_dir, tmp_path, "multisk.npz", perturb)
-    assert parity.main([folder]) == 1
+    assert parity.run(folder) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -66,5 +66,5 @@ def test_an_expected_output_left_uncomputed_fails(golden_dir, tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
-    assert parity.main([str(tmp_path / "nowhere")]) == 2
+    assert parity.run(str(tmp_path / "nowhere")) == 2
     assert "does not exist" in capsys.readouterr().err

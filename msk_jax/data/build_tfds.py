@@ -7,27 +7,30 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from absl import app, flags
 
 from msk_jax.data.features import DataError
 from msk_jax.data.tfds_builders import BUILDERS, build
 
+FLAGS = flags.FLAGS
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msk_jax.data.build_tfds", description=__doc__.split("\n")[0])
-    parser.add_argument("dataset", choices=sorted(BUILDERS))
-    parser.add_argument("--manual_dir", required=True, help="folder with the original files")
-    parser.add_argument("--data_dir", required=True, help="where the built dataset goes")
-    args = parser.parse_args(argv)
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in BUILDERS:
+        raise app.UsageError(f"usage: python -m msk_jax.data.build_tfds DATASET --manual_dir=DIR --data_dir=OUT "
+                             f"(DATASET: one of {sorted(BUILDERS)})")
     try:
-        path = build(args.dataset, args.manual_dir, args.data_dir)
+        path = build(argv[1], FLAGS.manual_dir, FLAGS.data_dir)
     except (FileNotFoundError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"built {args.dataset} in {path}")
-    return 0
+        sys.exit(2)
+    print(f"built {argv[1]} in {path}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    flags.DEFINE_string("manual_dir", None, "Folder with the original files.")
+    flags.DEFINE_string("data_dir", None, "Where the built dataset goes.")
+    flags.mark_flags_as_required(["manual_dir", "data_dir"])
+    app.run(main)

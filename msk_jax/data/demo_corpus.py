@@ -24,7 +24,6 @@ voice (Italian) and held-out handwriting (the last 20% of the images).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import glob
@@ -634,25 +633,34 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the spoken-digit-strings demo corpus.")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--size", default="default", choices=sorted(SIZES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--feature-dim", type=int, default=128)
-    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = parser.parse_args(argv)
-    paths = build_demo_corpus(args.out, size=args.size, seed=args.seed, feature_dim=args.feature_dim,
-                              force=args.force, progress=not args.quiet)
+def main(argv):
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        paths = build_demo_corpus(FLAGS.out, size=FLAGS.size, seed=FLAGS.seed, feature_dim=FLAGS.feature_dim,
+                                  force=FLAGS.force, progress=not FLAGS.quiet)
+    except (RuntimeError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     for field in dataclasses.fields(paths):
         print(f"{field.name:13s} {getattr(paths, field.name)}")
     with open(paths.meta) as f:
         meta = json.load(f)
     print("counts       ", json.dumps(meta["counts"]))
     print("build_seconds", meta["build_seconds"])
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from absl import app, flags
+
+    FLAGS = flags.FLAGS
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_enum("size", "default", sorted(SIZES), "Corpus size.")
+    flags.DEFINE_integer("seed", 0, "Seed of the corpus.")
+    flags.DEFINE_integer("feature_dim", 128, "Width of the 2D and 3D video features.")
+    flags.DEFINE_bool("force", False, "Rebuild even if already built.")
+    flags.DEFINE_bool("quiet", False, "No progress lines.")
+    flags.mark_flags_as_required(["out"])
+    app.run(main)
