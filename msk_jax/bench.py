@@ -1,4 +1,7 @@
-"""Benchmarks: ``python -m msk_jax.bench {sk,step,pipeline,all} [--json OUT]``.
+"""Benchmarks: ``python -m msk_jax.bench {sk,step,pipeline,loop,plan,all} [--config=configs/bench.py] [--json=OUT]``.
+
+Their shapes are the config file's (``configs/bench.py:cpu_bench``, one section per command;
+override a field with e.g. ``--config.step.repeats=7``).
 
 ``sk``  -- the Multi-SK solver at the production size ("sk-prod" in BENCH.md: N = 7660 rows,
            K = 64 anchors, R = 32, eps 0.07, 20 iterations, float32, 12 problems per step).
@@ -12,21 +15,23 @@
            float32): median step time, clips/s, FLOP/s against the
            machine's float32 matmul peak measured in the same run, and where the time goes (the
            same step with the consistency loss off, i.e. without Multi-SK, side by side).
-``pipeline`` -- the training input pipeline on the demo corpus: clips/s.
-``all`` -- every benchmark above, one after the other.
+``pipeline`` -- the training input pipeline on the demo corpus (clips/s), or at HowTo100M's
+           per-video sizes (``--config.pipeline.sizes=howto100m``).
+``loop`` -- the train loop's time per step against the bare jitted step.
+``plan`` -- the configs/howto.py step compiled ahead of time per accelerator and mesh.
+``all`` -- every benchmark but ``plan``, one after the other.
 
-Times are medians over ``--repeats`` runs after a warm-up call (compilation excluded); the
+Times are medians over ``repeats`` runs after a warm-up call (compilation excluded); the
 variants are timed round-robin, so drift on a shared machine hits them alike. Memory is XLA's
 compiled memory analysis of the jitted call: arguments + outputs + temporaries - aliased bytes,
 i.e. the peak of the buffers XLA allocates for it (no host-side Python objects); MB = 1e6 bytes.
 
-New benchmarks: write ``run_NAME(**options) -> dict`` and ``_cli_NAME(args) -> dict`` and add
-them to ``BENCHMARKS`` with their command-line options.
+New benchmarks: write ``run_NAME(**options) -> dict`` and ``_cli_NAME(config) -> dict`` (reading
+``config.NAME``), add its section to configs/bench.py and the pair to ``BENCHMARKS``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -289,31 +294,15 @@ def _ratio(value: float) -> str:
     return f"{value:.1f}" if value >= 1 else f"{value:.3f}"
 
 
-def _add_sk_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=7660, help="rows per problem (queue + batch)")
-    parser.add_argument("--k", type=int, default=64, help="anchors")
-    parser.add_argument("--problems", type=int, default=12, help="problems per step")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-baseline", action="store_true", help="skip the log-domain solver")
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense solver")
-    parser.add_argument("--no-stacked", action="store_true", help="skip the vmapped variant")
-
-
-def _cli_sk(args: argparse.Namespace) -> dict:
-    results = run_sk(n=args.n, k=args.k, problems=args.problems, num_iters=args.iters,
-                     repeats=args.repeats, baseline=not args.no_baseline, dense=not args.no_dense,
-                     stacked=not args.no_stacked)
+def _cli_sk(config) -> dict:
+    c = config.sk
+    results = run_sk(n=c.n, k=c.k, problems=c.problems, num_iters=c.iters, repeats=c.repeats, baseline=c.baseline,
+                     dense=c.dense, stacked=c.stacked)
     print(format_sk(results), flush=True)
     return results
 
 
 # --- step: the cpu-bench train step -------------------------------------------------------------
-
-CPU_BENCH_MODEL = dict(video_dim=4096, text_dim=300, audio_feat_dim=40, davenet_layers=(2, 2, 1, 1, 1, 1),
-                       davenet_widths=(32, 32, 64, 128, 256, 512, 1024), davenet_kernel=9, embed_dim=512,
-                       num_heads=8, mlp_ratio=1.0, depth=1, projection_dim=768, num_anchors=64)
-
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     """Measured float32 matmul FLOP/s of this machine (XLA, all cores)."""
@@ -333,8 +322,9 @@ def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
             "audio_mask": np.ones((clips, 768), np.float32)}
 
 
-def run_step(clips: int = 64, queue_len: int = 512, repeats: int = 5, model_fields: dict | None = None) -> dict:
-    """Median seconds of the cpu-bench train step, with and without the consistency loss.
+def run_step(model, clips: int = 64, queue_len: int = 512, repeats: int = 5) -> dict:
+    """Median seconds of the train step of `model` (configs/bench.py: the cpu-bench model), with
+    and without the consistency loss.
 
     The queues are filled the way training fills them: the step runs from empty queues until
     they hold `queue_len` rows of the model's embeddings, and only then is it timed (the
@@ -344,9 +334,7 @@ def run_step(clips: int = 64, queue_len: int = 512, repeats: int = 5, model_fiel
     """
     from msk_jax import train_step
     from msk_jax.loss import ObjectiveConfig
-    from msk_jax.model import MultiSKModel
 
-    model = MultiSKModel(**(model_fields or CPU_BENCH_MODEL))
     batch = cpu_bench_batch(clips)
     results, steps = {}, {}
     for name, consistency in (("step", True), ("step_without_multisk", False)):
@@ -391,14 +379,11 @@ def format_step(r: dict) -> str:
         f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} G ({100 * r['flop_utilisation']:.0f}%)"])
 
 
-def _add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clips", type=int, default=64)
-    parser.add_argument("--queue-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+def _cli_step(config) -> dict:
+    from msk_jax.model import MultiSKModel
 
-
-def _cli_step(args: argparse.Namespace) -> dict:
-    results = run_step(clips=args.clips, queue_len=args.queue_len, repeats=args.repeats)
+    c = config.step
+    results = run_step(MultiSKModel.from_config(config), clips=c.clips, queue_len=c.queue_len, repeats=c.repeats)
     print(format_step(results), flush=True)
     return results
 
@@ -418,8 +403,8 @@ class _MemorySource:
         return self.clips
 
 
-def run_loop(clips: int = 64, queue_len: int = 512, steps: int = 10, repeats: int = 3, log_every: int = 10,
-             model_fields: dict | None = None) -> dict:
+def run_loop(model, clips: int = 64, queue_len: int = 512, steps: int = 10, repeats: int = 3,
+             log_every: int = 10) -> dict:
     """Seconds per step of the cpu-bench step run bare (the same device batch, no host work, one
     wait at the end) against the training loop's machinery: batches from a `TrainingPipeline`
     (in-memory clips), transferred ahead (`train.DeviceBatches`), metrics accumulated on the
@@ -429,9 +414,7 @@ def run_loop(clips: int = 64, queue_len: int = 512, steps: int = 10, repeats: in
     from msk_jax import sharding, train, train_step
     from msk_jax.data.pipeline import TrainingPipeline
     from msk_jax.loss import ObjectiveConfig
-    from msk_jax.model import MultiSKModel
 
-    model = MultiSKModel(**(model_fields or CPU_BENCH_MODEL))
     host = cpu_bench_batch(clips)
     mesh = sharding.create_mesh([("data", 1)], jax.devices()[:1])
     batch_sharding = sharding.batch_sharding(mesh)
@@ -490,14 +473,12 @@ def format_loop(r: dict) -> str:
         f"({100 * r['synchronous_overhead']:+.1f}%)"])
 
 
-def _add_loop_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clips", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+def _cli_loop(config) -> dict:
+    from msk_jax.model import MultiSKModel
 
-
-def _cli_loop(args: argparse.Namespace) -> dict:
-    results = run_loop(clips=args.clips, steps=args.steps, repeats=args.repeats)
+    c = config.loop
+    results = run_loop(MultiSKModel.from_config(config), clips=c.clips, queue_len=c.queue_len, steps=c.steps,
+                       repeats=c.repeats)
     print(format_loop(results), flush=True)
     return results
 
@@ -687,26 +668,16 @@ def format_pipeline_howto100m(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="demo", choices=("demo", "howto100m"),
-                        help="demo: the demo corpus; howto100m: a synthetic corpus at HowTo100M's per-video sizes")
-    parser.add_argument("--corpus-dir", default=None, help="corpus folder (default: under the cache)")
-    parser.add_argument("--size", default="default", choices=("tiny", "small", "default"), help="demo corpus size")
-    parser.add_argument("--videos", type=int, default=300, help="videos of the howto100m-size corpus")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                        help="feature store dtype (howto100m sizes)")
-    parser.add_argument("--batches", type=int, default=None, help="timed batches (default 30 demo, 12 howto100m)")
-    parser.add_argument("--grain", action="store_true", help="howto100m sizes: also time grain's worker processes "
-                        "on the same store (pip install grain)")
-
-
-def _cli_pipeline(args: argparse.Namespace) -> dict:
-    if args.sizes == "howto100m":
-        results = run_pipeline_howto100m(args.corpus_dir, args.videos, batches=args.batches or 12, dtype=args.dtype,
-                                         grain=args.grain)
+def _cli_pipeline(config) -> dict:
+    c = config.pipeline
+    if c.sizes not in ("demo", "howto100m"):
+        raise ValueError(f"config.pipeline.sizes='{c.sizes}': expected 'demo' or 'howto100m'.")
+    if c.sizes == "howto100m":
+        results = run_pipeline_howto100m(c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
+                                         grain=c.grain)
         print(format_pipeline_howto100m(results), flush=True)
         return results
-    results = run_pipeline(args.corpus_dir, args.size, batches=args.batches or 30)
+    results = run_pipeline(c.corpus_dir or None, c.size, batches=c.batches or 30)
     for key, value in results.items():
         if key.startswith("clips_per_second_"):
             print(f"input pipeline, {key.rsplit('_', 1)[1]} worker(s): {value:8.0f} clips/s", flush=True)
@@ -822,56 +793,53 @@ def format_plan_row(r: dict) -> str:
             f"{r['videos_per_second_needed_per_host']:.0f} videos/s per host{cores}")
 
 
-def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--targets", default=",".join(ACCELERATORS), help="comma-separated: " + ", ".join(ACCELERATORS))
-    parser.add_argument("--meshes", default=",".join(PLAN_MESHES), help="comma-separated: " + ", ".join(PLAN_MESHES))
-    parser.add_argument("--config", default="", help="configs/howto.py variant (default: the paper)")
-    parser.add_argument("--store-videos-per-core", type=float, default=None,
-                        help="videos/s one input worker delivers (bench pipeline --sizes=howto100m), for cores/host")
+def _cli_plan(config) -> dict:
+    c = config.plan
+    return run_plan(tuple(c.targets.split(",")), tuple(c.meshes.split(",")), c.howto, c.store_videos_per_core or None)
 
 
-def _cli_plan(args: argparse.Namespace) -> dict:
-    return run_plan(tuple(args.targets.split(",")), tuple(args.meshes.split(",")), args.config,
-                    args.store_videos_per_core)
-
-
-BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
-                            Callable[[argparse.Namespace], dict], str]] = {
-    "sk": (_add_sk_arguments, _cli_sk, "Multi-SK solver at the production size"),
-    "step": (_add_step_arguments, _cli_step, "cpu-bench train step"),
-    "pipeline": (_add_pipeline_arguments, _cli_pipeline, "input pipeline clips/s on the demo corpus"),
-    "loop": (_add_loop_arguments, _cli_loop, "the train loop's time per step against the bare jitted step"),
-    "plan": (_add_plan_arguments, _cli_plan, "the paper step compiled ahead of time per accelerator: memory, FLOPs"),
+BENCHMARKS: dict[str, tuple[Callable[..., dict], str]] = {
+    "sk": (_cli_sk, "Multi-SK solver at the production size"),
+    "step": (_cli_step, "cpu-bench train step"),
+    "pipeline": (_cli_pipeline, "input pipeline clips/s (demo corpus, or HowTo100M sizes)"),
+    "loop": (_cli_loop, "the train loop's time per step against the bare jitted step"),
+    "plan": (_cli_plan, "the paper step compiled ahead of time per accelerator: memory, FLOPs"),
 }
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench.py")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msk_jax.bench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (add_arguments, _, help_text) in BENCHMARKS.items():
-        sub = commands.add_parser(name, help=help_text)
-        add_arguments(sub)
-        sub.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
-    every = commands.add_parser("all", help="run every benchmark but plan with its default settings")
-    every.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
-    args = parser.parse_args(argv)
+def run(command: str, config) -> dict:
+    """Runs benchmark `command` (or "all": every one but plan) with `config` (configs/bench.py)."""
+    if command == "all":  # plan: minutes of compilation per target, run it by name
+        return {name: cli(config) for name, (cli, _) in BENCHMARKS.items() if name != "plan"}
+    if command not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark '{command}'; choose from {sorted(BENCHMARKS) + ['all']}.")
+    return BENCHMARKS[command][0](config)
 
-    if args.command == "all":
-        results = {}
-        for name, (add_arguments, run, _) in BENCHMARKS.items():
-            if name == "plan":  # minutes of compilation per target: run it by name
-                continue
-            sub = argparse.ArgumentParser()
-            add_arguments(sub)
-            results[name] = run(sub.parse_args([]))
-    else:
-        results = BENCHMARKS[args.command][1](args)
-    if args.json:
-        with open(args.json, "w") as f:
+
+def main(argv):
+    from absl import app
+
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m msk_jax.bench COMMAND [--config=configs/bench.py] [--json=OUT]; "
+                             "COMMAND: " + ", ".join(f"{n} ({h})" for n, (_, h) in BENCHMARKS.items())
+                             + ", all (every one but plan)")
+    try:
+        results = run(argv[1], FLAGS.config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
-    return 0
 
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()
-    sys.exit(main())
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", CONFIG, "The benchmarks' shapes (configs/bench.py).")
+    flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+    app.run(main)

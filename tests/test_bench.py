@@ -18,19 +18,36 @@ def test_run_sk_tiny():
     json.dumps(results)
 
 
-def test_cli_has_the_subcommands(capsys):
-    for command in ("sk", "pipeline", "loop", "plan", "all"):
-        with pytest.raises(SystemExit) as exit_info:
-            bench.main([command, "--help"])
-        assert exit_info.value.code == 0
-    assert "--json" in capsys.readouterr().out
+def test_commands_take_their_shapes_from_configs_bench():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_config", bench.CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("cpu_bench")
+    assert set(bench.BENCHMARKS) <= set(config) and config.model.num_anchors == config.sk.k == 64
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        bench.run("nope", config)
+    root = os.path.dirname(os.path.dirname(bench.CONFIG))
+    env = dict(os.environ, MSK_JAX_TCMALLOC="0")
+    done = subprocess.run([sys.executable, "-m", "msk_jax.bench", "nope"], cwd=root, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "unknown benchmark 'nope'" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "msk_jax.bench", "sk", "--config.sk.n=not_a_number"], cwd=root,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "config.sk.n" in done.stderr
 
 
 def test_step_and_pipeline_benchmarks_report_their_figures(tiny_corpus):
     from tests.conftest import TINY_MODEL
 
-    step = bench.run_step(clips=8, queue_len=16, repeats=1,
-                          model_fields=dict(TINY_MODEL, video_dim=4096, text_dim=300))
+    from msk_jax.model import MultiSKModel
+
+    step = bench.run_step(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), clips=8, queue_len=16,
+                          repeats=1)
     assert step["step_seconds"] > 0 and step["clips_per_second"] == 8 / step["step_seconds"]
     assert 0 < step["matmul_peak_flops_per_second"] and step["step_flops"] > step["step_without_multisk_flops"]
     pipeline = bench.run_pipeline(tiny_corpus, size="tiny", videos_per_batch=2, batches=2, workers=(1,),
@@ -52,7 +69,9 @@ def test_pipeline_at_howto100m_layout_reports_old_and_new_paths(tmp_path):
 def test_loop_benchmark_times_the_loop_and_the_bare_step():
     from tests.conftest import TINY_MODEL
 
-    r = bench.run_loop(clips=20, queue_len=40, steps=2, repeats=1, log_every=2,
-                       model_fields=dict(TINY_MODEL, video_dim=4096, text_dim=300))
+    from msk_jax.model import MultiSKModel
+
+    r = bench.run_loop(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), clips=20, queue_len=40, steps=2,
+                       repeats=1, log_every=2)
     assert r["bare_step_seconds"] > 0 and r["loop_step_seconds"] > 0 and r["synchronous_loop_step_seconds"] > 0
     assert "asynchronous" in bench.format_loop(r)
