@@ -12,7 +12,10 @@ feature queues) and on the batch the run would have trained on next, this measur
   (target > 0.5);
 - the consistency cost's prediction `sigmoid(exp(s / T))`, which is above 0.5 for every
   similarity s: the share of target entries below 0.5 that it can therefore never fit;
-- the queue: how many steps a clip stays in it and how many of the corpus's videos it holds.
+- the queue: how many steps a clip stays in it and how many of the corpus's videos it holds;
+- `embedding_geometry` (EMA weights, evaluation sets): the effective rank of each modality's
+  joint embeddings and their mean pairwise cosine similarity, i.e. how much of the space the
+  clips spread over.
 
     python -m msk_jax.consistency_diagnostics --config=configs/howto.py:demo --checkpoint=RUN
 """
@@ -126,6 +129,41 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
     batch = {k: batch[k] for k in input_pipeline.sample_batch(config, words.dim)}
     result = diagnose(model, state.params, state.batch_stats, state.queues, objective, batch)
     return {"step": step, **result, **queue_turnover(config, len(source))}
+
+
+def effective_rank(x: np.ndarray) -> float:
+    """exp(entropy of the normalised singular values) of the centred rows (Roy & Vetterli, 2007)."""
+    singular = np.linalg.svd(x - x.mean(axis=0, keepdims=True), compute_uv=False)
+    p = singular / singular.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def embedding_geometry(embeddings: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """{"{modality}_effective_rank", "{modality}_mean_cosine"} of L2-normalised joint embeddings."""
+    out = {}
+    for m, e in embeddings.items():
+        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        n = len(unit)
+        gram = unit @ unit.T
+        out[f"{m}_effective_rank"] = effective_rank(unit)
+        out[f"{m}_mean_cosine"] = float((gram.sum() - np.trace(gram)) / (n * (n - 1)))
+    return out
+
+
+def geometry_run(config, checkpoint: str, weights: str = "ema") -> dict[str, dict[str, float]]:
+    """`embedding_geometry` of a run's latest checkpoint on each configured evaluation set."""
+    from msk_jax import evaluate, evaluation, input_pipeline
+    from msk_jax.model import MultiSKModel
+
+    paths = input_pipeline.data_paths(config, training=False)
+    words = input_pipeline.load_words(config, paths)
+    eval_sets = input_pipeline.build_eval_sets(config, paths, words)
+    model = MultiSKModel.from_config(config)
+    _, folder, step = evaluate.locate(checkpoint)
+    variables, _ = evaluate.load_msk_checkpoint(folder, step, evaluate.model_template(model, config, words.dim), weights)
+    return {name: embedding_geometry(evaluation.embed(model, variables, eval_set, config.eval_batch_size))
+            for name, eval_set in eval_sets.items()}
 
 
 def main(argv):

@@ -130,13 +130,21 @@ def summarise(runs: Sequence[Mapping], directions: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def analyse(config, folder: str) -> dict:
-    """A finished run's anchor semantics (`anchor_semantics`) and, when the consistency loss is on,
-    its diagnostics (`consistency_diagnostics`); needs digit-word captions (the demo corpus)."""
+ANALYSES = ("anchors", "geometry", "diagnostics")
+
+
+def analyse(config, folder: str, done: Sequence[str] = ()) -> dict:
+    """A finished run's anchor semantics (`anchor_semantics`), the geometry of its embeddings and,
+    when the consistency loss is on, its diagnostics (`consistency_diagnostics`); those in `done`
+    are skipped. Anchor semantics needs digit-word captions (the demo corpus)."""
     from msk_jax import anchor_semantics, consistency_diagnostics
 
-    out = {"anchors": anchor_semantics.measure_run(config, folder)}
-    if config.objective.consistency:
+    out = {}
+    if "anchors" not in done:
+        out["anchors"] = anchor_semantics.measure_run(config, folder)
+    if "geometry" not in done:
+        out["geometry"] = consistency_diagnostics.geometry_run(config, folder)
+    if "diagnostics" not in done and config.objective.consistency:
         out["diagnostics"] = consistency_diagnostics.diagnose_run(config, folder)
     return out
 
@@ -144,8 +152,8 @@ def analyse(config, folder: str) -> dict:
 def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence[int],
              directions: Sequence[str] = ("t2v", "t2v+a"), train_fn=None, analyse_fn=None) -> list[dict]:
     """Trains every (setting, seed) not yet finished under `workdir`; returns every run's
-    {'overrides', 'seed', 'metrics'} (plus what `analyse_fn(config, folder)` returns, added to
-    finished runs that lack it) and writes summary.json and summary.md."""
+    {'overrides', 'seed', 'metrics'} (plus what `analyse_fn(config, folder, done)` returns for the
+    ANALYSES a run lacks, finished runs included) and writes summary.json and summary.md."""
     if train_fn is None:
         from msk_jax import train
         train_fn = train.train_and_evaluate
@@ -166,14 +174,16 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
                 raise RuntimeError(f"run {folder} gave no evaluation results (no evaluation sets configured?)")
             run = {"overrides": dict(overrides), "seed": int(seed), "metrics": metrics}
             storage.write_atomic(result_path, json.dumps(run, indent=1))
-        if analyse_fn is not None and "anchors" not in run:
-            print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: measuring anchors and diagnostics", flush=True)
-            run.update(analyse_fn(run_config, folder))
+        missing = [a for a in ANALYSES if a not in run and (a != "diagnostics" or run_config.objective.consistency)]
+        if analyse_fn is not None and missing:
+            print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: measuring {', '.join(missing)}", flush=True)
+            run.update(analyse_fn(run_config, folder, done=[a for a in ANALYSES if a in run]))
             storage.write_atomic(result_path, json.dumps(run, indent=1))
         runs.append(run)
         storage.write_atomic(storage.join(workdir, "summary.json"), json.dumps({"runs": runs}, indent=1))
         storage.write_atomic(storage.join(workdir, "summary.md"), "\n".join(
-            part for part in (summarise(runs, directions), summarise_anchors(runs), summarise_diagnostics(runs)) if part))
+            part for part in (summarise(runs, directions), summarise_anchors(runs), summarise_geometry(runs),
+                              summarise_diagnostics(runs)) if part))
     return runs
 
 
@@ -207,6 +217,25 @@ def summarise_anchors(runs: Sequence[Mapping]) -> str:
             lines.append(f"| {label} | {dataset} | " + " | ".join(cells) + " |")
     return ("NMI of the assigned anchor with \"digit d occurs\" (mean over digits and seeds): "
             "learned anchors / random anchors / shuffled labels\n\n" + "\n".join(lines) + "\n")
+
+
+def summarise_geometry(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting and evaluation set, the mean over seeds of the joint embeddings'
+    effective rank and mean pairwise cosine per modality; '' without any."""
+    runs = [r for r in runs if "geometry" in r]
+    if not runs:
+        return ""
+    modalities = [k.removesuffix("_effective_rank") for k in next(iter(runs[0]["geometry"].values()))
+                  if k.endswith("_effective_rank")]
+    lines = ["| setting | set | " + " | ".join(f"{m} eff. rank (mean cos)" for m in modalities) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in modalities) + " |"]
+    for label, members in _groups(runs).items():
+        for dataset in members[0]["geometry"]:
+            cells = [f"{np.mean([r['geometry'][dataset][f'{m}_effective_rank'] for r in members]):.1f} "
+                     f"({np.mean([r['geometry'][dataset][f'{m}_mean_cosine'] for r in members]):.3f})"
+                     for m in modalities]
+            lines.append(f"| {label} | {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 DIAGNOSTICS = ("consistency_to_contrastive_encoders", "encoder_grad_cosine", "target_entropy", "anchors_per_clip",

@@ -72,7 +72,21 @@ def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
         0.5 * d["consistency_grad_encoders"] / d["contrastive_grad_encoders"])
     assert -1 <= d["encoder_grad_cosine"] <= 1 and 0 < d["target_entropy"] <= 1
     assert 1 <= d["anchors_per_clip"] <= 4  # Multi-SK: about R = K/2 anchors per clip
-    assert "learned anchors / random anchors" in (tmp_path / "summary.md").read_text()
+    # The joint embeddings' geometry per evaluation set and modality.
+    g = run["geometry"]["YouCook2"]
+    assert 1 <= g["video_effective_rank"] <= 24 and -1 <= g["text_mean_cosine"] <= 1  # tiny_config: 24-d
+    summary = (tmp_path / "summary.md").read_text()
+    assert "learned anchors / random anchors" in summary and "video eff. rank (mean cos)" in summary
+
+
+def test_effective_rank_counts_the_directions_used():
+    from msk_jax.consistency_diagnostics import effective_rank, embedding_geometry
+
+    rng = np.random.default_rng(0)
+    assert effective_rank(rng.normal(size=(400, 3)) @ np.eye(3, 8)) == pytest.approx(3, abs=0.2)
+    assert effective_rank(rng.normal(size=(400, 8))) == pytest.approx(8, abs=0.5)
+    same = embedding_geometry({"video": np.tile(rng.normal(size=(1, 5)), (10, 1))})
+    assert same["video_mean_cosine"] == pytest.approx(1.0)
 
 
 def test_plot_draws_the_sweep_and_the_baseline_band(tmp_path):
