@@ -36,7 +36,7 @@ import numpy as np
 from msk_jax.data.demo_corpus import DIGIT_WORDS
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.data.pipeline import MODEL_KEYS
-from msk_jax.model import MODALITIES, MultiSKModel
+from msk_jax.model import MODALITIES
 from msk_jax.sharding import to_host
 
 SPACES = ("input", "joint")
@@ -157,25 +157,21 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
 def measure_run(config, checkpoint: str, weights: str = "ema", seed: int = 0) -> dict:
     """Anchor semantics of a training run's latest checkpoint on the configured evaluation sets."""
-    from msk_jax import evaluate, input_pipeline
+    from msk_jax.evaluate import restore_for_evaluation
 
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
-    eval_sets = input_pipeline.build_eval_sets(config, paths, words)
-    model = MultiSKModel.from_config(config)
-    _, folder, step = evaluate.locate(checkpoint)
-    variables, _ = evaluate.load_msk_checkpoint(folder, step, evaluate.model_template(model, config, words.dim), weights)
+    model, variables, eval_sets = restore_for_evaluation(config, checkpoint, weights)
     return measure(model, variables, eval_sets, seed, config.eval_batch_size)
 
 
 def main(argv):
-    from absl import app
+    from absl import app, logging
 
     from msk_jax import checkpoints
     from msk_jax.data.features import DataError
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
     try:
         results = measure_run(FLAGS.config, FLAGS.checkpoint, FLAGS.weights)
     except (checkpoints.CheckpointError, FileNotFoundError, DataError, ValueError) as err:

@@ -153,15 +153,10 @@ def embedding_geometry(embeddings: Mapping[str, np.ndarray]) -> dict[str, float]
 
 def geometry_run(config, checkpoint: str, weights: str = "ema") -> dict[str, dict[str, float]]:
     """`embedding_geometry` of a run's latest checkpoint on each configured evaluation set."""
-    from msk_jax import evaluate, evaluation, input_pipeline
-    from msk_jax.model import MultiSKModel
+    from msk_jax import evaluation
+    from msk_jax.evaluate import restore_for_evaluation
 
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
-    eval_sets = input_pipeline.build_eval_sets(config, paths, words)
-    model = MultiSKModel.from_config(config)
-    _, folder, step = evaluate.locate(checkpoint)
-    variables, _ = evaluate.load_msk_checkpoint(folder, step, evaluate.model_template(model, config, words.dim), weights)
+    model, variables, eval_sets = restore_for_evaluation(config, checkpoint, weights)
     return {name: embedding_geometry(evaluation.embed(model, variables, eval_set, config.eval_batch_size))
             for name, eval_set in eval_sets.items()}
 

@@ -128,6 +128,18 @@ def model_template(model, config, words_dim: int) -> dict:
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), batch)
 
 
+def restore_for_evaluation(config, checkpoint: str, weights: str = "ema"):
+    """(model, variables, {name: EvalSet}) of a run's checkpoint (a workdir, its checkpoints/
+    folder or a step folder) and the configured evaluation sets: what the analysis tools need."""
+    paths = input_pipeline.data_paths(config, training=False)
+    words = input_pipeline.load_words(config, paths)
+    eval_sets = input_pipeline.build_eval_sets(config, paths, words)
+    model = MultiSKModel.from_config(config)
+    _, folder, step = locate(checkpoint)
+    variables, _ = load_msk_checkpoint(folder, step, model_template(model, config, words.dim), weights)
+    return model, variables, eval_sets
+
+
 def evaluate_once(config, model, evals, variables, step, output_dir, writer) -> dict:
     if not evals:
         raise DataError("config.data", "no evaluation set is configured (set config.data.msrvtt / "
