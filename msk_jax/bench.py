@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax import allocator, sinkhorn
+from msk_jax import allocator, multisk_reference, sinkhorn
 
 MB = 1e6
 
@@ -94,41 +94,12 @@ def copy_bandwidth(nbytes: int = 64 * 2**20, repeats: int = 20) -> float:
     return 2 * src.nbytes / float(np.median(times))
 
 
-def random_cosine_scores(seed: int, problems: int, n: int, k: int, dim: int = 32) -> np.ndarray:
-    """(problems, n, k) cosine similarities of random unit vectors, float32."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(problems, n, dim))
-    z = rng.normal(size=(problems, k, dim))
-    x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    z /= np.linalg.norm(z, axis=-1, keepdims=True)
-    return np.einsum("pnd,pkd->pnk", x, z).astype(np.float32)
-
-
 # --- Multi-SK -------------------------------------------------------------------------------------
 
-def dense_multi_sinkhorn(scores: jax.Array, eps: float, num_iters: int,
-                         required_fraction: float) -> jax.Array:
-    """The straightforward solver: the full K x N x K tensor, as the original builds it (float32).
-
-    Same math as :func:`msk_jax.sinkhorn.multi_sinkhorn` (whose target it returns), no shortcuts;
-    the reference point for time and memory. Jit it with the settings static.
-    """
-    n, k = scores.shape
-    r = sinkhorn.num_required_slots(k, required_fraction)
-    weights = np.full(k, sinkhorn.OPTIONAL_SLOT_WEIGHT, np.float32)
-    weights[k - r:] = sinkhorn.REQUIRED_SLOT_WEIGHT
-    c = jnp.asarray(sinkhorn.anchor_marginal(n, k))
-    q = jnp.exp(jnp.asarray(weights)[:, None, None] * scores[None] / eps)  # (K, N, K)
-    q = q / jnp.sum(q)
-
-    def iteration(_, a):
-        a = a * (c / (jnp.sum(a, axis=1, keepdims=True) + sinkhorn.DAMPING))
-        a = a / (jnp.sum(a, axis=0, keepdims=True) + sinkhorn.DAMPING)
-        return a / (jnp.sum(a, axis=2, keepdims=True) + sinkhorn.DAMPING)
-
-    a = jax.lax.fori_loop(0, num_iters, iteration, q)
-    a = a / jnp.sum(a, axis=2, keepdims=True)
-    return sinkhorn.minmax_normalize_rows(jnp.sum(a[k - r:], axis=0))
+def dense_multi_sinkhorn(scores: jax.Array, eps: float, num_iters: int, required_fraction: float) -> jax.Array:
+    """The straightforward solver's target (`msk_jax.multisk_reference`, float32 in JAX): the full
+    K x N x K tensor, as the original builds it; the reference point for time and memory."""
+    return multisk_reference.dense_multi_sinkhorn(scores, eps, num_iters, required_fraction, xp=jnp)[1]
 
 
 def _target(scores, eps, num_iters, num_required, method, native=True):
@@ -157,7 +128,7 @@ def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, nu
     settings = dict(eps=eps, num_iters=num_iters, required_fraction=required_fraction)
     num_required = sinkhorn.num_required_slots(k, required_fraction)
     static = dict(eps=eps, num_iters=num_iters, num_required=num_required)
-    stack = jnp.asarray(random_cosine_scores(seed, problems, n, k))
+    stack = jnp.asarray(multisk_reference.random_cosine_scores(np.random.default_rng(seed), n, k, problems, dim=32))
     one = stack[0]
 
     solve_one = compile_for(lambda s: sinkhorn.multi_sinkhorn(s, **settings).target, one)

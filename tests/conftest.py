@@ -26,37 +26,6 @@ def golden_dir():
     return GOLDEN_DIR
 
 
-def dense_multi_sinkhorn(scores, eps, num_iters, required_fraction):
-    """Straightforward float64 K x N x K Multi-SK, step by step as the reference describes."""
-    scores = np.asarray(scores, np.float64)
-    n, k = scores.shape
-    r = int(k * required_fraction)
-    w = np.ones(k)
-    w[: k - r] = 0.25
-    q = np.exp(w[:, None, None] * scores[None] / eps)
-    q /= q.sum()
-    c = np.ones(k) / k * n
-    c = np.maximum(c, 1.0)
-    c = c / c.sum() * n
-    a = q
-    for _ in range(num_iters):
-        a = a * (c[None, None, :] / (a.sum(axis=1, keepdims=True) + 1e-5))
-        a = a / (a.sum(axis=0, keepdims=True) + 1e-5)
-        a = a / (a.sum(axis=2, keepdims=True) + 1e-5)
-    a = a / a.sum(axis=2, keepdims=True)
-    summed = a[-r:].sum(axis=0)
-    lo, hi = summed.min(axis=1, keepdims=True), summed.max(axis=1, keepdims=True)
-    return a, (summed - lo) / (hi - lo)
-
-
-def random_cosine_scores(rng, n, k, dim=16):
-    x = rng.normal(size=(n, dim))
-    z = rng.normal(size=(k, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    return (x @ z.T).astype(np.float32)
-
-
 TINY_MODEL = dict(video_dim=12, text_dim=10, audio_feat_dim=40, davenet_layers=(1, 1, 1, 1, 1, 1),
                   davenet_widths=(4, 4, 4, 4, 4, 4, 8), davenet_kernel=9, embed_dim=16, num_heads=2,
                   mlp_ratio=1.0, depth=1, projection_dim=24, num_anchors=4)

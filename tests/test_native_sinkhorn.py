@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from msk_jax import kernels, sinkhorn
-from tests.conftest import random_cosine_scores
+from msk_jax.multisk_reference import random_cosine_scores
 
 pytestmark = pytest.mark.skipif(not kernels.multisk_available(),
                                 reason="no C++ compiler: the native Multi-SK kernel is not built")
@@ -108,7 +108,7 @@ def test_small_problems_stay_in_jax(rng):
 
 def test_disabled_or_unbuildable_kernel_falls_back(tmp_path):
     code = ("import numpy as np; from msk_jax import kernels, sinkhorn;"
-            "from tests.conftest import random_cosine_scores;"
+            "from msk_jax.multisk_reference import random_cosine_scores;"
             "s = random_cosine_scores(np.random.default_rng(0), 400, 16);"
             "r = sinkhorn.multi_sinkhorn(s); assert not kernels.multisk_available();"
             "assert np.isfinite(np.asarray(r.target)).all(); print('fallback ok')")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from msk_jax import sinkhorn
-from tests.conftest import dense_multi_sinkhorn, random_cosine_scores
+from msk_jax.multisk_reference import dense_multi_sinkhorn, random_cosine_scores
 
 
 @pytest.fixture
