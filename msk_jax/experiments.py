@@ -149,6 +149,22 @@ def analyse(config, folder: str, done: Sequence[str] = ()) -> dict:
     return out
 
 
+def summarise_wide(runs: Sequence[Mapping], directions: Sequence[str] = ("t2v", "t2v+a"), metric: str = "R10") -> str:
+    """Markdown: one row per setting, one column per evaluation set and direction, each cell
+    `metric` as mean (sd) and the half-width of its 95 % interval over seeds."""
+    groups = _groups(runs)
+    columns = [(d, t) for d in runs[0]["metrics"] for t in directions if t in runs[0]["metrics"][d]]
+    lines = ["| setting | seeds | " + " | ".join(f"{d} {t} {metric}" for d, t in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for label, members in groups.items():
+        cells = []
+        for d, t in columns:
+            mean, sd, half = interval([r["metrics"][d][t][metric] for r in members])
+            cells.append(f"{mean:.1f} ({sd:.1f}) ±{half:.1f}" if len(members) > 1 else f"{mean:.1f}")
+        lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence[int],
              directions: Sequence[str] = ("t2v", "t2v+a"), train_fn=None, analyse_fn=None) -> list[dict]:
     """Trains every (setting, seed) not yet finished under `workdir`; returns every run's
@@ -182,8 +198,8 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
         runs.append(run)
         storage.write_atomic(storage.join(workdir, "summary.json"), json.dumps({"runs": runs}, indent=1))
         storage.write_atomic(storage.join(workdir, "summary.md"), "\n".join(
-            part for part in (summarise(runs, directions), summarise_anchors(runs), summarise_geometry(runs),
-                              summarise_diagnostics(runs)) if part))
+            part for part in (summarise_wide(runs, directions), summarise(runs, directions), summarise_anchors(runs),
+                              summarise_geometry(runs), summarise_diagnostics(runs)) if part))
     return runs
 
 

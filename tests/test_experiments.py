@@ -48,6 +48,8 @@ def test_runs_are_resumable_and_summarised(tmp_path):
                                           "metrics": {"MSRVTT": {"t2v": {"R1": 1.0, "R5": 2.0, "R10": 60}}}}
     table = (tmp_path / "summary.md").read_text()
     assert "| objective.consistency_scale=1 | 3 | MSRVTT | t2v |" in table and "61.0 (1.0)" in table
+    # The wide table: R@10 mean (sd) and the 95 % half-width (t(0.975, 2) x 1 / sqrt(3) = 2.5).
+    assert "| objective.consistency_scale=1 | 3 | 61.0 (1.0) ±2.5 |" in table
 
 
 def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
