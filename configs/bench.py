@@ -5,17 +5,32 @@
     python -m msk_jax.bench sk --config.sk.n=4000 --json=OUT
 
 `model` is the cpu-bench model: the paper's input widths and anchor count with narrower layers,
-so that one train step runs on a CPU (BENCH.md "cpu-bench"). `plan` compiles the configs/howto.py
-step itself (its `howto` field names a variant).
+so that one train step runs on a CPU (BENCH.md "cpu-bench"). The objective (Multi-SK settings
+included) and the clip settings are the paper's, read from configs/howto.py. `plan` compiles the
+configs/howto.py step itself (its `howto` field names a variant).
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def _howto():
+    """configs/howto.py, the one place of the paper's numbers."""
+    spec = importlib.util.spec_from_file_location("howto", os.path.join(os.path.dirname(__file__), "howto.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if (arg or "cpu_bench") != "cpu_bench":
         raise ValueError(f"configs/bench.py: unknown variant '{arg}'; use cpu_bench.")
     config = ml_collections.ConfigDict()
+    paper = _howto().get_config()
+    config.objective = paper.objective   # queue_len is each benchmark's own (below)
+    config.data = paper.data             # the clips: 10 per video, 8 s, ...
 
     config.model = ml_collections.ConfigDict(dict(
         video_dim=4096, text_dim=300, audio_feat_dim=40, davenet_layers=(2, 2, 1, 1, 1, 1),
@@ -23,8 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mlp_ratio=1.0, depth=1, projection_dim=768, num_anchors=64, dtype="float32"))
 
     # sk: the 12 Multi-SK problems of a paper step ("sk-prod": queue 7,500 + batch 160 rows).
-    config.sk = ml_collections.ConfigDict(dict(n=7660, k=64, problems=12, iters=20, repeats=5,
-                                               baseline=True, dense=True, stacked=True))
+    # (eps, iterations and R: config.objective.sinkhorn.)
+    config.sk = ml_collections.ConfigDict(dict(n=7660, k=64, problems=12, repeats=5, baseline=True, dense=True,
+                                               stacked=True))
     # step: the cpu-bench train step.
     config.step = ml_collections.ConfigDict(dict(clips=64, queue_len=512, repeats=5))
     # loop: the train loop around that step against the bare jitted step.

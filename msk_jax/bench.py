@@ -111,9 +111,9 @@ def _target(scores, eps, num_iters, num_required, method, native=True):
     return sinkhorn.minmax_normalize_rows(num_required * final[-1])
 
 
-def run_sk(n: int = 7660, k: int = 64, problems: int = 12, eps: float = 0.07, num_iters: int = 20,
-           required_fraction: float = 0.5, repeats: int = 5, baseline: bool = True,
-           dense: bool = True, stacked: bool = True, batch_rows: int = 2160, seed: int = 0) -> dict:
+def run_sk(n: int, k: int, problems: int, *, eps: float, num_iters: int, required_fraction: float, repeats: int = 5,
+           baseline: bool = True, dense: bool = True, stacked: bool = True, batch_rows: int = 2160,
+           seed: int = 0) -> dict:
     """Times and memory of the Multi-SK solvers on random cosine scores; see the module doc.
 
     Returns seconds per problem (one (n, k) problem per call) and per step (``problems`` stacked
@@ -267,8 +267,9 @@ def _ratio(value: float) -> str:
 
 def _cli_sk(config) -> dict:
     c = config.sk
-    results = run_sk(n=c.n, k=c.k, problems=c.problems, num_iters=c.iters, repeats=c.repeats, baseline=c.baseline,
-                     dense=c.dense, stacked=c.stacked)
+    sk = config.objective.sinkhorn
+    results = run_sk(c.n, c.k, c.problems, eps=sk.eps, num_iters=sk.num_iters, required_fraction=sk.required_fraction,
+                     repeats=c.repeats, baseline=c.baseline, dense=c.dense, stacked=c.stacked)
     print(format_sk(results), flush=True)
     return results
 
@@ -293,7 +294,7 @@ def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
             "audio_mask": np.ones((clips, 768), np.float32)}
 
 
-def run_step(model, clips: int = 64, queue_len: int = 512, repeats: int = 5) -> dict:
+def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: int = 5) -> dict:
     """Median seconds of the train step of `model` (configs/bench.py: the cpu-bench model), with
     and without the consistency loss.
 
@@ -303,14 +304,15 @@ def run_step(model, clips: int = 64, queue_len: int = 512, repeats: int = 5) -> 
     real training meets only during warm-up). The step is jitted with the state donated, as in
     training.
     """
+    import dataclasses
+
     from msk_jax import train_step
-    from msk_jax.loss import ObjectiveConfig
 
     batch = cpu_bench_batch(clips)
     results, steps = {}, {}
     for name, consistency in (("step", True), ("step_without_multisk", False)):
-        objective = ObjectiveConfig(queue_len=queue_len, consistency=consistency)
-        state = train_step.create_train_state(jax.random.PRNGKey(0), model, objective, train_step.adam(5e-5), batch)
+        variant = dataclasses.replace(objective, queue_len=queue_len, consistency=consistency)
+        state = train_step.create_train_state(jax.random.PRNGKey(0), model, variant, train_step.adam(5e-5), batch)
         compiled = jax.jit(train_step.train_step, donate_argnums=0).lower(state, batch).compile()
         flops = compiled.cost_analysis()
         flops = flops[0] if isinstance(flops, (list, tuple)) else flops
@@ -351,10 +353,12 @@ def format_step(r: dict) -> str:
 
 
 def _cli_step(config) -> dict:
+    from msk_jax.loss import ObjectiveConfig
     from msk_jax.model import MultiSKModel
 
     c = config.step
-    results = run_step(MultiSKModel.from_config(config), clips=c.clips, queue_len=c.queue_len, repeats=c.repeats)
+    results = run_step(MultiSKModel.from_config(config), ObjectiveConfig.from_config(config.objective), clips=c.clips,
+                       queue_len=c.queue_len, repeats=c.repeats)
     print(format_step(results), flush=True)
     return results
 
@@ -374,7 +378,7 @@ class _MemorySource:
         return self.clips
 
 
-def run_loop(model, clips: int = 64, queue_len: int = 512, steps: int = 10, repeats: int = 3,
+def run_loop(model, objective, clips: int = 64, queue_len: int = 512, steps: int = 10, repeats: int = 3,
              log_every: int = 10) -> dict:
     """Seconds per step of the cpu-bench step run bare (the same device batch, no host work, one
     wait at the end) against the training loop's machinery: batches from a `TrainingPipeline`
@@ -383,13 +387,14 @@ def run_loop(model, clips: int = 64, queue_len: int = 512, steps: int = 10, repe
     transferred each batch when needed and read every metric after every step. Round-robin over
     `repeats` rounds of `steps` steps; medians."""
     from msk_jax import sharding, train, train_step
+    import dataclasses
+
     from msk_jax.data.pipeline import TrainingPipeline
-    from msk_jax.loss import ObjectiveConfig
 
     host = cpu_bench_batch(clips)
     mesh = sharding.create_mesh([("data", 1)], jax.devices()[:1])
     batch_sharding = sharding.batch_sharding(mesh)
-    objective = ObjectiveConfig(queue_len=queue_len)
+    objective = dataclasses.replace(objective, queue_len=queue_len)
     state = train_step.create_train_state(jax.random.PRNGKey(0), model, objective, train_step.adam(5e-5), host)
     state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), state)
     step_fn = train.compile_train_step(state_sharding, batch_sharding)
@@ -445,10 +450,11 @@ def format_loop(r: dict) -> str:
 
 
 def _cli_loop(config) -> dict:
+    from msk_jax.loss import ObjectiveConfig
     from msk_jax.model import MultiSKModel
 
     c = config.loop
-    results = run_loop(MultiSKModel.from_config(config), clips=c.clips, queue_len=c.queue_len, steps=c.steps,
+    results = run_loop(MultiSKModel.from_config(config), ObjectiveConfig.from_config(config.objective), clips=c.clips, queue_len=c.queue_len, steps=c.steps,
                        repeats=c.repeats)
     print(format_loop(results), flush=True)
     return results
@@ -456,11 +462,11 @@ def _cli_loop(config) -> dict:
 
 # --- pipeline: input clips/s ---------------------------------------------------------------------
 
-def run_pipeline(corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
+def run_pipeline(settings, corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
                  batches: int = 30, workers: tuple[int, ...] = (1, 2), feature_dim: int = 128) -> dict:
     """Clips/s of the training pipeline on the demo corpus (built if needed), per worker count."""
     from msk_jax.data.demo_corpus import build_demo_corpus, default_root
-    from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+    from msk_jax.data.howto100m import HowTo100MReader
     from msk_jax.data.pipeline import TrainingPipeline
     from msk_jax.data.word2vec import load_word2vec_binary
 
@@ -468,8 +474,8 @@ def run_pipeline(corpus_dir: str | None = None, size: str = "default", videos_pe
     paths = build_demo_corpus(root, size=size, feature_dim=feature_dim, progress=False)
     source = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio,
                              load_word2vec_binary(paths.word_vectors), features_3d=paths.features_3d,
-                             settings=ClipSettings())
-    results = {"videos_per_batch": videos_per_batch, "clips_per_batch": videos_per_batch * 10}
+                             settings=settings)
+    results = {"videos_per_batch": videos_per_batch, "clips_per_batch": videos_per_batch * settings.n_clips}
     for count in workers:
         pipeline = TrainingPipeline(source, videos_per_batch, seed=0, workers=count)
         next(pipeline)  # warm-up
@@ -560,7 +566,7 @@ def _time_grain(source, videos_per_batch: int, batches: int, workers: int) -> di
             "cpu_ms_per_video": 1e3 * used / videos, "videos": videos}
 
 
-def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
+def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
                            batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32",
                            seconds: int = 396, dim: int = 2048, grain: bool = False) -> dict:
     """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
@@ -570,14 +576,13 @@ def run_pipeline_howto100m(corpus_dir: str | None = None, videos: int = 300, vid
     from msk_jax.data import synthetic
     from msk_jax.data.demo_corpus import default_root
     from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
-    from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+    from msk_jax.data.howto100m import HowTo100MReader
     from msk_jax.data.pipeline import TrainingPipeline
     from msk_jax.data.word2vec import load_word2vec_binary
 
     root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
     paths = synthetic.write_synthetic_howto100m(os.path.join(root, "npz"), videos, seconds=seconds, dim_2d=dim,
                                                 dim_3d=dim, progress=False)
-    settings = ClipSettings()
     reader = HowTo100MReader(paths["csv"], paths["caption"], paths["features_2d"], paths["audio"],
                              load_word2vec_binary(paths["word_vectors"]), features_3d=paths["features_3d"],
                              settings=settings, dim_2d=dim, dim_3d=dim)
@@ -640,15 +645,17 @@ def format_pipeline_howto100m(r: dict) -> str:
 
 
 def _cli_pipeline(config) -> dict:
+    from msk_jax import input_pipeline
+
     c = config.pipeline
     if c.sizes not in ("demo", "howto100m"):
         raise ValueError(f"config.pipeline.sizes='{c.sizes}': expected 'demo' or 'howto100m'.")
     if c.sizes == "howto100m":
-        results = run_pipeline_howto100m(c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
+        results = run_pipeline_howto100m(input_pipeline.clip_settings(config), c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
                                          grain=c.grain)
         print(format_pipeline_howto100m(results), flush=True)
         return results
-    results = run_pipeline(c.corpus_dir or None, c.size, batches=c.batches or 30)
+    results = run_pipeline(input_pipeline.clip_settings(config), c.corpus_dir or None, c.size, batches=c.batches or 30)
     for key, value in results.items():
         if key.startswith("clips_per_second_"):
             print(f"input pipeline, {key.rsplit('_', 1)[1]} worker(s): {value:8.0f} clips/s", flush=True)

@@ -21,6 +21,9 @@ import numpy as np
 
 from msk_jax.model import MODALITIES
 
+# The original's consistency cost divides the similarities by 0.1 in its code, not in a config.
+ORIGINAL_CONSISTENCY_TEMPERATURE = 0.1
+
 # Names the original holds but never uses in the forward pass (or duplicates).
 UNUSED_TORCH_NAMES = [
     r".*num_batches_tracked",
@@ -210,6 +213,7 @@ def objective_config_from_original(config: Mapping[str, Any]):
 
     loss, sk, fusion = config["loss"], config["sk_params"], config["fusion_params"]
     return ObjectiveConfig(
+        consistency=True, consistency_temperature=ORIGINAL_CONSISTENCY_TEMPERATURE,
         contrastive_scale=loss.get("alpha_closs", 1.0), consistency_scale=sk.get("beta_loss", 1.0),
         pair_weights=(("tv", loss["tv_weight"]), ("ta", loss["ta_weight"]), ("va", loss["va_weight"])),
         contrastive_temperature=loss.get("temperature", 0.05),

@@ -24,8 +24,6 @@ from msk_jax import sinkhorn
 from msk_jax.model import MODALITIES, ModelOutputs, anchor_similarity, l2_normalize
 from msk_jax.queues import FeatureQueues
 
-CONSISTENCY_TEMPERATURE = 0.1
-CONTRASTIVE_TEMPERATURE = 0.05
 COSINE_EPS = 1e-8
 
 # Pair name -> (first modality, second modality), in the original's order.
@@ -35,7 +33,7 @@ _MASKED_LOGIT = -1e9  # finite, so masked rows and their gradients stay finite
 
 
 def consistency_cost(similarity: jax.Array, target: jax.Array,
-                     temperature: float = CONSISTENCY_TEMPERATURE) -> jax.Array:
+                     temperature: float) -> jax.Array:
     """mean(BCE_with_logits(logits=exp(similarity / temperature), target)) over all entries.
 
     similarity: (B, K) cosine similarities of embeddings to anchors (carries the gradient).
@@ -54,8 +52,7 @@ def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS
     return l2_normalize(a, eps) @ l2_normalize(b, eps).T
 
 
-def norm_softmax_loss(similarity: jax.Array, valid: jax.Array | None = None,
-                      temperature: float = CONTRASTIVE_TEMPERATURE) -> jax.Array:
+def norm_softmax_loss(similarity: jax.Array, temperature: float, valid: jax.Array | None = None) -> jax.Array:
     """Symmetric NormSoftmax loss of a square (B, B) similarity matrix whose diagonal holds
     the positive pairs: -mean_i log_softmax_rows(S/T)_ii - mean_j log_softmax_cols(S/T)_jj.
 
@@ -79,7 +76,7 @@ def norm_softmax_loss(similarity: jax.Array, valid: jax.Array | None = None,
 
 def contrastive_objective(embeddings: Mapping[str, jax.Array], nonempty: Mapping[str, jax.Array],
                           pair_weights: Mapping[str, float],
-                          temperature: float = CONTRASTIVE_TEMPERATURE,
+                          temperature: float,
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted NormSoftmax over modality pairs.
 
@@ -98,7 +95,7 @@ def contrastive_objective(embeddings: Mapping[str, jax.Array], nonempty: Mapping
             continue
         valid = nonempty[first] & nonempty[second]
         sims = cosine_similarity_matrix(embeddings[first], embeddings[second])
-        losses[name] = norm_softmax_loss(sims, valid, temperature)
+        losses[name] = norm_softmax_loss(sims, temperature, valid)
         weighted_sum = weighted_sum + weight * losses[name]
         weight_sum += weight
     if weight_sum == 0:
@@ -123,7 +120,7 @@ def similarity(outputs: ModelOutputs, key: tuple[str, str, str]) -> jax.Array:
     return outputs[modality].similarity(space, anchors)
 
 
-def consistency_weights(text_video: float = 1.0, audio: float = 0.1) -> dict[str, float]:
+def consistency_weights(text_video: float, audio: float) -> dict[str, float]:
     """Weights of the 18 terms c_loss_i_j (i = 1..6, j = 1..3; 1 text, 2 video, 3 audio):
     `audio` for any term involving audio, `text_video` otherwise (the paper: 1.0 and 0.1)."""
     weights = {}
@@ -136,19 +133,20 @@ def consistency_weights(text_video: float = 1.0, audio: float = 0.1) -> dict[str
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Settings of the full objective (hashable, so it can be a static jit argument)."""
+    """Settings of the full objective (hashable, so it can be a static jit argument); built from
+    the configuration's `objective` block (`from_config`), which holds every value."""
 
-    pair_weights: tuple[tuple[str, float], ...] = (("ta", 0.1), ("tv", 1.0), ("va", 0.1))  # sorted by name
-    contrastive_temperature: float = CONTRASTIVE_TEMPERATURE
-    consistency: bool = True  # False: the EAO per-modality baseline (contrastive only)
-    consistency_weights: tuple[tuple[str, float], ...] = tuple(sorted(consistency_weights().items()))
-    consistency_temperature: float = CONSISTENCY_TEMPERATURE
-    queue_len: int = 5500
-    sinkhorn_eps: float = 0.07
-    sinkhorn_iters: int = 20
-    required_fraction: float = 0.5
-    contrastive_scale: float = 1.0   # the original's alpha_closs
-    consistency_scale: float = 1.0   # the original's beta_loss
+    pair_weights: tuple[tuple[str, float], ...]  # sorted by name
+    contrastive_temperature: float
+    consistency: bool  # False: the EAO per-modality baseline (contrastive only)
+    consistency_weights: tuple[tuple[str, float], ...]
+    consistency_temperature: float
+    queue_len: int
+    sinkhorn_eps: float
+    sinkhorn_iters: int
+    required_fraction: float
+    contrastive_scale: float   # the original's alpha_closs
+    consistency_scale: float   # the original's beta_loss
 
     @classmethod
     def from_config(cls, objective: Any) -> "ObjectiveConfig":
@@ -163,8 +161,8 @@ class ObjectiveConfig:
             sinkhorn_eps=objective.sinkhorn.eps,
             sinkhorn_iters=objective.sinkhorn.num_iters,
             required_fraction=objective.sinkhorn.required_fraction,
-            contrastive_scale=objective.get("contrastive_scale", 1.0),
-            consistency_scale=objective.get("consistency_scale", 1.0))
+            contrastive_scale=objective.contrastive_scale,
+            consistency_scale=objective.consistency_scale)
 
 
 def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: FeatureQueues,

@@ -139,18 +139,19 @@ class ModalityTransformer(nn.Module):
 class MultiSKModel(nn.Module):
     """Video-audio-text embedding model with input-space and joint-space anchors."""
 
-    video_dim: int = 4096
-    text_dim: int = 300
-    audio_feat_dim: int = 40
-    davenet_layers: Sequence[int] = (2, 2, 1, 1, 1, 1)
-    davenet_widths: Sequence[int] = (128, 128, 256, 512, 1024, 2048, 4096)
-    davenet_kernel: int = 9
-    embed_dim: int = 4096
-    num_heads: int = 64
-    mlp_ratio: float = 1.0
-    depth: int = 1
-    projection_dim: int = 6144
-    num_anchors: int | Sequence[int] = 64  # one count, or (text, video, audio)
+    # Every width and count comes from the configuration (configs/howto.py: `config.model`).
+    video_dim: int
+    text_dim: int
+    audio_feat_dim: int
+    davenet_layers: Sequence[int]
+    davenet_widths: Sequence[int]
+    davenet_kernel: int
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float
+    depth: int
+    projection_dim: int
+    num_anchors: int | Sequence[int]  # one count, or (text, video, audio)
     dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
 
     def _tokens(self, name: str, features, mask, masking_token):

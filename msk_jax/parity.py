@@ -62,7 +62,7 @@ def _matches(*patterns: str) -> Callable[[str], bool]:
 def _check_multisk(inputs: GoldenInputs) -> Iterable[Output]:
     import jax.numpy as jnp
 
-    from msk_jax import loss, sinkhorn
+    from msk_jax import convert, loss, sinkhorn
 
     for i in range(int(inputs["n_cases"])):
         scores = inputs[f"case{i}_scores"]
@@ -73,7 +73,8 @@ def _check_multisk(inputs: GoldenInputs) -> Iterable[Output]:
                              f"int(K * fraction) for K={scores.shape[1]}, fraction={fraction}.")
         target = sinkhorn.multi_sinkhorn(scores, **settings).target
         tensor = sinkhorn.multi_sinkhorn_assignment(scores, **settings)
-        cost = loss.consistency_cost(jnp.asarray(inputs[f"case{i}_cost_input"]), target)
+        cost = loss.consistency_cost(jnp.asarray(inputs[f"case{i}_cost_input"]), target,
+                                     convert.ORIGINAL_CONSISTENCY_TEMPERATURE)
         yield Output(f"case{i}_multi_sinkhorn", np.asarray(tensor), atol=1e-4)
         yield Output(f"case{i}_calculate_sk", np.asarray(target), atol=1e-4)
         yield Output(f"case{i}_cost", np.asarray(cost), rtol=1e-5)

@@ -561,15 +561,16 @@ def _settings(scores, eps, num_iters, required_fraction, tol, batched=False) -> 
                 tol=None if tol is None or tol <= 0 else float(tol))
 
 
-def multi_sinkhorn(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
-                   required_fraction: float = 0.5, tol: float | None = None) -> MultiSKResult:
+def multi_sinkhorn(scores: jax.Array, *, eps: float, num_iters: int, required_fraction: float,
+                   tol: float | None = None) -> MultiSKResult:
     """Multi-SK training target for one (N, K) similarity matrix (the original's `calculate_sk`).
 
     Args:
       scores: (N, K) similarities of N samples to K anchors (cast to float32; no gradient).
-      eps: temperature of the initial assignment exp(w * S / eps); > 0.
-      num_iters: number of Sinkhorn iterations (the original runs exactly this many).
-      required_fraction: R = int(K * required_fraction) required slots, 1 <= R <= K.
+      eps: temperature of the initial assignment exp(w * S / eps); > 0 (the paper: 0.07).
+      num_iters: number of Sinkhorn iterations (the original runs exactly this many; the paper 20).
+      required_fraction: R = int(K * required_fraction) required slots, 1 <= R <= K (the paper 0.5).
+      The paper's values live in configs/howto.py (`objective.sinkhorn`).
       tol: if set (> 0), stop early once the marginal error falls to <= tol.
 
     The settings are static Python numbers (a new value compiles anew). Jit-able and
@@ -579,9 +580,8 @@ def multi_sinkhorn(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
     return _checked(_target(scores, **_settings(scores, eps, num_iters, required_fraction, tol)))
 
 
-def multi_sinkhorn_batched(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
-                           required_fraction: float = 0.5, tol: float | None = None,
-                           last_rows: int | None = None) -> MultiSKResult:
+def multi_sinkhorn_batched(scores: jax.Array, *, eps: float, num_iters: int, required_fraction: float,
+                           tol: float | None = None, last_rows: int | None = None) -> MultiSKResult:
     """:func:`multi_sinkhorn` for a (P, N, K) stack of problems; every field gets a leading P.
 
     The same numbers as ``jax.vmap(multi_sinkhorn)`` up to float32 rounding, faster on CPU: the
@@ -600,8 +600,7 @@ def multi_sinkhorn_batched(scores: jax.Array, *, eps: float = 0.07, num_iters: i
     return _checked(_target_batched(scores, **settings, last_rows=None if last_rows is None else int(last_rows)))
 
 
-def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float = 0.07, num_iters: int = 20,
-                              required_fraction: float = 0.5,
+def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float, num_iters: int, required_fraction: float,
                               tol: float | None = None) -> jax.Array:
     """The full (K slots, N samples, K anchors) assignment tensor of Multi-SK (the original's
     `multi_sinkhorn`), a broadcast of the per-weight matrices. O(K^2 N) memory: small problems."""

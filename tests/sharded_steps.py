@@ -11,9 +11,9 @@ import jax
 import numpy as np
 
 from msk_jax import sharding, train, train_step
-from msk_jax.loss import ObjectiveConfig
 from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
+from tests.paper_config import paper_objective
 
 MESHES = {"one_device": [("data", 1)], "data8": [("data", 8)], "data4_model2": [("data", 4), ("model", 2)],
           "fsdp2_data4": [("data", 4), ("fsdp", 2)]}
@@ -23,7 +23,7 @@ def run(mesh_axes, steps=3):
     devices = jax.devices()[: int(np.prod([s for _, s in mesh_axes]))]
     mesh = sharding.create_mesh(mesh_axes, devices)
     model = MultiSKModel(**TINY_MODEL)
-    objective = ObjectiveConfig(queue_len=16, sinkhorn_iters=5)
+    objective = paper_objective(queue_len=16, sinkhorn_iters=5)
     batches = [tiny_batch(seed, batch=16) for seed in range(steps)]
     shapes = {k: np.zeros(v.shape, v.dtype) for k, v in batches[0].items()}
     state, state_sharding = train.create_sharded_state(jax.random.PRNGKey(0), model, objective,

@@ -5,10 +5,11 @@ import json
 import pytest
 
 from msk_jax import bench
+from tests.paper_config import paper_clip_settings, paper_objective
 
 
 def test_run_sk_tiny():
-    results = bench.run_sk(n=48, k=8, problems=2, num_iters=3, repeats=1, batch_rows=16,
+    results = bench.run_sk(48, 8, 2, eps=0.07, num_iters=3, required_fraction=0.5, repeats=1, batch_rows=16,
                            baseline=False, stacked=False)
     for key in ("sk_seconds_per_problem", "sk_seconds_per_step", "sk_peak_mb",
                 "dense_seconds_per_problem", "copy_gbps", "sk_gbps"):
@@ -46,17 +47,17 @@ def test_step_and_pipeline_benchmarks_report_their_figures(tiny_corpus):
 
     from msk_jax.model import MultiSKModel
 
-    step = bench.run_step(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), clips=8, queue_len=16,
-                          repeats=1)
+    model = MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300))
+    step = bench.run_step(model, paper_objective(), clips=8, queue_len=16, repeats=1)
     assert step["step_seconds"] > 0 and step["clips_per_second"] == 8 / step["step_seconds"]
     assert 0 < step["matmul_peak_flops_per_second"] and step["step_flops"] > step["step_without_multisk_flops"]
-    pipeline = bench.run_pipeline(tiny_corpus, size="tiny", videos_per_batch=2, batches=2, workers=(1,),
-                                  feature_dim=16)
+    pipeline = bench.run_pipeline(paper_clip_settings(), tiny_corpus, size="tiny", videos_per_batch=2, batches=2,
+                                  workers=(1,), feature_dim=16)
     assert pipeline["clips_per_second"] > 0 and pipeline["clips_per_batch"] == 20
 
 
 def test_pipeline_at_howto100m_layout_reports_old_and_new_paths(tmp_path):
-    r = bench.run_pipeline_howto100m(str(tmp_path), videos=12, videos_per_batch=4, batches=1, seconds=200, dim=16)
+    r = bench.run_pipeline_howto100m(paper_clip_settings(), str(tmp_path), videos=12, videos_per_batch=4, batches=1, seconds=200, dim=16)
     for name in ("old", "store_threads", "new"):
         assert set(r[name]["workers"]) == {"1", "2"} and r[name]["videos_per_second"] > 0
         assert r[name]["scaling_1_to_2"] > 0
@@ -71,7 +72,8 @@ def test_loop_benchmark_times_the_loop_and_the_bare_step():
 
     from msk_jax.model import MultiSKModel
 
-    r = bench.run_loop(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), clips=20, queue_len=40, steps=2,
+    r = bench.run_loop(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), paper_objective(), clips=20,
+                       queue_len=40, steps=2,
                        repeats=1, log_every=2)
     assert r["bare_step_seconds"] > 0 and r["loop_step_seconds"] > 0 and r["synchronous_loop_step_seconds"] > 0
     assert "asynchronous" in bench.format_loop(r)

@@ -45,8 +45,8 @@ def test_config_builds_the_paper_model_and_objective():
 
     config = _load()
     objective = ObjectiveConfig.from_config(config.objective)
-    assert objective == ObjectiveConfig()  # the library defaults are the paper's numbers
-    model = MultiSKModel(**config.model)
+    assert objective.queue_len == 5500 and objective.sinkhorn_eps == 0.07 and objective.consistency_scale == 1.0
+    model = MultiSKModel.from_config(config)
     batch = {"video": np.zeros((2, 12, 4096), np.float32), "video_mask": np.ones((2, 12), np.float32),
              "text": np.zeros((2, 20, 300), np.float32), "text_mask": np.ones((2, 20), np.float32),
              "audio": np.zeros((2, 40, 768), np.float32), "audio_mask": np.ones((2, 768), np.float32)}

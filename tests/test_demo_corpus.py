@@ -219,11 +219,15 @@ def test_resample_doubles_the_length():
 def test_the_readers_read_it(corpus):
     from msk_jax.data.eval_sets import MSRVTT, YOUCOOK2, read_eval_pickle
     from msk_jax.data.howto100m import HowTo100MReader
+    from tests.paper_config import paper_clip_settings
 
     paths, meta = corpus
     vectors = load_word2vec_binary(paths.word_vectors)
     reader = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, vectors,
                              features_3d=paths.features_3d)
+    with pytest.raises(ValueError, match="cutting clips needs settings="):  # a reader of whole videos only
+        reader.sample_clips(0, np.random.default_rng(0))
+    reader.settings = paper_clip_settings()
     batch = reader.sample_clips(0, np.random.default_rng(0))
     assert batch["video"].shape[-1] == 2 * meta["feature_dim"] and batch["text"].shape[-1] == 50
     msrvtt = read_eval_pickle(paths.msrvtt, MSRVTT, vectors, complete_dataset_size=meta["counts"]["msrvtt"])

@@ -12,10 +12,10 @@ import pytest
 
 from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
 from msk_jax.data.features import DataError
-from msk_jax.data.howto100m import ClipSettings
 from msk_jax.data.pipeline import TrainingPipeline
 from tests.conftest import REPO_ROOT
 from tests.data_fixtures import segments, write_howto
+from tests.paper_config import paper_clip_settings
 from tests.test_howto100m import reader
 
 SETTINGS = dict(n_clips=3, num_audio_frames=256)
@@ -47,7 +47,7 @@ def _same_clips(a, b):
 
 
 def test_store_gives_the_clips_of_the_npz_files(corpus, store):
-    raw, stored = reader(corpus, **SETTINGS), FeatureStoreSource(store, ClipSettings(**SETTINGS))
+    raw, stored = reader(corpus, **SETTINGS), FeatureStoreSource(store, paper_clip_settings(**SETTINGS))
     assert len(stored.meta["shards"]) > 1 and stored.meta["usable"] == 8
     assert stored.meta["skipped"] == {"no ASR segments": 1, "missing features": 1}
     for i in range(len(raw)):
@@ -72,7 +72,7 @@ def test_half_precision_store(corpus, tmp_path):
     build_feature_store(raw, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
     full = build_feature_store(raw, str(tmp_path / "f32"), progress=False)
     for name, tolerance in (("f16", 2e-3), ("bf16", 1.6e-2)):
-        half = FeatureStoreSource(str(tmp_path / name), ClipSettings(**SETTINGS))
+        half = FeatureStoreSource(str(tmp_path / name), paper_clip_settings(**SETTINGS))
         assert half.meta["bytes"] == full["bytes"] // 2
         want, got = raw.sample_clips(3, np.random.default_rng(0)), half.sample_clips(3, np.random.default_rng(0))
         assert got["video"].dtype == got["audio"].dtype == np.float32
@@ -84,9 +84,9 @@ def test_half_precision_store(corpus, tmp_path):
 
 def test_store_checks_the_config(store):
     with pytest.raises(DataError, match="dim_2d is 4 but the config expects 2048"):
-        FeatureStoreSource(store, ClipSettings(**SETTINGS), dim_2d=2048)
+        FeatureStoreSource(store, paper_clip_settings(**SETTINGS), dim_2d=2048)
     with pytest.raises(DataError, match="no meta.json"):
-        FeatureStoreSource(os.path.dirname(store), ClipSettings(**SETTINGS))
+        FeatureStoreSource(os.path.dirname(store), paper_clip_settings(**SETTINGS))
 
 
 def _take(pipeline, n):
@@ -97,7 +97,7 @@ def _take(pipeline, n):
 def test_worker_processes_give_the_batches_of_threads(corpus, store):
     threads, pipeline = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=5), 6)  # crosses epochs
     pipeline.close()
-    source = FeatureStoreSource(store, ClipSettings(**SETTINGS))
+    source = FeatureStoreSource(store, paper_clip_settings(**SETTINGS))
     processes = TrainingPipeline(source, 4, seed=5, workers=2, processes=True)
     try:
         first, _ = _take(processes, 2)
@@ -125,7 +125,7 @@ def test_worker_processes_give_the_batches_of_threads(corpus, store):
 def test_store_in_a_bucket(corpus, store, gcs_bucket):
     url = f"{gcs_bucket}/feature_store"
     build_feature_store(reader(corpus, **SETTINGS), url, progress=False)
-    local, remote = (FeatureStoreSource(p, ClipSettings(**SETTINGS)) for p in (store, url))
+    local, remote = (FeatureStoreSource(p, paper_clip_settings(**SETTINGS)) for p in (store, url))
     for i in (0, 7):
         assert _same_clips(local.sample_clips(i, np.random.default_rng(i)), remote.sample_clips(i, np.random.default_rng(i)))
     assert remote.bytes_read == local.bytes_read
@@ -134,11 +134,11 @@ def test_store_in_a_bucket(corpus, store, gcs_bucket):
 _HOLD_A_PIPELINE = """
 import os, sys, time
 from msk_jax.data.feature_store import FeatureStoreSource
-from msk_jax.data.howto100m import ClipSettings
 from msk_jax.data.pipeline import TrainingPipeline
+from tests.paper_config import paper_clip_settings
 
 if __name__ == "__main__":
-    pipeline = TrainingPipeline(FeatureStoreSource(sys.argv[1], ClipSettings(n_clips=3, num_audio_frames=256)), 4,
+    pipeline = TrainingPipeline(FeatureStoreSource(sys.argv[1], paper_clip_settings(n_clips=3, num_audio_frames=256)), 4,
                                 workers=2, processes=True)
     next(pipeline)
     print(pipeline._slots.memory.name, *pipeline._executor._processes, flush=True)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from msk_jax.data import features as F
-from msk_jax.data.howto100m import ClipSettings, HowTo100MReader, sample_clip, sample_clips
+from msk_jax.data.howto100m import HowTo100MReader, sample_clip, sample_clips
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
+from tests.paper_config import paper_clip_settings
 
 
 class ScriptedRandom:
@@ -49,7 +50,7 @@ def reader(root, **settings):
     return HowTo100MReader(os.path.join(root, "howto_train.csv"), os.path.join(root, "caption.pickle"),
                            os.path.join(root, "features_2d"), os.path.join(root, "audio"),
                            load_word2vec_binary(os.path.join(root, "word2vec.bin")),
-                           features_3d=os.path.join(root, "features_3d"), settings=ClipSettings(**settings),
+                           features_3d=os.path.join(root, "features_3d"), settings=paper_clip_settings(**settings),
                            dim_2d=DIM_2D, dim_3d=DIM_3D)
 
 

@@ -13,7 +13,10 @@ def _log_softmax(x, axis):
     return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
 
 
-def _reference_norm_softmax(sims, temperature=0.05):
+T_CONTRASTIVE, T_CONSISTENCY = 0.05, 0.1  # the temperatures these tests use
+
+
+def _reference_norm_softmax(sims, temperature=T_CONTRASTIVE):
     """The original loss on an already-indexed (valid-only) matrix, in float64."""
     x = np.asarray(sims, np.float64) / temperature
     return -np.mean(np.diag(_log_softmax(x, 1))) - np.mean(np.diag(_log_softmax(x.T, 1)))
@@ -23,27 +26,27 @@ def test_consistency_cost_is_bce_of_exponentiated_logits():
     rng = np.random.default_rng(1)
     s = rng.uniform(-1, 0.3, size=(7, 5)).astype(np.float32)  # keeps 1 - sigmoid representable
     p = rng.uniform(0, 1, size=(7, 5)).astype(np.float32)
-    x = np.exp(s.astype(np.float64) / 0.1)
+    x = np.exp(s.astype(np.float64) / T_CONSISTENCY)
     sig = 1 / (1 + np.exp(-x))
     expected = np.mean(-(p * np.log(sig) + (1 - p) * np.log(1 - sig)))
-    np.testing.assert_allclose(loss.consistency_cost(s, p), expected, rtol=1e-5)
+    np.testing.assert_allclose(loss.consistency_cost(s, p, T_CONSISTENCY), expected, rtol=1e-5)
 
 
 def test_consistency_cost_gradient_only_through_similarity():
     s = jnp.full((2, 3), 0.2)
     p = jnp.full((2, 3), 0.5)
-    grad_p = jax.grad(lambda p: loss.consistency_cost(s, p))(p)
+    grad_p = jax.grad(lambda p: loss.consistency_cost(s, p, T_CONSISTENCY))(p)
     np.testing.assert_array_equal(grad_p, 0.0)
-    assert np.all(np.asarray(jax.grad(lambda s: loss.consistency_cost(s, p))(s)) != 0)
+    assert np.all(np.asarray(jax.grad(lambda s: loss.consistency_cost(s, p, T_CONSISTENCY))(s)) != 0)
 
 
 def test_masking_equals_indexing():
     rng = np.random.default_rng(2)
     sims = rng.uniform(-1, 1, size=(9, 9)).astype(np.float32)
     valid = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
-    masked = loss.norm_softmax_loss(jnp.asarray(sims), jnp.asarray(valid))
+    masked = loss.norm_softmax_loss(jnp.asarray(sims), T_CONTRASTIVE, jnp.asarray(valid))
     np.testing.assert_allclose(masked, _reference_norm_softmax(sims[valid][:, valid]), rtol=1e-5)
-    np.testing.assert_allclose(loss.norm_softmax_loss(sims), _reference_norm_softmax(sims), rtol=1e-5)
+    np.testing.assert_allclose(loss.norm_softmax_loss(sims, T_CONTRASTIVE), _reference_norm_softmax(sims), rtol=1e-5)
 
 
 def test_masked_samples_get_no_gradient_and_stay_finite():
@@ -53,7 +56,7 @@ def test_masked_samples_get_no_gradient_and_stay_finite():
     valid = jnp.array([True, False, True, True, True, False])
 
     def objective(a):
-        return loss.norm_softmax_loss(loss.cosine_similarity_matrix(a, b), valid)
+        return loss.norm_softmax_loss(loss.cosine_similarity_matrix(a, b), T_CONTRASTIVE, valid)
 
     grad = np.asarray(jax.grad(objective)(a))
     assert np.all(np.isfinite(grad))
@@ -63,7 +66,7 @@ def test_masked_samples_get_no_gradient_and_stay_finite():
 
 def test_no_valid_sample_gives_zero_loss():
     sims = jnp.eye(4)
-    assert float(loss.norm_softmax_loss(sims, jnp.zeros(4, bool))) == 0.0
+    assert float(loss.norm_softmax_loss(sims, T_CONTRASTIVE, jnp.zeros(4, bool))) == 0.0
 
 
 def test_cosine_similarity_matrix_matches_original_eps():
@@ -78,7 +81,7 @@ def test_contrastive_objective_weights_pairs():
     nonempty = {"text": jnp.array([0, 1, 1, 1, 1, 1, 1, 1], bool),
                 "video": jnp.ones(8, bool),
                 "audio": jnp.array([1, 0, 1, 1, 1, 1, 0, 1], bool)}
-    total, losses = loss.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.1, "va": 0.1})
+    total, losses = loss.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.1, "va": 0.1}, T_CONTRASTIVE)
     for name, (m1, m2) in loss.CONTRASTIVE_PAIRS.items():
         valid = np.asarray(nonempty[m1] & nonempty[m2])
         a, b = np.asarray(emb[m1])[valid], np.asarray(emb[m2])[valid]
@@ -92,8 +95,8 @@ def test_contrastive_objective_weights_pairs():
 def test_contrastive_objective_skips_zero_weights_and_rejects_all_zero():
     emb = {m: jnp.eye(3) for m in ("text", "video", "audio")}
     nonempty = {m: jnp.ones(3, bool) for m in emb}
-    total, losses = loss.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.0, "va": 0.0})
+    total, losses = loss.contrastive_objective(emb, nonempty, {"tv": 1.0, "ta": 0.0, "va": 0.0}, T_CONTRASTIVE)
     assert set(losses) == {"tv"}
     np.testing.assert_allclose(total, losses["tv"])
     with pytest.raises(ValueError, match="non-zero weight"):
-        loss.contrastive_objective(emb, nonempty, {"tv": 0.0})
+        loss.contrastive_objective(emb, nonempty, {"tv": 0.0}, T_CONTRASTIVE)

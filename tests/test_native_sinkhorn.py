@@ -15,6 +15,7 @@ import pytest
 
 from msk_jax import kernels, sinkhorn
 from msk_jax.multisk_reference import random_cosine_scores
+from tests.paper_config import PAPER_SK
 
 pytestmark = pytest.mark.skipif(not kernels.multisk_available(),
                                 reason="no C++ compiler: the native Multi-SK kernel is not built")
@@ -63,7 +64,7 @@ def test_native_last_rows_and_targets(rng, always_native):
     full, _, _ = _required_group(scores)
     last, _, _ = _required_group(scores, last_rows=37)
     np.testing.assert_array_equal(last, full[-37:])
-    target = sinkhorn.multi_sinkhorn(scores).target
+    target = sinkhorn.multi_sinkhorn(scores, **PAPER_SK).target
     expected = sinkhorn.minmax_normalize_rows(32 * full)
     np.testing.assert_allclose(target, expected, atol=1e-6)
 
@@ -75,9 +76,9 @@ def rng():
 
 def test_native_batched_equals_single_problems(rng, always_native):
     stack = np.stack([random_cosine_scores(rng, 280, 64) for _ in range(5)])  # pairs + a single
-    batched = sinkhorn.multi_sinkhorn_batched(stack, last_rows=20)
+    batched = sinkhorn.multi_sinkhorn_batched(stack, **PAPER_SK, last_rows=20)
     for p in range(5):
-        single = sinkhorn.multi_sinkhorn(stack[p])
+        single = sinkhorn.multi_sinkhorn(stack[p], **PAPER_SK)
         np.testing.assert_allclose(batched.target[p], single.target[-20:], atol=1e-6)
         np.testing.assert_allclose(batched.marginal_error[p], single.marginal_error, rtol=1e-3)
 
@@ -93,7 +94,7 @@ def test_native_kernel_reproduces_the_golden_multisk_cases(golden_dir, always_na
 
 def test_production_size_uses_the_kernel_and_agrees(rng):
     scores = random_cosine_scores(rng, 2000, 64)
-    lowered = jax.jit(lambda s: sinkhorn.multi_sinkhorn(s).target).lower(scores).as_text()
+    lowered = jax.jit(lambda s: sinkhorn.multi_sinkhorn(s, **PAPER_SK).target).lower(scores).as_text()
     assert kernels.MULTISK_TARGET in lowered
     native, _, _ = _required_group(scores)
     loop, _, _ = _required_group(scores, native=False)
@@ -102,7 +103,7 @@ def test_production_size_uses_the_kernel_and_agrees(rng):
 
 def test_small_problems_stay_in_jax(rng):
     scores = random_cosine_scores(rng, sinkhorn.NATIVE_MIN_ROWS - 1, 16)
-    lowered = jax.jit(lambda s: sinkhorn.multi_sinkhorn(s).target).lower(scores).as_text()
+    lowered = jax.jit(lambda s: sinkhorn.multi_sinkhorn(s, **PAPER_SK).target).lower(scores).as_text()
     assert kernels.MULTISK_TARGET not in lowered
 
 
@@ -110,7 +111,7 @@ def test_disabled_or_unbuildable_kernel_falls_back(tmp_path):
     code = ("import numpy as np; from msk_jax import kernels, sinkhorn;"
             "from msk_jax.multisk_reference import random_cosine_scores;"
             "s = random_cosine_scores(np.random.default_rng(0), 400, 16);"
-            "r = sinkhorn.multi_sinkhorn(s); assert not kernels.multisk_available();"
+            "r = sinkhorn.multi_sinkhorn(s, eps=0.07, num_iters=20, required_fraction=0.5); assert not kernels.multisk_available();"
             "assert np.isfinite(np.asarray(r.target)).all(); print('fallback ok')")
     env = dict(os.environ, MSK_JAX_CACHE_DIR=str(tmp_path))
     for extra in ({"MSK_JAX_NATIVE": "0"}, {"CXX": "false", "PATH": "/nonexistent"}):

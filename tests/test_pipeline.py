@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from msk_jax.data.howto100m import ClipSettings
 from msk_jax.data.pipeline import TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import segments, write_howto
+from tests.paper_config import paper_clip_settings
 from tests.test_howto100m import reader
 
 SETTINGS = dict(n_clips=2, num_audio_frames=256)
@@ -84,7 +84,7 @@ def test_tfds_builder_round_trip(corpus, tmp_path):
     builder = tfds_builders.Howto100mFeatures(data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=corpus))
     words = load_word2vec_binary(os.path.join(corpus, "word2vec.bin"))
-    source = tfds_builders.TFDSVideoSource.load(str(tmp_path), words, ClipSettings(**SETTINGS))
+    source = tfds_builders.TFDSVideoSource.load(str(tmp_path), words, paper_clip_settings(**SETTINGS))
     assert len(source) == 10  # the two bad videos were skipped at build time
     raw = reader(corpus, **SETTINGS)
     index_of = {raw.video_id(i): i for i in range(len(raw))}

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax.loss import ObjectiveConfig, multisk_loss
+from msk_jax.loss import multisk_loss
 from msk_jax.model import MODALITIES, ModelOutputs
 from msk_jax.queues import QUEUE_NAMES, QUEUES, FeatureQueues
+from tests.paper_config import paper_objective
 
 
 def _outputs(seed, batch=4, dim=6, proj=5, anchors=(3, 3, 3)):
@@ -65,7 +66,7 @@ def test_fill_stops_growing_once_full():
 
 def test_warm_up_turns_consistency_on_after_the_queue_is_filled():
     """queue_len 8, batch 4: two steps fill the queue; the loss is on from the third step."""
-    config = ObjectiveConfig(queue_len=8, sinkhorn_iters=5)
+    config = paper_objective(queue_len=8, sinkhorn_iters=5)
     queues = FeatureQueues.create(jax.random.PRNGKey(0), 8, 6, 5)
     params = _anchors()
     on = []
@@ -84,7 +85,7 @@ def test_warm_up_turns_consistency_on_after_the_queue_is_filled():
 
 
 def test_baseline_has_no_consistency_and_no_queues():
-    config = ObjectiveConfig(consistency=False)
+    config = paper_objective(consistency=False)
     total, metrics, queues = multisk_loss(_outputs(0), _anchors(), None, config)
     assert queues is None
     assert not any(k.startswith("loss_pair_") for k in metrics)
@@ -95,5 +96,5 @@ def test_anchor_counts_may_differ_per_modality():
     counts = (2, 3, 5)
     queues = FeatureQueues.create(jax.random.PRNGKey(0), 8, 6, 5, fill=8)
     total, metrics, _ = multisk_loss(_outputs(0, anchors=counts), _anchors(counts), queues,
-                                     ObjectiveConfig(queue_len=8, sinkhorn_iters=5))
+                                     paper_objective(queue_len=8, sinkhorn_iters=5))
     assert np.isfinite(float(total)) and float(metrics["consistency"]) > 0

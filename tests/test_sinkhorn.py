@@ -9,6 +9,7 @@ import pytest
 
 from msk_jax import sinkhorn
 from msk_jax.multisk_reference import dense_multi_sinkhorn, random_cosine_scores
+from tests.paper_config import PAPER_SK
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ def test_marginals_after_many_iterations(rng):
 
 def test_few_iterations_leave_a_marginal_error(rng):
     scores = random_cosine_scores(rng, 48, 8)
-    few = sinkhorn.multi_sinkhorn(scores, eps=0.07, num_iters=1)
-    many = sinkhorn.multi_sinkhorn(scores, eps=0.07, num_iters=50)
+    few = sinkhorn.multi_sinkhorn(scores, eps=0.07, num_iters=1, required_fraction=0.5)
+    many = sinkhorn.multi_sinkhorn(scores, eps=0.07, num_iters=50, required_fraction=0.5)
     assert float(few.marginal_error) > float(many.marginal_error)
 
 
@@ -59,23 +60,23 @@ def test_required_slots_sum_to_r_before_minmax(rng):
 
 
 def test_target_is_minmax_normalised(rng):
-    target = np.asarray(sinkhorn.multi_sinkhorn(random_cosine_scores(rng, 25, 8)).target)
+    target = np.asarray(sinkhorn.multi_sinkhorn(random_cosine_scores(rng, 25, 8), **PAPER_SK).target)
     np.testing.assert_allclose(target.min(axis=1), 0.0, atol=1e-7)
     np.testing.assert_allclose(target.max(axis=1), 1.0, atol=1e-6)
 
 
 def test_permutation_equivariance(rng):
     scores = random_cosine_scores(rng, 40, 8)
-    target = np.asarray(sinkhorn.multi_sinkhorn(scores).target)
+    target = np.asarray(sinkhorn.multi_sinkhorn(scores, **PAPER_SK).target)
     rows, cols = rng.permutation(40), rng.permutation(8)
-    np.testing.assert_allclose(sinkhorn.multi_sinkhorn(scores[rows]).target, target[rows], atol=1e-5)
-    np.testing.assert_allclose(sinkhorn.multi_sinkhorn(scores[:, cols]).target, target[:, cols], atol=1e-5)
+    np.testing.assert_allclose(sinkhorn.multi_sinkhorn(scores[rows], **PAPER_SK).target, target[rows], atol=1e-5)
+    np.testing.assert_allclose(sinkhorn.multi_sinkhorn(scores[:, cols], **PAPER_SK).target, target[:, cols], atol=1e-5)
 
 
 @pytest.mark.parametrize("scale,eps", [(1e3, 1e-3), (1e6, 0.07), (-1e4, 1e-3), (1.0, 1e-6)])
 def test_finite_on_extreme_inputs(rng, scale, eps):
     scores = rng.uniform(0, 1, size=(30, 8)).astype(np.float32) * np.float32(scale)
-    result = sinkhorn.multi_sinkhorn(scores, eps=eps, num_iters=20)
+    result = sinkhorn.multi_sinkhorn(scores, eps=eps, num_iters=20, required_fraction=0.5)
     target = np.asarray(result.target)
     assert np.all(np.isfinite(target))
     assert target.min() >= 0 and target.max() <= 1
@@ -83,7 +84,7 @@ def test_finite_on_extreme_inputs(rng, scale, eps):
 
 
 def test_constant_rows_give_zero_target():
-    result = sinkhorn.multi_sinkhorn(np.zeros((6, 4), np.float32))
+    result = sinkhorn.multi_sinkhorn(np.zeros((6, 4), np.float32), **PAPER_SK)
     np.testing.assert_array_equal(result.target, 0.0)
 
 
@@ -99,13 +100,13 @@ def test_vmap_equals_loop(rng):
 
 def test_jit_equals_eager(rng):
     scores = random_cosine_scores(rng, 24, 8)
-    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=0.07, num_iters=20)
+    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=0.07, num_iters=20, required_fraction=0.5)
     np.testing.assert_allclose(jax.jit(solve)(scores).target, solve(scores).target, atol=1e-6)
 
 
 def test_tolerance_stops_early_and_vmaps(rng):
     stack = np.stack([random_cosine_scores(rng, 24, 8) for _ in range(2)])
-    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=0.5, num_iters=500, tol=1e-3)
+    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=0.5, num_iters=500, required_fraction=0.5, tol=1e-3)
     result = solve(stack[0])
     assert 0 < int(result.iterations) < 500
     assert float(result.marginal_error) <= 1e-3
@@ -116,9 +117,9 @@ def test_tolerance_stops_early_and_vmaps(rng):
 
 def test_no_gradient_flows(rng):
     scores = jnp.asarray(random_cosine_scores(rng, 10, 4))
-    grad = jax.grad(lambda s: jnp.sum(sinkhorn.multi_sinkhorn(s).target * s))(scores)
+    grad = jax.grad(lambda s: jnp.sum(sinkhorn.multi_sinkhorn(s, **PAPER_SK).target * s))(scores)
     # Only the explicit factor s contributes: d/ds sum(stop_gradient(t) * s) = t.
-    np.testing.assert_allclose(grad, sinkhorn.multi_sinkhorn(scores).target, atol=1e-6)
+    np.testing.assert_allclose(grad, sinkhorn.multi_sinkhorn(scores, **PAPER_SK).target, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,kwargs,message", [
@@ -131,11 +132,11 @@ def test_no_gradient_flows(rng):
 ])
 def test_invalid_settings_raise(shape, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sinkhorn.multi_sinkhorn(np.zeros(shape, np.float32), **kwargs)
+        sinkhorn.multi_sinkhorn(np.zeros(shape, np.float32), **{**PAPER_SK, **kwargs})
 
 
 def test_nan_scores_raise():
     scores = np.zeros((5, 4), np.float32)
     scores[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        sinkhorn.multi_sinkhorn(scores)
+        sinkhorn.multi_sinkhorn(scores, **PAPER_SK)

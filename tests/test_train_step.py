@@ -9,9 +9,10 @@ import jax
 import numpy as np
 
 from msk_jax import convert, train_step
-from msk_jax.loss import ObjectiveConfig, multisk_loss
+from msk_jax.loss import multisk_loss
 from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
+from tests.paper_config import paper_objective
 
 
 def _state(objective):
@@ -21,7 +22,7 @@ def _state(objective):
 
 
 def test_steps_warm_up_then_learn():
-    state = _state(ObjectiveConfig(queue_len=12, sinkhorn_iters=10))
+    state = _state(paper_objective(queue_len=12, sinkhorn_iters=10))
     step = jax.jit(train_step.train_step)
     batch = tiny_batch(5)
     initial_stats = state.batch_stats
@@ -40,7 +41,7 @@ def test_steps_warm_up_then_learn():
 
 
 def test_baseline_step_is_contrastive_only():
-    state = _state(ObjectiveConfig(consistency=False))
+    state = _state(paper_objective(consistency=False))
     assert state.queues is None
     state, metrics = jax.jit(train_step.train_step)(state, tiny_batch(6))
     assert not any(k.startswith("loss_pair_") for k in metrics)

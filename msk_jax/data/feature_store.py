@@ -185,7 +185,7 @@ class FeatureStoreSource:
     """Random access to the videos of a feature store: `len(source)`, `source.sample_clips(i, rng)`
     (the clips `HowTo100MReader` cuts from the same videos, read by window)."""
 
-    def __init__(self, directory: str, settings: ClipSettings = ClipSettings(), *, dim_2d: int | None = None,
+    def __init__(self, directory: str, settings: ClipSettings, *, dim_2d: int | None = None,
                  dim_3d: int | None = None, word_dim: int | None = None):
         self.directory, self.settings = directory, settings
         self._expected = {"dim_2d": dim_2d, "dim_3d": dim_3d, "audio_bins": settings.audio_bins, "word_dim": word_dim}

@@ -149,9 +149,10 @@ def check_features(path: str, array: np.ndarray, dim: int | None, what: str) -> 
     return array
 
 
-def check_log_mel(path: str, log_mel: np.ndarray, bins: int) -> np.ndarray:
+def check_log_mel(path: str, log_mel: np.ndarray, bins: int | None) -> np.ndarray:
+    """The log-mel (bins, frames) if usable (bins None: any number of bins), else a DataError."""
     log_mel = np.asarray(log_mel)
-    if log_mel.ndim != 2 or log_mel.shape[0] != bins:
+    if log_mel.ndim != 2 or (bins is not None and log_mel.shape[0] != bins):
         raise DataError(path, f"log-mel must be ({bins} bins, frames), got shape {log_mel.shape}",
                         "wrong dimension")
     if log_mel.shape[1] < AUDIO_TOKEN_FRAMES:

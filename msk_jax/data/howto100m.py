@@ -34,17 +34,18 @@ from msk_jax.data.word2vec import WordVectors
 
 @dataclasses.dataclass(frozen=True)
 class ClipSettings:
-    """How training clips are cut (the paper's values by default)."""
+    """How training clips are cut; built from the configuration (`input_pipeline.clip_settings`:
+    config.data and config.model.audio_feat_dim), which holds every value."""
 
-    min_time: float = 8.0
-    n_video_tokens: int = 12          # int(1.5 * min_time) in the original
-    fps_2d: float = 1.0
-    fps_3d: float = 1.5
-    max_words: int = 20
-    num_audio_frames: int = 768
-    n_clips: int = 10
-    text_audio_misaligned: bool = True
-    audio_bins: int = 40
+    min_time: float
+    n_video_tokens: int          # int(1.5 * min_time) in the original
+    fps_2d: float
+    fps_3d: float
+    max_words: int
+    num_audio_frames: int
+    n_clips: int
+    text_audio_misaligned: bool
+    audio_bins: int
 
 
 @dataclasses.dataclass
@@ -146,7 +147,9 @@ class HowTo100MReader:
 
     def __init__(self, csv_path: str, caption_path: str, features_2d: str, audio: str,
                  word_vectors: WordVectors, features_3d: str | None = None,
-                 settings: ClipSettings = ClipSettings(), dim_2d: int | None = None, dim_3d: int | None = None):
+                 settings: ClipSettings | None = None, dim_2d: int | None = None, dim_3d: int | None = None):
+        """settings: how clips are cut; None for a reader that only reads whole videos (dataset
+        builders), whose log-mel bins are then checked by the training reads."""
         self.paths, self.csv_path = read_csv_paths(csv_path), csv_path
         self.captions = load_captions(caption_path)
         self.caption_path = caption_path
@@ -176,11 +179,13 @@ class HowTo100MReader:
         paudio = storage.join(self.root_audio, path, f"{video_id}_spec.npz")
         f2d = F.check_features(p2d, _load_npz(p2d, "features"), self.dim_2d, "2D features")
         f3d = F.check_features(p3d, _load_npz(p3d, "features"), self.dim_3d, "3D features")
-        log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), self.settings.audio_bins)
+        log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), self.settings.audio_bins if self.settings else None)
         caption = check_caption(self.caption_path, video_id, self.captions.get(video_id))
         return Video(video_id, f2d, f3d, log_mel, caption)
 
     def sample_clips(self, index: int, rng: np.random.Generator, out=None) -> dict[str, np.ndarray]:
+        if self.settings is None:
+            raise ValueError("HowTo100MReader: cutting clips needs settings= (input_pipeline.clip_settings(config)).")
         return sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings, rng, out=out)
 
 

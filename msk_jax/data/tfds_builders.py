@@ -139,11 +139,11 @@ class TFDSVideoSource:
     """A built `howto100m_features` split as a pipeline VideoSource (random access)."""
 
     def __init__(self, data_source, word_vectors: WordVectors,
-                 settings: howto100m.ClipSettings = howto100m.ClipSettings()):
+                 settings: howto100m.ClipSettings):
         self.data, self.word_vectors, self.settings = data_source, word_vectors, settings
 
     @classmethod
-    def load(cls, data_dir: str, word_vectors: WordVectors, settings=howto100m.ClipSettings(),
+    def load(cls, data_dir: str, word_vectors: WordVectors, settings: howto100m.ClipSettings,
              name: str = "howto100m_features", split: str = "train") -> "TFDSVideoSource":
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
         return cls(builder.as_data_source(split=split), word_vectors, settings)
