@@ -23,6 +23,7 @@ feature queues) and on the batch the run would have trained on next, this measur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from typing import Any, Mapping
@@ -52,37 +53,38 @@ def _encoder_cosine(a, b) -> jax.Array:
     return dot / jnp.sqrt(sum(jnp.sum(x ** 2) for x, _ in pairs) * sum(jnp.sum(y ** 2) for _, y in pairs))
 
 
-def diagnose(model, params: Mapping[str, Any], batch_stats: Mapping[str, Any], queues, objective: ObjectiveConfig,
-             batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """The gradient, target and prediction measures of one batch (see the module docstring)."""
-
-    unscaled = dataclasses.replace(objective, consistency_scale=1.0)
+@functools.partial(jax.jit, static_argnames=("model", "objective"))
+def _measure(model, objective: ObjectiveConfig, params, batch_stats, queues, batch) -> dict[str, jax.Array]:
+    """The measures with the consistency loss at scale 1 (one compile serves every scale)."""
 
     def terms(p):
         outputs, _ = model.apply({"params": p, "batch_stats": batch_stats}, batch, train=True, mutable=["batch_stats"])
-        _, metrics, _ = multisk_loss(outputs, p, queues, unscaled)
+        _, metrics, _ = multisk_loss(outputs, p, queues, objective)
         return metrics["contrastive"], metrics["consistency"], outputs
 
-    @jax.jit
-    def measure(p):
-        contrastive = jax.grad(lambda q: terms(q)[0])(p)
-        consistency = jax.grad(lambda q: terms(q)[1])(p)
-        _, _, outputs = terms(p)
-        targets, _ = multisk_targets(outputs, p, queues, objective)
-        entropy, strong, unfit = [], [], []
-        for name, target in targets.items():
-            k = target.shape[-1]
-            dist = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-12)
-            entropy.append(jnp.mean(-jnp.sum(dist * jnp.log(jnp.maximum(dist, 1e-12)), -1)) / jnp.log(k))
-            strong.append(jnp.mean(jnp.sum(target > 0.5, -1)))
-            unfit.append(jnp.mean(target < 0.5))
-        c, s = _norms(contrastive), _norms(consistency)
-        return {"contrastive_grad_encoders": c["encoders"], "consistency_grad_encoders": s["encoders"],
-                "consistency_grad_anchors": s["anchors"], "encoder_grad_cosine": _encoder_cosine(contrastive, consistency),
-                "target_entropy": jnp.mean(jnp.stack(entropy)), "anchors_per_clip": jnp.mean(jnp.stack(strong)),
-                "targets_below_half": jnp.mean(jnp.stack(unfit))}
+    contrastive = jax.grad(lambda q: terms(q)[0])(params)
+    consistency = jax.grad(lambda q: terms(q)[1])(params)
+    _, _, outputs = terms(params)
+    targets, _ = multisk_targets(outputs, params, queues, objective)
+    entropy, strong, unfit = [], [], []
+    for target in targets.values():
+        k = target.shape[-1]
+        dist = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-12)
+        entropy.append(jnp.mean(-jnp.sum(dist * jnp.log(jnp.maximum(dist, 1e-12)), -1)) / jnp.log(k))
+        strong.append(jnp.mean(jnp.sum(target > 0.5, -1)))
+        unfit.append(jnp.mean(target < 0.5))
+    c, s = _norms(contrastive), _norms(consistency)
+    return {"contrastive_grad_encoders": c["encoders"], "consistency_grad_encoders": s["encoders"],
+            "consistency_grad_anchors": s["anchors"], "encoder_grad_cosine": _encoder_cosine(contrastive, consistency),
+            "target_entropy": jnp.mean(jnp.stack(entropy)), "anchors_per_clip": jnp.mean(jnp.stack(strong)),
+            "targets_below_half": jnp.mean(jnp.stack(unfit))}
 
-    out = {k: float(v) for k, v in jax.device_get(measure(params)).items()}
+
+def diagnose(model, params: Mapping[str, Any], batch_stats: Mapping[str, Any], queues, objective: ObjectiveConfig,
+             batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The gradient, target and prediction measures of one batch (see the module docstring)."""
+    unscaled = dataclasses.replace(objective, consistency_scale=1.0)
+    out = {k: float(v) for k, v in jax.device_get(_measure(model, unscaled, params, batch_stats, queues, batch)).items()}
     out["consistency_to_contrastive_encoders"] = (objective.consistency_scale * out["consistency_grad_encoders"]
                                                   / out["contrastive_grad_encoders"])
     return out
