@@ -130,7 +130,23 @@ def summarise(runs: Sequence[Mapping], directions: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-ANALYSES = ("anchors", "geometry", "diagnostics")
+ANALYSES = ("training", "anchors", "geometry", "diagnostics")
+TRAINING_TAIL = 5  # logged steps averaged for the end-of-training losses
+
+
+def training_losses(folder: str) -> dict[str, float]:
+    """The run's losses at the end of training (mean of its last TRAINING_TAIL logged steps):
+    `contrastive`, `tv`, and `consistency_unscaled`, the sum of the 18 weighted consistency
+    terms before consistency_scale (logged even when the scale is 0; 0 with the loss off)."""
+    from msk_jax import metric_writers
+
+    rows = [r for r in metric_writers.read_jsonl(storage.join(folder, "metrics.jsonl")) if "contrastive" in r]
+    if not rows:
+        raise ValueError(f"{folder}/metrics.jsonl has no logged training step.")
+    tail = rows[-TRAINING_TAIL:]
+    terms = [sum(v for k, v in r.items() if k.startswith("loss_pair_")) for r in tail]
+    return {"contrastive": float(np.mean([r["contrastive"] for r in tail])), "tv": float(np.mean([r["tv"] for r in tail])),
+            "consistency_unscaled": float(np.mean(terms)), "steps": [int(tail[0]["step"]), int(tail[-1]["step"])]}
 
 
 def analyse(config, folder: str, done: Sequence[str] = ()) -> dict:
@@ -140,6 +156,8 @@ def analyse(config, folder: str, done: Sequence[str] = ()) -> dict:
     from msk_jax import anchor_semantics, consistency_diagnostics
 
     out = {}
+    if "training" not in done:
+        out["training"] = training_losses(folder)
     if "anchors" not in done:
         out["anchors"] = anchor_semantics.measure_run(config, folder)
     if "geometry" not in done:
@@ -198,8 +216,8 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
         runs.append(run)
         storage.write_atomic(storage.join(workdir, "summary.json"), json.dumps({"runs": runs}, indent=1))
         storage.write_atomic(storage.join(workdir, "summary.md"), "\n".join(
-            part for part in (summarise_wide(runs, directions), summarise(runs, directions), summarise_anchors(runs),
-                              summarise_geometry(runs), summarise_diagnostics(runs)) if part))
+            part for part in (summarise_wide(runs, directions), summarise(runs, directions), summarise_training(runs),
+                              summarise_anchors(runs), summarise_geometry(runs), summarise_diagnostics(runs)) if part))
     return runs
 
 
@@ -251,6 +269,19 @@ def summarise_geometry(runs: Sequence[Mapping]) -> str:
                      f"({np.mean([r['geometry'][dataset][f'{m}_mean_cosine'] for r in members]):.3f})"
                      for m in modalities]
             lines.append(f"| {label} | {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_training(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting, the mean over seeds of the end-of-training losses; '' without any."""
+    runs = [r for r in runs if "training" in r]
+    if not runs:
+        return ""
+    keys = ("contrastive", "tv", "consistency_unscaled")
+    lines = ["| setting | " + " | ".join(f"final {k}" for k in keys) + " |", "| --- | " + " | ".join("---" for _ in keys) + " |"]
+    for label, members in _groups(runs).items():
+        lines.append(f"| {label} | " + " | ".join(f"{np.mean([r['training'][k] for r in members]):.3f}" for k in keys)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,7 +53,7 @@ def test_runs_are_resumable_and_summarised(tmp_path):
 
 
 def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
-    config = tiny_config(tiny_corpus, num_train_steps=2, checkpoint_every_steps=2)
+    config = tiny_config(tiny_corpus, num_train_steps=3, checkpoint_every_steps=2)
     runs = experiments.run_grid(config, str(tmp_path), {"objective.consistency_scale": [0.5]}, [0],
                                 analyse_fn=experiments.analyse)
     run = runs[0]
@@ -66,14 +66,18 @@ def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
     assert set(rows) == {f"{m}/{s}" for m in ("text", "video", "audio") for s in ("input", "joint")}
     assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("nmi_first", "nmi_present", "random_nmi_first"))
     assert all(1 <= r["anchors_used"] <= 4 for r in rows.values())  # tiny_config: 4 anchors
-    # Diagnostics at step 2 (the queues of 16 rows are full after two steps of 8 clips).
+    # Diagnostics at the last step, 3 (the queues of 16 rows are full after two steps of 8 clips).
     d = run["diagnostics"]
-    assert d["step"] == 2 and d["steps_in_queue"] == 2.0
+    assert d["step"] == 3 and d["steps_in_queue"] == 2.0
     assert d["contrastive_grad_encoders"] > 0 and d["consistency_grad_encoders"] > 0
     assert d["consistency_to_contrastive_encoders"] == pytest.approx(
         0.5 * d["consistency_grad_encoders"] / d["contrastive_grad_encoders"])
     assert -1 <= d["encoder_grad_cosine"] <= 1 and 0 < d["target_entropy"] <= 1
     assert 1 <= d["anchors_per_clip"] <= 4  # Multi-SK: about R = K/2 anchors per clip
+    # The end-of-training losses, from metrics.jsonl (steps 1-3 are logged; the consistency loss
+    # is on at step 3 only, after the warm-up).
+    t = run["training"]
+    assert t["steps"] == [1, 3] and t["contrastive"] > 0 and t["consistency_unscaled"] > 0
     # The joint embeddings' geometry per evaluation set and modality.
     g = run["geometry"]["YouCook2"]
     assert 1 <= g["video_effective_rank"] <= 24 and -1 <= g["text_mean_cosine"] <= 1  # tiny_config: 24-d
