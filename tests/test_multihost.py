@@ -43,10 +43,14 @@ def single_process_run(tiny_corpus, jax_cache, tmp_path_factory):
 
 
 def _assert_same_losses(workdir, reference, steps):
+    """The same losses up to float32 summation order. One process and two sum over the 8 devices
+    in different orders (in-process against gloo all-reduces). Through 10 steps with the
+    consistency loss on, that has measured up to 1.3e-4 relative (step 9, 2026-11-27), while a
+    wrong shard, batch or resume changes the losses by a percent or more."""
     want, got = losses(reference), losses(workdir)
     assert sorted(got) == list(range(1, steps + 1))
     np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], [want[s] for s in range(1, steps + 1)],
-                               rtol=1e-5)
+                               rtol=1e-3)
 
 
 def test_two_processes_match_one_with_eight_devices_through_a_preemption_of_one(
