@@ -112,8 +112,9 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
     model = MultiSKModel.from_config(config)
     schedule = train_step.epoch_decay_schedule(config.optimizer.lr, config.optimizer.lr_decay_per_epoch, 1)
     tx = train_step.adam(schedule, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)  # (its state's shape)
-    template = train_step.create_train_state(jax.random.PRNGKey(config.seed), model, objective, tx,
-                                             input_pipeline.sample_batch(config, words.dim), ema_decay=config.ema_decay or None)
+    shapes = input_pipeline.sample_batch(config, words.dim)
+    template = train_step.create_train_state(jax.random.PRNGKey(config.seed), model, objective, tx, shapes,
+                                             ema_decay=config.ema_decay or None)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         step = checkpointer.latest_step()
@@ -128,7 +129,7 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
         batch = next(iter(pipeline))
     finally:
         pipeline.close()
-    batch = {k: batch[k] for k in input_pipeline.sample_batch(config, words.dim)}
+    batch = {k: batch[k] for k in shapes}
     result = diagnose(model, state.params, state.batch_stats, state.queues, objective, batch)
     return {"step": step, **result, **queue_turnover(config, len(source))}
 

@@ -110,13 +110,9 @@ def interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 def summarise(runs: Sequence[Mapping], directions: Sequence[str]) -> str:
     """Markdown: one row per setting, evaluation set and direction, mean (sd) and 95 % interval."""
-    groups: dict[str, list[Mapping]] = {}
-    for run in runs:
-        groups.setdefault(json.dumps(run["overrides"], sort_keys=True), []).append(run)
     lines = ["| setting | seeds | set | direction | " + " | ".join(f"{m} mean (sd) [95 % CI]" for m in METRICS) + " |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
-    for key, members in groups.items():
-        label = ", ".join(f"{k}={v}" for k, v in json.loads(key).items()) or "(base config)"
+    for label, members in _groups(runs).items():
         for dataset in members[0]["metrics"]:
             for direction in directions:
                 if direction not in members[0]["metrics"][dataset]:
