@@ -38,9 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mlp_ratio=1.0, depth=1, projection_dim=768, num_anchors=64, dtype="float32"))
 
     # sk: the 12 Multi-SK problems of a paper step ("sk-prod": queue 7,500 + batch 160 rows).
-    # (eps, iterations and R: config.objective.sinkhorn.)
+    # (eps, iterations, R and problems_at_once: config.objective.sinkhorn; at_once_sweep: the
+    # other numbers of problems solved together, timed beside it.)
     config.sk = ml_collections.ConfigDict(dict(n=7660, k=64, problems=12, repeats=5, baseline=True, dense=True,
-                                               stacked=True))
+                                               at_once_sweep=(1, 3, 4, 6, 12)))
     # step: the cpu-bench train step.
     config.step = ml_collections.ConfigDict(dict(clips=64, queue_len=512, repeats=5))
     # loop: the train loop around that step against the bare jitted step.

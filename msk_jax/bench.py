@@ -5,10 +5,10 @@ override a field with e.g. ``--config.step.repeats=7``).
 
 ``sk``  -- the Multi-SK solver at the production size ("sk-prod" in BENCH.md: N = 7660 rows,
            K = 64 anchors, R = 32, eps 0.07, 20 iterations, float32, 12 problems per step).
-           Side by side in one run: the solver (``multi_sinkhorn`` for one problem,
-           ``multi_sinkhorn_batched`` for a step), the log-domain solver it replaced (``vmap``
-           over the stack, as the loss called it), a straightforward dense K x N x K solver,
-           and a plain memory copy for the bandwidth.
+           Side by side in one run: the solver (``multi_sinkhorn`` on one problem and on a
+           step's stack, with the config's ``problems_at_once`` and the others of
+           ``at_once_sweep``), its JAX loop (the GPU/TPU path), the log-domain solver it
+           replaced, a straightforward dense K x N x K solver, and a plain memory copy.
 ``step`` -- one train step of the paper architecture at CPU-sized widths ("cpu-bench" in
            BENCH.md: embed 512, 8 heads, projection 768, DAVEnet widths up to 1024, 64 anchors,
            queues of 512 filled by warm-up steps as in training, 64 clips,
@@ -102,55 +102,46 @@ def dense_multi_sinkhorn(scores: jax.Array, eps: float, num_iters: int, required
     return multisk_reference.dense_multi_sinkhorn(scores, eps, num_iters, required_fraction, xp=jnp)[1]
 
 
-def _target(scores, eps, num_iters, num_required, method, native=True):
-    """One problem's target from the solver's internals, for the variants the public functions
-    do not select: method "log" (the first version), or "linear" with native=False (the
-    pure-JAX loop: the path on GPU/TPU, and on CPU before the native kernel)."""
-    final, _, _ = sinkhorn._solve(scores, eps, num_iters, num_required, None, method=method,
-                                  all_groups=False, native=native)
-    return sinkhorn.minmax_normalize_rows(num_required * final[-1])
-
-
-def run_sk(n: int, k: int, problems: int, *, eps: float, num_iters: int, required_fraction: float, repeats: int = 5,
-           baseline: bool = True, dense: bool = True, stacked: bool = True, batch_rows: int = 2160,
-           seed: int = 0) -> dict:
+def run_sk(n: int, k: int, problems: int, *, eps: float, num_iters: int, required_fraction: float,
+           problems_at_once: int | None, at_once_sweep: tuple[int, ...] = (), repeats: int = 5,
+           baseline: bool = True, dense: bool = True, batch_rows: int = 2160, seed: int = 0) -> dict:
     """Times and memory of the Multi-SK solvers on random cosine scores; see the module doc.
 
-    Returns seconds per problem (one (n, k) problem per call) and per step (``problems`` stacked
-    problems per call), peak MB of a step, the achieved bandwidth and the copy bandwidth (GB/s),
-    as ``{variant}_seconds_per_problem`` etc. for the variants ``sk`` (the solver; its step
-    returns the targets of the last ``batch_rows`` rows, as the loss uses them), ``sk_full``
-    (the step returning all rows' targets), ``baseline`` (the log-domain solver, vmapped as the
-    loss called it), ``jax_linear`` (the linear domain as a pure-JAX loop, the path before the
-    native CPU kernel and on GPU/TPU; its step in pairs), ``stacked`` (the solver vmapped over
-    the whole stack instead of paired) and ``dense`` (one problem).
+    Every variant is ``sinkhorn.multi_sinkhorn`` with its path pinned by its arguments. Returns
+    seconds per problem (one (n, k) problem per call) and per step (``problems`` stacked problems
+    per call, ``problems_at_once`` of them together), peak MB of a step, the achieved bandwidth
+    and the copy bandwidth (GB/s), as ``{variant}_seconds_per_problem`` etc. for the variants
+    ``sk`` (the solver; its step returns the targets of the last ``batch_rows`` rows, as the loss
+    uses them), ``sk_full`` (the step returning all rows' targets), ``at_once_G`` for G in
+    ``at_once_sweep`` (the step with G problems together: what the default is measured
+    against), ``jax_linear`` (the linear domain as a JAX loop, the path on GPU/TPU and on CPU
+    without the native kernel), ``baseline`` (the log-domain solver, the whole stack vmapped as
+    the loss first called it) and ``dense`` (one problem).
     """
     settings = dict(eps=eps, num_iters=num_iters, required_fraction=required_fraction)
     num_required = sinkhorn.num_required_slots(k, required_fraction)
-    static = dict(eps=eps, num_iters=num_iters, num_required=num_required)
     stack = jnp.asarray(multisk_reference.random_cosine_scores(np.random.default_rng(seed), n, k, problems, dim=32))
     one = stack[0]
+    rows = min(batch_rows, n)
 
-    solve_one = compile_for(lambda s: sinkhorn.multi_sinkhorn(s, **settings).target, one)
+    def solver(**options):
+        return lambda s: sinkhorn.multi_sinkhorn(s, **settings, **options).target
+
+    solve_one = compile_for(solver(), one)
     steps = {
         # As the training step calls it: only the batch rows' targets are used.
-        "sk": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(
-            s, **settings, last_rows=min(batch_rows, n)).target, stack),
-        "sk_full": compile_for(lambda s: sinkhorn.multi_sinkhorn_batched(s, **settings).target,
-                               stack),
+        "sk": compile_for(solver(last_rows=rows, problems_at_once=problems_at_once), stack),
+        "sk_full": compile_for(solver(problems_at_once=problems_at_once), stack),
     }
-    if stacked:  # one vmap: the native kernel then gets all the problems in one call
-        steps["stacked"] = compile_for(jax.vmap(functools.partial(_target, **static, method="linear")), stack)
-    # The pure-JAX linear-domain loop (before the native CPU kernel): one problem, and the step
-    # in pairs as multi_sinkhorn_batched solved it.
-    jax_linear = functools.partial(_target, **static, method="linear", native=False)
-    jax_one = compile_for(jax_linear, one)
-    steps["jax_linear"] = compile_for(lambda s: sinkhorn.map_in_pairs(jax.vmap(jax_linear), s), stack)
+    for at_once in at_once_sweep:
+        steps[f"at_once_{at_once}"] = compile_for(solver(last_rows=rows, problems_at_once=at_once), stack)
+    jax_linear = dict(domain="linear", backend="jax")
+    jax_one = compile_for(solver(**jax_linear), one)
+    steps["jax_linear"] = compile_for(solver(**jax_linear, last_rows=rows, problems_at_once=problems_at_once), stack)
     per_problem = {"sk": lambda: solve_one(one), "jax_linear": lambda: jax_one(one)}
     if baseline:
-        log_domain = functools.partial(_target, **static, method="log")
-        log_one = compile_for(log_domain, one)
-        steps["baseline"] = compile_for(jax.vmap(log_domain), stack)
+        log_one = compile_for(solver(domain="log"), one)
+        steps["baseline"] = compile_for(solver(domain="log"), stack)
         per_problem["baseline"] = lambda: log_one(one)
     if dense:
         dense_one = compile_for(functools.partial(dense_multi_sinkhorn, **settings), one)
@@ -175,8 +166,10 @@ def run_sk(n: int, k: int, problems: int, *, eps: float, num_iters: int, require
     # x read and written, the fixed kernel read; the log domain: two matrices; dense: K x N x K).
     state_bytes = {"sk": 3 * n * k * 4, "jax_linear": 3 * n * k * 4, "baseline": 2 * 2 * n * k * 4,
                    "dense": 2 * k * n * k * 4}
+    state_bytes.update({name: state_bytes["sk"] for name in steps if name.startswith("at_once_")})
     results: dict = {
-        "shape": dict(n=n, k=k, problems=problems, num_required=num_required, **settings),
+        "shape": dict(n=n, k=k, problems=problems, num_required=num_required, **settings,
+                      problems_at_once=problems_at_once),
         "repeats": repeats, "machine": _machine(),
         "copy_gbps": copy_bytes_per_second / 1e9,
         "max_abs_diff_vs_sk": max_diff,
@@ -212,16 +205,21 @@ def _machine() -> str:
 def format_sk(results: dict) -> str:
     """The short table printed by ``python -m msk_jax.bench sk``."""
     shape = results["shape"]
+    at_once = shape.get("problems_at_once")
     rows = [("sk", f"Multi-SK solver; step returns last {results['batch_rows']} rows"),
-            ("sk_full", "  same, step returns all rows' targets"),
-            ("stacked", "  same, one vmap over the 12 (no pairs)"),
-            ("jax_linear", "linear domain as a JAX loop (GPU/TPU path)"),
+            ("sk_full", "  same, step returns all rows' targets")]
+    rows += [(name, f"  same, {name.split('_')[-1]} problems at once")
+             for name in sorted((key[:-len("_seconds_per_step")] for key in results
+                                 if key.startswith("at_once_") and key.endswith("_seconds_per_step")),
+                                key=lambda name: int(name.split("_")[-1]))]
+    rows += [("jax_linear", "linear domain as a JAX loop (GPU/TPU path)"),
             ("baseline", "log-domain solver (first version), vmap"),
             ("dense", "dense K x N x K, float32")]
     base_problem = results.get("baseline_seconds_per_problem")
     base_step = results.get("baseline_seconds_per_step")
     lines = [f"Multi-SK  N={shape['n']} K={shape['k']} R={shape['num_required']} eps={shape['eps']} "
-             f"iters={shape['num_iters']}  step = {shape['problems']} problems  "
+             f"iters={shape['num_iters']}  step = {shape['problems']} problems, "
+             f"{at_once or 'all'} at once  "
              f"(median of {results['repeats']})",
              f"{'solver':46s} {'ms/problem':>10s} {'ms/step':>8s} {'peak MB/step':>12s} "
              f"{'GB/s':>5s} {'x baseline':>10s}"]
@@ -243,8 +241,8 @@ def format_sk(results: dict) -> str:
         lines.append(f"{label:46s} {_fmt(per_problem, '{:.2f}', 1e3):>10s} "
                      f"{_fmt(per_step, '{:.1f}', 1e3):>8s} {peak:>12s} "
                      f"{_fmt(results.get(f'{name}_gbps'), '{:.1f}'):>5s} {speedup:>10s}")
-    lines.append("ms/problem: one call on one problem (multi_sinkhorn); ms/step: one call on the "
-                 "stack (multi_sinkhorn_batched); peak: XLA arguments + outputs + temporaries")
+    lines.append("ms/problem: multi_sinkhorn on one problem; ms/step: multi_sinkhorn on the stack; "
+                 "peak: XLA arguments + outputs + temporaries")
     lines.append(f"copy bandwidth (numpy, 64 MiB, read + write): {results['copy_gbps']:.1f} GB/s; "
                  f"GB/s above = state bytes read + written once per iteration x iterations / time")
     if "sk_cold_seconds_per_problem" in results:
@@ -269,7 +267,8 @@ def _cli_sk(config) -> dict:
     c = config.sk
     sk = config.objective.sinkhorn
     results = run_sk(c.n, c.k, c.problems, eps=sk.eps, num_iters=sk.num_iters, required_fraction=sk.required_fraction,
-                     repeats=c.repeats, baseline=c.baseline, dense=c.dense, stacked=c.stacked)
+                     problems_at_once=sk.problems_at_once, at_once_sweep=tuple(c.at_once_sweep),
+                     repeats=c.repeats, baseline=c.baseline, dense=c.dense)
     print(format_sk(results), flush=True)
     return results
 

@@ -38,7 +38,7 @@ RESUMABLE_CHANGES = (
     "model.dtype", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
     "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
     "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
-    "data.eval_video_tokens", "data.eval_audio_frames",
+    "data.eval_video_tokens", "data.eval_audio_frames", "objective.sinkhorn.problems_at_once",
 )
 
 

@@ -219,4 +219,4 @@ def objective_config_from_original(config: Mapping[str, Any]):
         contrastive_temperature=loss.get("temperature", 0.05),
         consistency_weights=tuple(sorted((k, v) for k, v in fusion.items() if k.startswith("c_loss_"))),
         queue_len=config["queue_len"], sinkhorn_eps=sk["eps"], sinkhorn_iters=sk["niters"],
-        required_fraction=sk["required_properties"])
+        required_fraction=sk["required_properties"], sinkhorn_problems_at_once=None)

@@ -5,7 +5,6 @@
 ``MSK_JAX_NATIVE``     0 turns the native CPU kernels off (:mod:`msk_jax.kernels`).
 ``MSK_JAX_TCMALLOC``   0 stops the command-line tools restarting with tcmalloc
                        (:mod:`msk_jax.allocator`).
-``MSK_JAX_SK_THREADS`` threads of the native Multi-SK kernel (default: the usable CPUs, <= 16).
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ class ObjectiveConfig:
     sinkhorn_eps: float
     sinkhorn_iters: int
     required_fraction: float
+    sinkhorn_problems_at_once: int | None  # None: all of a step's problems together
     contrastive_scale: float   # the original's alpha_closs
     consistency_scale: float   # the original's beta_loss
 
@@ -161,22 +162,23 @@ class ObjectiveConfig:
             sinkhorn_eps=objective.sinkhorn.eps,
             sinkhorn_iters=objective.sinkhorn.num_iters,
             required_fraction=objective.sinkhorn.required_fraction,
+            sinkhorn_problems_at_once=objective.sinkhorn.problems_at_once,
             contrastive_scale=objective.contrastive_scale,
             consistency_scale=objective.consistency_scale)
 
 
 def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: FeatureQueues,
                     config: ObjectiveConfig) -> tuple[dict[tuple, jax.Array], sinkhorn.MultiSKResult]:
-    """Solves the 12 Multi-SK problems of a step in one batched call.
+    """Solves the 12 Multi-SK problems of a step in one call on their stack.
 
     Problem p stacks [queue_p x current anchors_p ; batch similarities_p] and its target's last
     B rows belong to the batch. Returns ({similarity key: (B, K) target}, a result whose
     `iterations` and `marginal_error` hold one entry per problem; its `target` is None).
     """
     batch = outputs.batch_size
-    solve = functools.partial(sinkhorn.multi_sinkhorn_batched, eps=config.sinkhorn_eps,
+    solve = functools.partial(sinkhorn.multi_sinkhorn, eps=config.sinkhorn_eps,
                               num_iters=config.sinkhorn_iters, required_fraction=config.required_fraction,
-                              last_rows=batch)
+                              last_rows=batch, problems_at_once=config.sinkhorn_problems_at_once)
     # Problems with the same anchor count (all 12 in the paper) are stacked into one call.
     by_count: dict[int, list] = {}
     for problem in SK_PROBLEMS:

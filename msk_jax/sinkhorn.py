@@ -32,9 +32,15 @@ work per iteration. Two implementations compute the same numbers:
   when the spread of the logits ``w * S / eps`` exceeds :data:`LINEAR_MAX_LOGIT_SPREAD`, where
   float32 scaling would underflow.
 
-The choice is made per problem at run time (``lax.cond``); under ``jax.vmap`` a custom batching
-rule keeps that a real branch per problem (see :func:`_per_problem`).
-:func:`multi_sinkhorn_batched` solves a stack of problems in pairs, for the two CPU cores.
+The domain is chosen at run time (``lax.cond``) per group of problems solved together; the
+native CPU kernel is chosen in one place, :func:`_native_backend`.
+
+:func:`multi_sinkhorn` is the one entry, for one (N, K) problem or a (P, N, K) stack; how many
+problems of a stack are solved together is its `problems_at_once` argument (the training step
+reads it from the config). Under ``jax.vmap`` a custom batching rule turns the vmapped axis into
+a stack. :func:`multi_sinkhorn_assignment` gives the full K x N x K tensor of small problems (the
+original's output, for parity checks and the notebook). The dense solver written from the
+definition, which the tests compare against, is :mod:`msk_jax.multisk_reference`.
 
 Where the original would overflow float32 (``exp(w S / eps) = inf``, e.g. scores > 6 at
 eps = 0.07) it clamps infinities to the largest finite entry; this solver instead computes the
@@ -125,24 +131,6 @@ def anchor_marginal(num_samples: int, num_anchors: int) -> np.ndarray:
     prior = np.maximum(prior, np.float32(1.0))
     prior = prior / prior.sum(dtype=np.float32)
     return (prior * np.float32(num_samples)).astype(np.float32)
-
-
-def _validate(scores, eps: float, num_iters: int, batched: bool = False) -> None:
-    shape = jnp.shape(scores)
-    if batched:
-        if len(shape) != 3 or shape[0] < 1:
-            raise ValueError(f"Multi-SK: a batch of scores must be (P >= 1 problems, N samples, "
-                             f"K anchors), got shape {shape}.")
-        shape = shape[1:]
-    if len(shape) != 2:
-        raise ValueError(f"Multi-SK: scores must be (N samples, K anchors), got shape {shape}.")
-    n, k = shape
-    if n < 1 or k < 1:
-        raise ValueError(f"Multi-SK: need at least one sample and one anchor, got shape {shape}.")
-    if not float(eps) > 0:
-        raise ValueError(f"Multi-SK: eps must be > 0, got {eps}.")
-    if int(num_iters) < 0:
-        raise ValueError(f"Multi-SK: num_iters must be >= 0, got {num_iters}.")
 
 
 # --- log domain (the fallback; exact for any scores and eps) ------------------------------------
@@ -243,15 +231,15 @@ def _logit_spread(scores, eps, groups) -> jax.Array:
 
 
 def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True, last_rows=None,
-                  native=True):
+                  native=False):
     """Multi-SK with float32 scaling; same outputs as :func:`_solve_log`.
 
     Valid when :func:`_logit_spread` <= LINEAR_MAX_LOGIT_SPREAD (the caller checks). In JAX,
     one iteration is one elementwise pass that updates x in place (reading x and the kernel),
-    one that forms x * kernel, and four matrix-vector products for the row and column sums. On
-    CPU, with the native kernel available (:mod:`msk_jax.kernels`), the iterations run as a
-    custom call that makes one pass per iteration instead (the required group only, no `tol`).
-    last_rows: return only the last rows of the group matrices. native=False: always the JAX loop.
+    one that forms x * kernel, and four matrix-vector products for the row and column sums.
+    native=True (chosen by :func:`_native_backend`): on CPU the iterations run as the native
+    custom call (:mod:`msk_jax.kernels`), one pass per iteration (the required group only, no
+    `tol`); on other platforms the JAX loop. last_rows: only the last rows of the group matrices.
     """
     n, k = scores.shape
     groups = slot_groups(k, num_required)
@@ -343,8 +331,7 @@ def _solve_linear(scores, eps, num_iters, num_required, tol, all_groups=True, la
         finals = jnp.stack(finals if all_groups else finals[-1:])
         return finals if last_rows is None else finals[:, n - last_rows:]
 
-    if (native and tol is None and not all_groups and n >= NATIVE_MIN_ROWS
-            and kernels.multisk_available()):
+    if native:
         def on_cpu(scores):  # the native kernel takes the exponentials itself
             shifts = jnp.stack([top, gap_top, jnp.exp(gap_top)] if other else
                                [top, jnp.float32(0), jnp.float32(1)]).astype(jnp.float32)
@@ -396,7 +383,7 @@ def _native_solve(scores, c, shifts, *, weight_b, inv_eps, gap, count_b, count_o
     shifts: (3,) top, gap_top, exp(gap_top). The call takes the exponentials itself and keeps
     its two working matrices in a blocked layout; they are outputs of the call (so XLA
     allocates them and counts them in the memory analysis) and are then dropped. Under vmap
-    the call receives the whole batch and solves its problems on parallel threads.
+    the call receives the whole group of problems and spreads it over XLA's CPU thread pool.
     """
     n, k = scores.shape
     blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
@@ -407,201 +394,223 @@ def _native_solve(scores, c, shifts, *, weight_b, inv_eps, gap, count_b, count_o
         vmap_method="broadcast_all")
     _, _, final, error = call(scores, c, shifts, weight_b=np.float32(weight_b), inv_eps=np.float32(inv_eps),
                               gap=np.float32(gap), count_b=np.float32(count_b), count_o=np.float32(count_o),
-                              num_iters=np.int64(num_iters), last_rows=np.int64(last_rows),
-                              threads=np.int64(kernels.threads()))
+                              num_iters=np.int64(num_iters), last_rows=np.int64(last_rows))
     return final, error
 
 
-# --- dispatch -----------------------------------------------------------------------------------
+# --- dispatch: the one fast path, for one problem and for a stack ------------------------------
 
-def _solve(scores, eps, num_iters, num_required, tol, method="auto", all_groups=True, last_rows=None,
-           native=True):
-    """The group matrices after the final renormalisation -- (G, N, K), or (1, N, K) for the
-    required slots only if not all_groups; the last `last_rows` rows only if set -- the
-    iteration count and the marginal error.
-    method: "auto" (linear domain where safe, else log), "linear" or "log". native=False: the
-    linear domain in JAX even where the native CPU kernel is available."""
-    scores = jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
-    args = (eps, num_iters, num_required, tol, all_groups, last_rows)
-    if method == "linear":
-        return _solve_linear(scores, *args, native=native)
-    if method == "log":
+DOMAINS = ("auto", "linear", "log")
+"""auto: the linear domain where it is safe (:data:`LINEAR_MAX_LOGIT_SPREAD`), else the log domain."""
+
+BACKENDS = ("auto", "jax", "native")
+"""How the linear domain iterates: auto (the native CPU kernel where :func:`_native_backend`
+allows it, else JAX), jax (the JAX loop: the path on GPU/TPU), native (the CPU kernel, an error
+where it cannot run)."""
+
+
+class _Settings(NamedTuple):
+    """The static settings of one solve (hashable: a jit static argument)."""
+
+    eps: float
+    num_iters: int
+    num_required: int
+    tol: float | None
+    domain: str
+    backend: str
+    last_rows: int | None
+    all_groups: bool  # every slot group's matrices (the assignment tensor), not only the required
+
+
+def _native_backend(num_rows: int, s: _Settings) -> bool:
+    """Whether the linear domain runs in the native CPU kernel: the one place this is decided.
+
+    The kernel computes the required group without early stopping; with backend "auto" it takes
+    problems of at least NATIVE_MIN_ROWS rows when it is built (on CPU hosts; the call itself
+    still falls back to the JAX loop on other platforms)."""
+    eligible = s.tol is None and not s.all_groups
+    if s.backend == "jax":
+        return False
+    if s.backend == "native":
+        if not eligible:
+            raise ValueError("Multi-SK: backend='native' solves for the target without `tol`; "
+                             "use backend='auto' or 'jax' with tol or for the assignment tensor.")
+        if not kernels.multisk_available():
+            raise ValueError("Multi-SK: backend='native' needs the native CPU kernel, which is not "
+                             "available here (see the warning above, or MSK_JAX_NATIVE).")
+        return True
+    return eligible and num_rows >= NATIVE_MIN_ROWS and kernels.multisk_available()
+
+
+def _solve(scores, s: _Settings, domain: str):
+    """One (N, K) problem in the given domain ("linear" or "log"): the group matrices after the
+    final renormalisation -- (G, N, K) if s.all_groups, else (1, N, K) for the required slots;
+    the last `last_rows` rows only if set -- the iteration count and the marginal error."""
+    args = (s.eps, s.num_iters, s.num_required, s.tol, s.all_groups, s.last_rows)
+    if domain == "log":
         return _solve_log(scores, *args)
-    groups = slot_groups(scores.shape[1], num_required)
-    safe = _logit_spread(scores, eps, groups) <= LINEAR_MAX_LOGIT_SPREAD
-    return jax.lax.cond(safe, lambda s: _solve_linear(s, *args, native=native), lambda s: _solve_log(s, *args),
-                        scores)
+    return _solve_linear(scores, *args, native=_native_backend(scores.shape[0], s))
 
 
-def _per_problem(fn):
-    """fn on one (N, K) problem; under jax.vmap, a sequential lax.map over the problems.
-
-    The solver branches per problem (linear or log domain) and may stop early; a plain vmap
-    would turn the branch into a select that runs both solvers, and run every problem until the
-    slowest stops. Mapping keeps the branches real and the working memory at one problem's.
-    """
-    wrapped = jax.custom_batching.custom_vmap(fn)
-
-    @wrapped.def_vmap
-    def _map_rule(axis_size, in_batched, scores):
-        del axis_size, in_batched  # only the scores are an argument, so they are batched
-        out = jax.lax.map(fn, scores)
-        return out, jax.tree.map(lambda _: True, out)
-
-    # No gradient flows into the targets; stopping it here keeps autodiff away from the
-    # custom batching rule (which does not support reverse mode).
-    return lambda scores: wrapped(jax.lax.stop_gradient(scores))
+def _solve_group(group, s: _Settings):
+    """A (G, N, K) group of problems solved together (vmapped), in one domain for the group: the
+    linear one if it is safe for all of them. Under vmap the branch stays a real branch; the
+    (rare) log-domain fallback of "auto" solves the group one problem at a time, to keep its
+    working memory at one problem's."""
+    if s.domain != "auto":
+        return jax.vmap(lambda p: _solve(p, s, s.domain))(group)
+    groups = slot_groups(group.shape[-1], s.num_required)
+    safe = jnp.all(jax.vmap(lambda p: _logit_spread(p, s.eps, groups))(group) <= LINEAR_MAX_LOGIT_SPREAD)
+    return jax.lax.cond(safe, jax.vmap(lambda p: _solve(p, s, "linear")),
+                        functools.partial(jax.lax.map, lambda p: _solve(p, s, "log")), group)
 
 
-def minmax_normalize_rows(x: jax.Array) -> jax.Array:
-    """(x - row min) / (row max - row min); a constant row maps to 0."""
-    lo = jnp.min(x, axis=1, keepdims=True)
-    hi = jnp.max(x, axis=1, keepdims=True)
-    span = hi - lo
-    return jnp.where(span > 0, (x - lo) / jnp.where(span > 0, span, 1.0), 0.0)
-
-
-_STATIC = ("eps", "num_iters", "num_required", "tol", "method")
-
-
-def _target_one(scores, eps, num_iters, num_required, tol, method, last_rows=None) -> MultiSKResult:
-    final, iters, error = _solve(scores, eps, num_iters, num_required, tol, method,
-                                 all_groups=False, last_rows=last_rows)
-    required = final[-1]
-    # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
-    return MultiSKResult(minmax_normalize_rows(num_required * required), iters, error)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _target(scores, eps, num_iters, num_required, tol, method="auto") -> MultiSKResult:
-    solve = functools.partial(_target_one, eps=eps, num_iters=num_iters, num_required=num_required,
-                              tol=tol, method=method)
-    return _per_problem(solve)(scores), _has_nan(scores)
-
-
-_PAIR = 2
-"""multi_sinkhorn_batched solves the problems in pairs: one pair's kernels are twice as large,
-which XLA on CPU spreads over two cores (a single problem's mostly run on one)."""
-
-
-def _target_group(scores, eps, num_iters, num_required, tol, method, last_rows) -> MultiSKResult:
-    """:func:`_target_one` for a (G, N, K) group of problems, vmapped; one domain for the group
-    (the linear one if it is safe for all of them), so that the branch stays a real branch."""
-    settings = dict(eps=eps, num_iters=num_iters, num_required=num_required, tol=tol,
-                    last_rows=last_rows)
-    if method != "auto":
-        return jax.vmap(functools.partial(_target_one, method=method, **settings))(scores)
-    groups = slot_groups(scores.shape[-1], num_required)
-    safe = jnp.all(jax.vmap(lambda s: _logit_spread(s, eps, groups))(scores)
-                   <= LINEAR_MAX_LOGIT_SPREAD)
-    # The (rare) log-domain fallback solves the group one problem at a time, to keep its
-    # working memory at one problem's.
-    return jax.lax.cond(
-        safe, jax.vmap(functools.partial(_target_one, method="linear", **settings)),
-        functools.partial(jax.lax.map, functools.partial(_target_one, method="log", **settings)),
-        scores)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC + ("last_rows",))
-def _target_batched(scores, eps, num_iters, num_required, tol, method="auto",
-                    last_rows=None) -> MultiSKResult:
-    scores = jax.lax.stop_gradient(jnp.asarray(scores, jnp.float32))
-    solve = functools.partial(_target_group, eps=eps, num_iters=num_iters,
-                              num_required=num_required, tol=tol, method=method,
-                              last_rows=last_rows)
-    return map_in_pairs(solve, scores), _has_nan(scores)
-
-
-def map_in_pairs(solve_group, stack):
-    """solve_group over a (P, ...) stack, two problems at a time (``lax.map`` over pairs; an
-    odd last problem alone). solve_group takes a (G, ...) group and returns a pytree of (G, ...)
-    arrays; the result stacks them back to (P, ...)."""
+def _solve_stack(stack, s: _Settings, problems_at_once: int | None):
+    """A (P, N, K) stack, `problems_at_once` problems at a time (``lax.map`` over the groups, a
+    smaller last group for the rest; None: all at once), holding one group's working memory."""
     problems = stack.shape[0]
-    paired = problems - problems % _PAIR
+    size = problems if problems_at_once is None else min(problems_at_once, problems)
+    whole = problems - problems % size
     results = []
-    if paired:
-        pairs = jax.lax.map(solve_group, stack[:paired].reshape(paired // _PAIR, _PAIR, *stack.shape[1:]))
-        results.append(jax.tree.map(lambda a: a.reshape(paired, *a.shape[2:]), pairs))
-    if paired < problems:
-        results.append(solve_group(stack[paired:]))
+    if whole:
+        grouped = stack[:whole].reshape(whole // size, size, *stack.shape[1:])
+        out = jax.lax.map(lambda g: _solve_group(g, s), grouped)
+        results.append(jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), out))
+    if whole < problems:
+        results.append(_solve_group(stack[whole:], s))
     if len(results) == 1:
         return results[0]
     return jax.tree.map(lambda *parts: jnp.concatenate(parts), *results)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _assignment(scores, eps, num_iters, num_required, tol, method="auto") -> jax.Array:
-    groups = slot_groups(scores.shape[1], num_required)
-    slot_to_group = np.repeat(np.arange(len(groups)), [g.count for g in groups])
-
-    def solve(scores):
-        final, _, _ = _solve(scores, eps, num_iters, num_required, tol, method, all_groups=True)
-        return final[slot_to_group]
-
-    return _per_problem(solve)(scores), _has_nan(scores)
+def minmax_normalize_rows(x: jax.Array) -> jax.Array:
+    """(x - row min) / (row max - row min) along the last axis; a constant row maps to 0."""
+    lo = jnp.min(x, axis=-1, keepdims=True)
+    hi = jnp.max(x, axis=-1, keepdims=True)
+    span = hi - lo
+    return jnp.where(span > 0, (x - lo) / jnp.where(span > 0, span, 1.0), 0.0)
 
 
-def _has_nan(scores) -> jax.Array:
-    return jnp.isnan(scores).any()
+@functools.partial(jax.jit, static_argnames=("s", "problems_at_once"))
+def _run(stack, s: _Settings, problems_at_once: int | None):
+    """The jitted solve of a (P, N, K) stack: (MultiSKResult with a leading P, or the (P, K, N, K)
+    assignment tensors if s.all_groups; whether the scores held NaN)."""
+    finals, iters, error = _solve_stack(jnp.asarray(stack, jnp.float32), s, problems_at_once)
+    if s.all_groups:
+        groups = slot_groups(stack.shape[-1], s.num_required)
+        slot_to_group = np.repeat(np.arange(len(groups)), [g.count for g in groups])
+        out = finals[:, slot_to_group]
+    else:
+        # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
+        out = MultiSKResult(minmax_normalize_rows(s.num_required * finals[:, -1]), iters, error)
+    return out, jnp.isnan(stack).any()
 
 
-def _checked(outputs):
-    """The solver's output, after raising if the scores had NaN. Under an outer jit the flag is
-    abstract and NaN cannot be detected; it then propagates (and the flag is dropped)."""
-    result, has_nan = outputs
-    if not isinstance(has_nan, jax.core.Tracer) and bool(has_nan):
+def _solve_batched(stack, s: _Settings, problems_at_once: int | None):
+    """:func:`_run` that also batches: under ``jax.vmap`` the vmapped axes join the stack (so a
+    vmap solves its problems `problems_at_once` at a time, each in its own domain group and
+    with its own early stop, not as a select over both domains)."""
+    def run(stack):
+        return _run(stack, s, problems_at_once)
+
+    wrapped = jax.custom_batching.custom_vmap(run)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, stack):
+        del in_batched  # the stack is the only argument, so it is batched
+        out, has_nan = run(stack.reshape(-1, *stack.shape[2:]))
+        out = jax.tree.map(lambda a: a.reshape(axis_size, -1, *a.shape[1:]), out)
+        return (out, jnp.broadcast_to(has_nan, (axis_size,))), (jax.tree.map(lambda _: True, out), True)
+
+    # No gradient flows into the targets; stopping it here keeps autodiff away from the custom
+    # batching rule (which does not support reverse mode).
+    return wrapped(jax.lax.stop_gradient(stack))
+
+
+def _checked(has_nan) -> None:
+    """Raises if the scores had NaN. Under an outer jit the flag is abstract and NaN cannot be
+    detected; it then propagates into the targets."""
+    if not isinstance(has_nan, jax.core.Tracer) and bool(jnp.any(has_nan)):
         raise ValueError("Multi-SK: scores contain NaN.")
-    return result
 
 
-def _settings(scores, eps, num_iters, required_fraction, tol, batched=False) -> dict:
-    _validate(scores, eps, num_iters, batched)
-    return dict(eps=float(eps), num_iters=int(num_iters),
-                num_required=num_required_slots(jnp.shape(scores)[-1], required_fraction),
-                tol=None if tol is None or tol <= 0 else float(tol))
+def _settings(scores, eps, num_iters, required_fraction, tol, domain, backend, last_rows,
+              problems_at_once, all_groups=False) -> _Settings:
+    """Validated static settings of a call (the errors name the argument and what it must be)."""
+    shape = jnp.shape(scores)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"Multi-SK: scores must be (N samples, K anchors) or a stack (P, N, K), "
+                         f"got shape {shape}.")
+    n, k = shape[-2:]
+    if n < 1 or k < 1 or (len(shape) == 3 and shape[0] < 1):
+        raise ValueError(f"Multi-SK: need at least one problem, sample and anchor, got shape {shape}.")
+    if not float(eps) > 0:
+        raise ValueError(f"Multi-SK: eps must be > 0, got {eps}.")
+    if int(num_iters) < 0:
+        raise ValueError(f"Multi-SK: num_iters must be >= 0, got {num_iters}.")
+    if domain not in DOMAINS:
+        raise ValueError(f"Multi-SK: domain must be one of {DOMAINS}, got {domain!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"Multi-SK: backend must be one of {BACKENDS}, got {backend!r}.")
+    if last_rows is not None and not 1 <= int(last_rows) <= n:
+        raise ValueError(f"Multi-SK: last_rows must be in [1, N={n}], got {last_rows}.")
+    if problems_at_once is not None and int(problems_at_once) < 1:
+        raise ValueError(f"Multi-SK: problems_at_once must be >= 1 (or None: all), got {problems_at_once}.")
+    settings = _Settings(
+        eps=float(eps), num_iters=int(num_iters), num_required=num_required_slots(k, required_fraction),
+        tol=None if tol is None or tol <= 0 else float(tol), domain=domain, backend=backend,
+        last_rows=None if last_rows is None else int(last_rows), all_groups=all_groups)
+    if domain != "log":
+        _native_backend(n, settings)  # backend="native" where it cannot run: the error now
+    return settings
 
 
 def multi_sinkhorn(scores: jax.Array, *, eps: float, num_iters: int, required_fraction: float,
-                   tol: float | None = None) -> MultiSKResult:
-    """Multi-SK training target for one (N, K) similarity matrix (the original's `calculate_sk`).
+                   tol: float | None = None, last_rows: int | None = None,
+                   problems_at_once: int | None = None, domain: str = "auto",
+                   backend: str = "auto") -> MultiSKResult:
+    """Multi-SK training targets (the original's `calculate_sk`) of one problem or a stack.
 
     Args:
-      scores: (N, K) similarities of N samples to K anchors (cast to float32; no gradient).
-      eps: temperature of the initial assignment exp(w * S / eps); > 0 (the paper: 0.07).
-      num_iters: number of Sinkhorn iterations (the original runs exactly this many; the paper 20).
-      required_fraction: R = int(K * required_fraction) required slots, 1 <= R <= K (the paper 0.5).
+      scores: (N, K) similarities of N samples to K anchors, or a (P, N, K) stack of P such
+        problems (cast to float32; no gradient). A stack gives every field a leading P.
+      eps: temperature of the initial assignment exp(w * S / eps); > 0.
+      num_iters: number of Sinkhorn iterations (the original runs exactly this many).
+      required_fraction: R = int(K * required_fraction) required slots, 1 <= R <= K.
       The paper's values live in configs/howto.py (`objective.sinkhorn`).
       tol: if set (> 0), stop early once the marginal error falls to <= tol.
+      last_rows: if set, `target` holds only the last `last_rows` samples' targets (the batch
+        rows of the training step, where the queue rows' targets are not used). The solve is
+        unchanged (the min-max normalisation is per row); only the output is smaller.
+      problems_at_once: how many problems of a stack are solved together (vmapped; the rest one
+        group after the other, holding one group's working memory); None: all at once. The
+        training step takes it from `objective.sinkhorn.problems_at_once` (measured in
+        BENCHMARKS.md). A group runs in the log domain if any of its problems needs it, and
+        until all stop when `tol` is set (each result still records its own iteration count).
+      domain: "auto", "linear" or "log" (:data:`DOMAINS`); backend: "auto", "jax" or "native"
+        (:data:`BACKENDS`). The defaults choose per problem; the others pin a path (benchmarks,
+        tests).
 
-    The settings are static Python numbers (a new value compiles anew). Jit-able and
-    vmap-able over a leading stack of problems: a vmap solves the problems one after the other,
-    with the results of single calls bit for bit; :func:`multi_sinkhorn_batched` is faster.
+    The settings are static Python numbers (a new value compiles anew). Jit-able, and vmap-able:
+    a vmap joins the stack.
     """
-    return _checked(_target(scores, **_settings(scores, eps, num_iters, required_fraction, tol)))
-
-
-def multi_sinkhorn_batched(scores: jax.Array, *, eps: float, num_iters: int, required_fraction: float,
-                           tol: float | None = None, last_rows: int | None = None) -> MultiSKResult:
-    """:func:`multi_sinkhorn` for a (P, N, K) stack of problems; every field gets a leading P.
-
-    The same numbers as ``jax.vmap(multi_sinkhorn)`` up to float32 rounding, faster on CPU: the
-    problems are solved in pairs, one pair after the other (``lax.map``), holding the working
-    memory of one pair at a time. A pair runs in the log domain if either problem needs it, and
-    until both stop when ``tol`` is set (each result still records its own iteration count).
-
-    last_rows: if set, ``target`` holds only the targets of the last ``last_rows`` samples of
-      each problem, (P, last_rows, K) -- the batch rows, in the training step, where the queue
-      rows' targets are not used. The solve is unchanged (the min-max normalisation is per row);
-      only the output is smaller.
-    """
-    settings = _settings(scores, eps, num_iters, required_fraction, tol, batched=True)
-    if last_rows is not None and not 1 <= int(last_rows) <= jnp.shape(scores)[1]:
-        raise ValueError(f"Multi-SK: last_rows must be in [1, N={jnp.shape(scores)[1]}], got {last_rows}.")
-    return _checked(_target_batched(scores, **settings, last_rows=None if last_rows is None else int(last_rows)))
+    settings = _settings(scores, eps, num_iters, required_fraction, tol, domain, backend, last_rows,
+                         problems_at_once)
+    single = jnp.ndim(scores) == 2
+    result, has_nan = _solve_batched(scores[None] if single else scores, settings, problems_at_once)
+    _checked(has_nan)
+    return jax.tree.map(lambda a: a[0], result) if single else result
 
 
 def multi_sinkhorn_assignment(scores: jax.Array, *, eps: float, num_iters: int, required_fraction: float,
-                              tol: float | None = None) -> jax.Array:
+                              tol: float | None = None, domain: str = "auto") -> jax.Array:
     """The full (K slots, N samples, K anchors) assignment tensor of Multi-SK (the original's
-    `multi_sinkhorn`), a broadcast of the per-weight matrices. O(K^2 N) memory: small problems."""
-    return _checked(_assignment(scores, **_settings(scores, eps, num_iters, required_fraction, tol)))
+    `multi_sinkhorn`) of one (N, K) problem: a broadcast of the solver's per-weight matrices
+    (the same solve as :func:`multi_sinkhorn`, in JAX). O(K^2 N) memory: small problems."""
+    if jnp.ndim(scores) != 2:
+        raise ValueError(f"Multi-SK: scores must be (N samples, K anchors), got shape {jnp.shape(scores)}.")
+    settings = _settings(scores, eps, num_iters, required_fraction, tol, domain, "jax", None, None,
+                         all_groups=True)
+    tensor, has_nan = _solve_batched(scores[None], settings, None)
+    _checked(has_nan)
+    return tensor[0]

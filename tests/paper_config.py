@@ -7,7 +7,7 @@ from msk_jax.loss import ObjectiveConfig
 from tests.train_fixtures import load_config
 
 PAPER = load_config("")
-# multi_sinkhorn's settings: eps, num_iters, required_fraction.
+# multi_sinkhorn's settings: eps, num_iters, required_fraction (and problems_at_once).
 PAPER_SK = dict(PAPER.objective.sinkhorn)
 
 

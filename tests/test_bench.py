@@ -9,13 +9,14 @@ from tests.paper_config import paper_clip_settings, paper_objective
 
 
 def test_run_sk_tiny():
-    results = bench.run_sk(48, 8, 2, eps=0.07, num_iters=3, required_fraction=0.5, repeats=1, batch_rows=16,
-                           baseline=False, stacked=False)
-    for key in ("sk_seconds_per_problem", "sk_seconds_per_step", "sk_peak_mb",
+    results = bench.run_sk(48, 8, 3, eps=0.07, num_iters=3, required_fraction=0.5, problems_at_once=2,
+                           at_once_sweep=(1,), repeats=1, batch_rows=16, baseline=False)
+    for key in ("sk_seconds_per_problem", "sk_seconds_per_step", "sk_peak_mb", "at_once_1_seconds_per_step",
                 "dense_seconds_per_problem", "copy_gbps", "sk_gbps"):
         assert results[key] > 0, key
     assert results["max_abs_diff_vs_sk"]["dense"] < 1e-4  # the same targets
-    assert "Multi-SK solver" in bench.format_sk(results)
+    table = bench.format_sk(results)
+    assert "Multi-SK solver" in table and "1 problems at once" in table and "2 at once" in table
     json.dumps(results)
 
 

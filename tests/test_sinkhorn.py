@@ -98,6 +98,30 @@ def test_vmap_equals_loop(rng):
         np.testing.assert_allclose(batched.marginal_error[i], single.marginal_error, rtol=1e-4)
 
 
+@pytest.mark.parametrize("problems_at_once", [1, 2, None])
+def test_stack_equals_single_problems(rng, problems_at_once):
+    stack = np.stack([random_cosine_scores(rng, 24, 8) for _ in range(5)])
+    batched = sinkhorn.multi_sinkhorn(stack, **{**PAPER_SK, "problems_at_once": problems_at_once}, last_rows=6)
+    assert batched.target.shape == (5, 6, 8) and batched.iterations.shape == (5,)
+    for i in range(5):
+        single = sinkhorn.multi_sinkhorn(stack[i], **PAPER_SK)
+        np.testing.assert_allclose(batched.target[i], single.target[-6:], atol=1e-6)
+        np.testing.assert_allclose(batched.marginal_error[i], single.marginal_error, rtol=1e-4)
+
+
+def test_domains_agree_and_a_wide_spread_falls_back_to_the_log_domain(rng):
+    scores = random_cosine_scores(rng, 30, 8)
+    linear = sinkhorn.multi_sinkhorn(scores, **PAPER_SK, domain="linear").target
+    log = sinkhorn.multi_sinkhorn(scores, **PAPER_SK, domain="log").target
+    np.testing.assert_allclose(linear, log, atol=1e-5)
+    # At eps = 1e-3 the logits span ~10^3: the linear domain would underflow, "auto" does not.
+    settings = dict(eps=1e-3, num_iters=20, required_fraction=0.5)
+    auto = sinkhorn.multi_sinkhorn(scores, **settings).target
+    np.testing.assert_allclose(auto, sinkhorn.multi_sinkhorn(scores, **settings, domain="log").target, atol=1e-6)
+    forced_linear = np.asarray(sinkhorn.multi_sinkhorn(scores, **settings, domain="linear").target)
+    assert not np.allclose(forced_linear, auto, atol=1e-3)  # NaN or wrong: why "auto" switches
+
+
 def test_jit_equals_eager(rng):
     scores = random_cosine_scores(rng, 24, 8)
     solve = functools.partial(sinkhorn.multi_sinkhorn, eps=0.07, num_iters=20, required_fraction=0.5)
@@ -125,10 +149,15 @@ def test_no_gradient_flows(rng):
 @pytest.mark.parametrize("shape,kwargs,message", [
     ((10, 8), dict(required_fraction=0.1), "R must be in"),
     ((10, 8), dict(required_fraction=1.5), "R must be in"),
-    ((0, 8), {}, "at least one sample"),
+    ((0, 8), {}, "at least one problem, sample and anchor"),
+    ((0, 10, 8), {}, "at least one problem, sample and anchor"),
     ((10, 8), dict(eps=0.0), "eps must be > 0"),
     ((10, 8), dict(eps=-1.0), "eps must be > 0"),
-    ((10, 8, 1), {}, "must be"),
+    ((2, 10, 8, 1), {}, "must be"),
+    ((3, 10, 8), dict(problems_at_once=0), "problems_at_once must be >= 1"),
+    ((10, 8), dict(last_rows=11), "last_rows must be in"),
+    ((10, 8), dict(domain="exact"), "domain must be one of"),
+    ((10, 8), dict(backend="gpu"), "backend must be one of"),
 ])
 def test_invalid_settings_raise(shape, kwargs, message):
     with pytest.raises(ValueError, match=message):

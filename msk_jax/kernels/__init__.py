@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use and registered as XLA custom calls.
 
-`multisk_cpu.cc` holds the Multi-SK linear-domain iterations as one fused pass per iteration
-(see :func:`msk_jax.sinkhorn._solve_linear`, whose pure-JAX loop stays the path on GPU/TPU and
-wherever the kernel is unavailable). It is built with the system C++ compiler (``$CXX`` or
+`multisk_cpu.cc` holds the Multi-SK linear-domain iterations as one fused pass per iteration, on
+XLA's CPU thread pool. It is a backend of :func:`msk_jax.sinkhorn.multi_sinkhorn` (chosen there in
+one place); the pure-JAX loop stays the path on GPU/TPU and wherever the kernel is unavailable. It is built with the system C++ compiler (``$CXX`` or
 ``g++``/``c++``) against the XLA FFI headers that ship with jaxlib, into
 :func:`msk_jax.environment.cache_dir` (``$MSK_JAX_CACHE_DIR``, default ``~/.cache/msk_jax``), keyed by a hash of the source, the
 compiler flags, the jaxlib version and the CPU, so a rebuild happens only when one of them
@@ -104,16 +104,3 @@ def multisk_available() -> bool:
         log.warning("msk_jax: the native Multi-SK kernel is unavailable (%s); using the pure-JAX loop.", error)
         return False
     return True
-
-
-def threads() -> int:
-    """Threads the Multi-SK kernel may use: ``MSK_JAX_SK_THREADS``, else the CPUs this process may
-    run on (at most 16)."""
-    value = os.environ.get("MSK_JAX_SK_THREADS")
-    if value:
-        return max(1, int(value))
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(16, available))
