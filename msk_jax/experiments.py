@@ -345,6 +345,9 @@ def plot_field(grid: Mapping[str, Sequence]) -> str | None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter (checkpoint restores) off the terminal
     try:
         grid = parse_grid(FLAGS.grid)
         field = FLAGS.plot_field or plot_field(grid)
