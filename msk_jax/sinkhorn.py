@@ -443,13 +443,19 @@ def _native_backend(num_rows: int, s: _Settings) -> bool:
 
 
 def _solve(scores, s: _Settings, domain: str):
-    """One (N, K) problem in the given domain ("linear" or "log"): the group matrices after the
-    final renormalisation -- (G, N, K) if s.all_groups, else (1, N, K) for the required slots;
-    the last `last_rows` rows only if set -- the iteration count and the marginal error."""
+    """One (N, K) problem in the given domain ("linear" or "log"): its output -- the (N, K)
+    target (the last `last_rows` rows only if set), or the (K, N, K) assignment tensor if
+    s.all_groups -- the iteration count and the marginal error."""
     args = (s.eps, s.num_iters, s.num_required, s.tol, s.all_groups, s.last_rows)
     if domain == "log":
-        return _solve_log(scores, *args)
-    return _solve_linear(scores, *args, native=_native_backend(scores.shape[0], s))
+        finals, iters, error = _solve_log(scores, *args)
+    else:
+        finals, iters, error = _solve_linear(scores, *args, native=_native_backend(scores.shape[0], s))
+    if s.all_groups:  # the group matrices broadcast to their slots
+        groups = slot_groups(scores.shape[-1], s.num_required)
+        return finals[np.repeat(np.arange(len(groups)), [g.count for g in groups])], iters, error
+    # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
+    return minmax_normalize_rows(s.num_required * finals[-1]), iters, error
 
 
 def _solve_group(group, s: _Settings):
@@ -466,7 +472,7 @@ def _solve_group(group, s: _Settings):
 
 
 def _solve_stack(stack, s: _Settings, problems_at_once: int | None):
-    """A (P, N, K) stack, `problems_at_once` problems at a time (``lax.map`` over the groups, a
+    """:func:`_solve` for a (P, N, K) stack, `problems_at_once` problems at a time (``lax.map`` over the groups, a
     smaller last group for the rest; None: all at once), holding one group's working memory."""
     problems = stack.shape[0]
     size = problems if problems_at_once is None else min(problems_at_once, problems)
@@ -495,15 +501,8 @@ def minmax_normalize_rows(x: jax.Array) -> jax.Array:
 def _run(stack, s: _Settings, problems_at_once: int | None):
     """The jitted solve of a (P, N, K) stack: (MultiSKResult with a leading P, or the (P, K, N, K)
     assignment tensors if s.all_groups; whether the scores held NaN)."""
-    finals, iters, error = _solve_stack(jnp.asarray(stack, jnp.float32), s, problems_at_once)
-    if s.all_groups:
-        groups = slot_groups(stack.shape[-1], s.num_required)
-        slot_to_group = np.repeat(np.arange(len(groups)), [g.count for g in groups])
-        out = finals[:, slot_to_group]
-    else:
-        # Each required slot's row sums to 1 after the final renormalisation; their sum is R * A.
-        out = MultiSKResult(minmax_normalize_rows(s.num_required * finals[:, -1]), iters, error)
-    return out, jnp.isnan(stack).any()
+    out, iters, error = _solve_stack(jnp.asarray(stack, jnp.float32), s, problems_at_once)
+    return (out if s.all_groups else MultiSKResult(out, iters, error)), jnp.isnan(stack).any()
 
 
 def _solve_batched(stack, s: _Settings, problems_at_once: int | None):
