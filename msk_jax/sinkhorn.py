@@ -437,7 +437,8 @@ def _native_backend(num_rows: int, s: _Settings) -> bool:
                              "use backend='auto' or 'jax' with tol or for the assignment tensor.")
         if not kernels.multisk_available():
             raise ValueError("Multi-SK: backend='native' needs the native CPU kernel, which is not "
-                             "available here (see the warning above, or MSK_JAX_NATIVE).")
+                             "available here (MSK_JAX_NATIVE=0, no C++ compiler, a failed build "
+                             "(logged), or not a CPU backend).")
         return True
     return eligible and num_rows >= NATIVE_MIN_ROWS and kernels.multisk_available()
 
@@ -472,8 +473,9 @@ def _solve_group(group, s: _Settings):
 
 
 def _solve_stack(stack, s: _Settings, problems_at_once: int | None):
-    """:func:`_solve` for a (P, N, K) stack, `problems_at_once` problems at a time (``lax.map`` over the groups, a
-    smaller last group for the rest; None: all at once), holding one group's working memory."""
+    """:func:`_solve` for a (P, N, K) stack, `problems_at_once` problems at a time (``lax.map``
+    over the groups, a smaller last group for the rest; None: all at once), holding one group's
+    working memory."""
     problems = stack.shape[0]
     size = problems if problems_at_once is None else min(problems_at_once, problems)
     whole = problems - problems % size
