@@ -60,11 +60,13 @@ def _measure(model, objective: ObjectiveConfig, params, batch_stats, queues, bat
     def terms(p):
         outputs, _ = model.apply({"params": p, "batch_stats": batch_stats}, batch, train=True, mutable=["batch_stats"])
         _, metrics, _ = multisk_loss(outputs, p, queues, objective)
-        return metrics["contrastive"], metrics["consistency"], outputs
+        return (metrics["contrastive"], metrics["consistency"]), outputs
 
-    contrastive = jax.grad(lambda q: terms(q)[0])(params)
-    consistency = jax.grad(lambda q: terms(q)[1])(params)
-    _, _, outputs = terms(params)
+    # One forward pass, and one backward pass per loss term.
+    losses, pullback, outputs = jax.vjp(terms, params, has_aux=True)
+    one, zero = (jnp.ones_like(losses[0]), jnp.zeros_like(losses[0]))
+    (contrastive,) = pullback((one, zero))
+    (consistency,) = pullback((zero, one))
     targets, _ = multisk_targets(outputs, params, queues, objective)
     entropy, strong, unfit = [], [], []
     for target in targets.values():
