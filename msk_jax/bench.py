@@ -169,7 +169,7 @@ def run_sk(n: int, k: int, problems: int, *, eps: float, num_iters: int, require
     state_bytes.update({name: state_bytes["sk"] for name in steps if name.startswith("at_once_")})
     results: dict = {
         "shape": dict(n=n, k=k, problems=problems, num_required=num_required, **settings,
-                      problems_at_once=problems_at_once),
+                      problems_at_once=problems_at_once, at_once_sweep=list(at_once_sweep)),
         "repeats": repeats, "machine": _machine(),
         "copy_gbps": copy_bytes_per_second / 1e9,
         "max_abs_diff_vs_sk": max_diff,
@@ -208,10 +208,7 @@ def format_sk(results: dict) -> str:
     at_once = shape.get("problems_at_once")
     rows = [("sk", f"Multi-SK solver; step returns last {results['batch_rows']} rows"),
             ("sk_full", "  same, step returns all rows' targets")]
-    rows += [(name, f"  same, {name.split('_')[-1]} problems at once")
-             for name in sorted((key[:-len("_seconds_per_step")] for key in results
-                                 if key.startswith("at_once_") and key.endswith("_seconds_per_step")),
-                                key=lambda name: int(name.split("_")[-1]))]
+    rows += [(f"at_once_{group}", f"  same, {group} problems at once") for group in shape.get("at_once_sweep", ())]
     rows += [("jax_linear", "linear domain as a JAX loop (GPU/TPU path)"),
             ("baseline", "log-domain solver (first version), vmap"),
             ("dense", "dense K x N x K, float32")]

@@ -372,7 +372,8 @@ def _linear_loop(state, iteration, marginal_error, num_iters, tol):
 
 
 _ROW_BLOCK = 16
-"""Rows per block of the native kernel's working layout, (ceil(N / 16), K, 16)."""
+"""The native kernel's working matrices are allocated as (ceil(N / 16), K, 16): room for its
+blocks of 16 rows (with AVX-512) or of 8 (without)."""
 
 
 def _native_solve(scores, c, shifts, *, weight_b, inv_eps, gap, count_b, count_o, num_iters,

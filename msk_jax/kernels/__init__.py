@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use and registered as XLA custom calls.
 
 `multisk_cpu.cc` holds the Multi-SK linear-domain iterations as one fused pass per iteration, on
-XLA's CPU thread pool. It is a backend of :func:`msk_jax.sinkhorn.multi_sinkhorn` (chosen there in
-one place); the pure-JAX loop stays the path on GPU/TPU and wherever the kernel is unavailable. It is built with the system C++ compiler (``$CXX`` or
+XLA's CPU thread pool. It is a backend of :func:`msk_jax.sinkhorn.multi_sinkhorn` (chosen there
+in one place); the pure-JAX loop stays the path on GPU/TPU and wherever the kernel is
+unavailable. It is built with the system C++ compiler (``$CXX`` or
 ``g++``/``c++``) against the XLA FFI headers that ship with jaxlib, into
 :func:`msk_jax.environment.cache_dir` (``$MSK_JAX_CACHE_DIR``, default ``~/.cache/msk_jax``), keyed by a hash of the source, the
 compiler flags, the jaxlib version and the CPU, so a rebuild happens only when one of them

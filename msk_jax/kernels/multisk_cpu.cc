@@ -53,7 +53,7 @@ constexpr int kLanes = 16;
 #else
 constexpr int kLanes = 8;
 #endif
-constexpr int64_t kFlushBlocks = 256 / kLanes;  // column sums go from float to double every 256 rows
+constexpr int64_t kChunkBlocks = 256 / kLanes;  // blocks per chunk (256 rows): a thread's unit of work
 
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -108,7 +108,7 @@ struct Settings {
   float weight_b, inv_eps, gap;
 };
 
-// One problem's state. Its rows are cut into chunks of kFlushBlocks blocks (256 rows), the unit
+// One problem's state. Its rows are cut into chunks of kChunkBlocks blocks (256 rows), the unit
 // of work of a thread; every sum over rows is kept per block or per chunk and added up in row
 // order, so the results do not depend on how many threads ran or which chunk each took.
 struct Problem {
@@ -149,36 +149,29 @@ struct Problem {
   }
 };
 
-// Column sums of one thread: float lanes per anchor, moved into double every kFlushBlocks.
+// Column sums of one chunk: float lanes per anchor, added up in double at the end of the chunk.
 class ColumnSums {
  public:
   explicit ColumnSums(int64_t k) : k_(k), lanes_b_(k), lanes_o_(k) {}
+  // Before a chunk: where its sums go, and cleared accumulators.
   void Start(double* out_b, double* out_o) {
     out_b_ = out_b;
     out_o_ = out_o;
-    std::fill(out_b_, out_b_ + k_, 0.0);
-    std::fill(out_o_, out_o_ + k_, 0.0);
-    Clear();
+    std::fill(lanes_b_.begin(), lanes_b_.end(), Lanes{});
+    std::fill(lanes_o_.begin(), lanes_o_.end(), Lanes{});
   }
   Lanes& b(int64_t j) { return lanes_b_[j]; }
   Lanes& o(int64_t j) { return lanes_o_[j]; }
-  // After each block: flush every kFlushBlocks blocks (and at the end, with last = true).
-  void BlockDone(bool last) {
-    if (++pending_ < kFlushBlocks && !last) return;
+  // After the chunk: its column sums, the lanes added in double.
+  void Finish() {
     for (int64_t j = 0; j < k_; ++j) {
-      out_b_[j] += LaneSum(lanes_b_[j]);
-      out_o_[j] += LaneSum(lanes_o_[j]);
+      out_b_[j] = LaneSum(lanes_b_[j]);
+      out_o_[j] = LaneSum(lanes_o_[j]);
     }
-    Clear();
   }
 
  private:
-  void Clear() {
-    std::fill(lanes_b_.begin(), lanes_b_.end(), Lanes{});
-    std::fill(lanes_o_.begin(), lanes_o_.end(), Lanes{});
-    pending_ = 0;
-  }
-  int64_t k_, pending_ = 0;
+  int64_t k_;
   std::vector<Lanes> lanes_b_, lanes_o_;
   double *out_b_ = nullptr, *out_o_ = nullptr;
 };
@@ -288,7 +281,6 @@ void InitialChunk(Problem& p, const Settings& s, int64_t begin, int64_t end, Scr
       w.cols.b(j) += p.r_b0 * Load(xb + j * kLanes);
       if (s.two_groups) w.cols.o(j) += p.r_o0 * (Load(xb + j * kLanes) * Load(kb + j * kLanes));
     }
-    w.cols.BlockDone(b + 1 == end);
   }
 }
 
@@ -304,7 +296,6 @@ void IterationChunk(Problem& p, const Settings& s, int64_t begin, int64_t end, S
       IterateBlock<KC, false>(p.x + b * block_size, nullptr, p.alpha_b.data(), nullptr, nullptr, p,
                               b * kLanes, s, w.cols);
     }
-    w.cols.BlockDone(b + 1 == end);
   }
 }
 
@@ -359,7 +350,7 @@ void FinalChunk(Problem& p, const Settings& s, int64_t chunk, int64_t begin, int
 // finishes whatever number of pool threads join, none included.
 struct Job {
   Job(const Settings& settings, int64_t problems)
-      : s(settings), chunks((settings.blocks + kFlushBlocks - 1) / kFlushBlocks),
+      : s(settings), chunks((settings.blocks + kChunkBlocks - 1) / kChunkBlocks),
         items(problems * chunks), passes(settings.num_iters + 3) {
     pool.reserve(problems);
     for (int64_t q = 0; q < problems; ++q) pool.emplace_back(std::make_unique<Problem>(s, chunks));
@@ -394,14 +385,18 @@ struct Job {
   }
 
   void RunChunk(Problem& p, int64_t pass, int64_t chunk, Scratch& w) {
-    const int64_t begin = chunk * kFlushBlocks, end = std::min(s.blocks, begin + kFlushBlocks);
+    const int64_t begin = chunk * kChunkBlocks, end = std::min(s.blocks, begin + kChunkBlocks);
     if (pass == 0) return ExponentialsChunk(p, s, begin, end, w);
     if (pass == passes - 1) return FinalChunk(p, s, chunk, begin, end);
     w.cols.Start(p.Partial(chunk, 0, s.k), p.Partial(chunk, 1, s.k));
-    if (pass == 1) return InitialChunk(p, s, begin, end, w);
-    // The paper's anchor count (64) gets a build with the anchor loop unrolled.
-    if (s.k == 64) return IterationChunk<64>(p, s, begin, end, w);
-    IterationChunk<0>(p, s, begin, end, w);
+    if (pass == 1) {
+      InitialChunk(p, s, begin, end, w);
+    } else if (s.k == 64) {  // the paper's anchor count: a build with the anchor loop unrolled
+      IterationChunk<64>(p, s, begin, end, w);
+    } else {
+      IterationChunk<0>(p, s, begin, end, w);
+    }
+    w.cols.Finish();
   }
 
   // After the problem's chunks of a pass: the sums over rows, and the scalings of the next pass.
