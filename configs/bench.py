@@ -1,57 +1,8 @@
-"""The benchmarks' shapes (BENCH.md), one section per `python -m msk_jax.bench` command.
+"""The documented path of msk_jax's `bench` configuration (`--config=configs/bench.py[:variant]`).
 
-    python -m msk_jax.bench step                                   # configs/bench.py:cpu_bench
-    python -m msk_jax.bench step --config=configs/bench.py:cpu_bench --config.step.repeats=7
-    python -m msk_jax.bench sk --config.sk.n=4000 --json=OUT
-
-`model` is the cpu-bench model: the paper's input widths and anchor count with narrower layers,
-so that one train step runs on a CPU (BENCH.md "cpu-bench"). The objective (Multi-SK settings
-included) and the clip settings are the paper's, read from configs/howto.py. `plan` compiles the
-configs/howto.py step itself (its `howto` field names a variant).
+The definitions live in `msk_jax/configs/bench.py`, installed with the package; this file loads them,
+so the path works from the repository root (the package installed, or run from there).
 """
 
-import importlib.util
-import os
-
-import ml_collections
-
-
-def _howto():
-    """configs/howto.py, the one place of the paper's numbers."""
-    spec = importlib.util.spec_from_file_location("howto", os.path.join(os.path.dirname(__file__), "howto.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if (arg or "cpu_bench") != "cpu_bench":
-        raise ValueError(f"configs/bench.py: unknown variant '{arg}'; use cpu_bench.")
-    config = ml_collections.ConfigDict()
-    paper = _howto().get_config()
-    config.objective = paper.objective   # queue_len is each benchmark's own (below)
-    config.data = paper.data             # the clips: 10 per video, 8 s, ...
-
-    config.model = ml_collections.ConfigDict(dict(
-        video_dim=4096, text_dim=300, audio_feat_dim=40, davenet_layers=(2, 2, 1, 1, 1, 1),
-        davenet_widths=(32, 32, 64, 128, 256, 512, 1024), davenet_kernel=9, embed_dim=512, num_heads=8,
-        mlp_ratio=1.0, depth=1, projection_dim=768, num_anchors=64, dtype="float32"))
-
-    # sk: the 12 Multi-SK problems of a paper step ("sk-prod": queue 7,500 + batch 160 rows).
-    # (eps, iterations, R and problems_at_once: config.objective.sinkhorn; at_once_sweep: the
-    # other numbers of problems solved together, timed beside it.)
-    config.sk = ml_collections.ConfigDict(dict(n=7660, k=64, problems=12, repeats=5, baseline=True, dense=True,
-                                               at_once_sweep=(1, 3, 4, 6, 12)))
-    # step: the cpu-bench train step.
-    config.step = ml_collections.ConfigDict(dict(clips=64, queue_len=512, repeats=5))
-    # loop: the train loop around that step against the bare jitted step.
-    config.loop = ml_collections.ConfigDict(dict(clips=64, queue_len=512, steps=10, repeats=3))
-    # pipeline: sizes "demo" (the demo corpus) or "howto100m" (a synthetic corpus at HowTo100M's
-    # per-video sizes); batches 0: 30 (demo) or 12 (howto100m); grain: also time grain's workers.
-    config.pipeline = ml_collections.ConfigDict(dict(sizes="demo", corpus_dir="", size="default", videos=300,
-                                                     dtype="float32", batches=0, grain=False))
-    # plan: the configs/howto.py step compiled ahead of time per accelerator and mesh;
-    # store_videos_per_core 0: not given (bench pipeline --sizes=howto100m measures it).
-    config.plan = ml_collections.ConfigDict(dict(targets="v4-8,v5e-16,8xH100", meshes="data,fsdp,fsdp_model2",
-                                                 howto="", store_videos_per_core=0.0))
-    return config
+from msk_jax.configs.bench import *  # noqa: F401,F403
+from msk_jax.configs.bench import get_config  # noqa: F401

@@ -1,10 +1,13 @@
 """msk_jax: Multi-SK ("Preserving Modality Structure Improves Multi-Modal Learning") in JAX.
 
-Modules, named after the paper's parts:
-  sinkhorn   -- the Multi-Assignment Sinkhorn-Knopp solver (targets for anchor consistency).
-  loss       -- the objective: consistency cost, NormSoftmax contrastive loss, their sum.
-  retrieval  -- zero-shot retrieval metrics (R@k, MedR, MeanR).
-  parity     -- checks msk_jax against the original implementation's golden numbers.
+The method, named after the paper's parts (ARCHITECTURE.md has every module):
+  sinkhorn    -- the Multi-Assignment Sinkhorn-Knopp solver (targets for anchor consistency).
+  model       -- the per-modality model with its anchors; loss -- the objective (consistency
+                 cost, NormSoftmax contrastive loss, their sum); train_step, train -- training.
+  evaluation  -- zero-shot retrieval (retrieval: R@k, MedR, MeanR); data -- the data readers.
+  configs     -- the paper's configuration and its variants.
+The tools around it: bench (benchmarks), experiments (the ablation runner and its analyses),
+parity (checks msk_jax against the original implementation's golden numbers).
 """
 
 __version__ = "0.1.0"

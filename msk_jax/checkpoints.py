@@ -1,7 +1,7 @@
 """Checkpoints of the whole training state, with Orbax, on disk or in a bucket.
 
 A checkpoint holds the arrays of the train state (parameters, optimiser state, BatchNorm
-statistics, EMA parameters, feature queues and their fill, step, RNG) and a JSON item with the
+statistics, EMA parameters, feature queues and their fill, step) and a JSON item with the
 input pipeline position and the configuration. Orbax writes each checkpoint to a temporary
 folder and renames it when complete (in a bucket: marks it complete), so a crash mid-save never
 leaves a half checkpoint that would be restored; the last `keep` checkpoints are kept. On
@@ -15,6 +15,8 @@ and the next older one is used.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -34,7 +36,7 @@ from msk_jax.train_step import TrainState
 # how fast it is read. Every other field changes the state's shapes or meaning.
 RESUMABLE_CHANGES = (
     "variant", "num_train_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "eval_every_steps", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
+    "keep_checkpoints", "eval_every_steps", "profile_steps", "profile_first_step", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
     "model.dtype", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
     "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
     "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
@@ -61,8 +63,11 @@ class IncompatibleCheckpointError(CheckpointError):
 def state_arrays(state: TrainState) -> dict[str, Any]:
     """The parts of a TrainState that are saved (its static fields are rebuilt from the config)."""
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "queues": state.queues, "ema_params": state.ema_params,
-            "rng": state.rng}
+            "opt_state": state.opt_state, "queues": state.queues, "ema_params": state.ema_params}
+
+
+# Saved by earlier versions and never used: read (and dropped) when present, never compared.
+LEGACY_ITEMS = ("rng",)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -108,25 +113,11 @@ def shape_differences(stored: Any, template: Any) -> list[str]:
     return lines
 
 
-def _file_in_traceback(err: BaseException, folder: str) -> str | None:
-    """The innermost path under `folder` that the failing code held (the file it was reading),
-    for errors whose message names none (e.g. a JSON decode error of a truncated metadata file)."""
-    found = None
-    tb = err.__traceback__
-    while tb is not None:
-        for value in tb.tb_frame.f_locals.values():
-            if isinstance(value, (str, os.PathLike)):
-                text = os.fspath(value)
-                if isinstance(text, str) and text.startswith(folder + "/") and not text.endswith("/"):
-                    found = text
-        tb = tb.tb_next
-    return found
-
-
-def _describe_failure(err: BaseException, folder: str) -> str:
-    """What could not be read: the deepest cause of an Orbax/TensorStore error, which names the
-    array and the file (e.g. 'Error reading "params.x/0.0" in OCDBT database at local file
-    ".../checkpoints/8/state/": ...'), or the file being read and the first line of the error."""
+def _describe_failure(err: BaseException, what: str) -> str:
+    """What could not be read: the deepest cause of an Orbax/TensorStore error when it names the
+    file (e.g. 'Error reading "params.x/0.0" in OCDBT database at local file
+    ".../checkpoints/8/state/": ...'), else `what` (the item being read, e.g. the step's `meta`
+    folder) with the error's type and first line (e.g. a JSON decode error of a truncated file)."""
     causes = [err]
     while causes[-1].__cause__ is not None and len(causes) < 10:
         causes.append(causes[-1].__cause__)
@@ -134,11 +125,10 @@ def _describe_failure(err: BaseException, folder: str) -> str:
         text = str(cause).strip()
         if text:
             first = text.splitlines()[0][:400]
-            if folder in first:
+            if os.path.dirname(what) in first:  # names a file of the step
                 return first
-            where = next(filter(None, (_file_in_traceback(c, folder) for c in reversed(causes))), folder)
-            return f"{where}: {type(cause).__name__}: {first}"
-    return f"{folder}: {type(err).__name__}"
+            return f"{what}: {type(cause).__name__}: {first}"
+    return f"{what}: {type(err).__name__}"
 
 
 def _warn(message: str) -> None:
@@ -154,26 +144,39 @@ class _QuietFailedReads(logging.Filter):
         return not ("never retrieved" in message and ("reading array index" in message or "orbax" in message))
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """Within one restore: drops the echoes of a failed read. When one array of a checkpoint
+    cannot be read, Orbax's other pending reads finish on a closed event loop and each reports
+    it (to `sys.unraisablehook` and the `asyncio` logger) when collected. The failure itself is
+    reported once, by `restore_latest`. The previous hook and the logger are restored on exit,
+    after a garbage collection that lets those echoes happen inside."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        if "_read_array_index_and_device_put" in repr(unraisable.object):
+            return
+        previous(unraisable)
+
+    quiet = _QuietFailedReads()
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(quiet)
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+        logging.getLogger("asyncio").removeFilter(quiet)
+
+
 class Checkpointer:
     """Periodic and final checkpoints in `<workdir>/checkpoints` (a local folder or a URL)."""
 
     def __init__(self, workdir: str, keep: int = 3):
         self.directory = storage.join(workdir, "checkpoints")
         self.manager = open_manager(self.directory, max_to_keep=keep, create=True)
-        self._previous_hook = sys.unraisablehook
-        sys.unraisablehook = self._quiet_failed_reads
-        self._asyncio_filter = _QuietFailedReads()
-        logging.getLogger("asyncio").addFilter(self._asyncio_filter)
-
-    def _quiet_failed_reads(self, unraisable) -> None:
-        """Drops the echoes of a failed read: when one array of a checkpoint cannot be read,
-        Orbax's other pending reads finish on a closed event loop and each reports it. The
-        failure itself is reported once, by `restore_latest`."""
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-            return
-        if "_read_array_index_and_device_put" in repr(unraisable.object):
-            return
-        self._previous_hook(unraisable)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -196,9 +199,23 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_arrays(template))
+        stored = self._stored_tree(step) or {}
+        for name in LEGACY_ITEMS:
+            if name in stored:
+                abstract[name] = jax.ShapeDtypeStruct(stored[name].shape, stored[name].dtype,
+                                                      sharding=template.step.sharding)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return template.replace(**restored["state"]), dict(restored["meta"])
+        arrays = {k: v for k, v in restored["state"].items() if k not in LEGACY_ITEMS}
+        return template.replace(**arrays), dict(restored["meta"])
+
+    def _stored_tree(self, step: int) -> dict | None:
+        """The saved state's array metadata (shapes, dtypes), None when it cannot be read."""
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports it
+            return None
+        return None if metadata is None else getattr(metadata, "tree", metadata)
 
     def restore_latest(self, template: TrainState, config: dict,
                        warn: Callable[[str], None] | None = None) -> tuple[TrainState, dict, int] | None:
@@ -213,13 +230,17 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             folder = storage.join(self.directory, str(step))
+            what = storage.join(folder, "meta")
             try:
-                self._check_compatible(step, self.read_meta(step), config, template)
-                state, meta = self.restore(template, step)
+                with _quiet_failed_reads():
+                    meta = self.read_meta(step)
+                    self._check_compatible(step, meta, config, template)
+                    what = storage.join(folder, "state")
+                    state, meta = self.restore(template, step)
             except IncompatibleCheckpointError:
                 raise
             except Exception as err:  # noqa: BLE001 - any read failure: fall back to an older one
-                failures.append(f"step {step}: {_describe_failure(err, folder)}")
+                failures.append(f"step {step}: {_describe_failure(err, what)}")
                 warn(f"checkpoint {failures[-1]}; trying the previous one.")
                 continue
             if failures:
@@ -253,12 +274,9 @@ class Checkpointer:
         stored = json.loads(stored) if isinstance(stored, str) else stored
         problems = config_differences(stored, config) if stored is not None else []
         if not problems:
-            try:
-                metadata = self.manager.item_metadata(step)["state"]
-            except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports it
-                metadata = None
-            if metadata is not None:
-                tree = getattr(metadata, "tree", metadata)
+            tree = self._stored_tree(step)
+            if tree is not None:
+                tree = {k: v for k, v in dict(tree).items() if k not in LEGACY_ITEMS}
                 problems = shape_differences(tree, state_arrays(template))
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
@@ -274,6 +292,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-        if sys.unraisablehook == self._quiet_failed_reads:
-            sys.unraisablehook = self._previous_hook
-        logging.getLogger("asyncio").removeFilter(self._asyncio_filter)

@@ -213,4 +213,7 @@ if __name__ == "__main__":
     allocator.use_tcmalloc()
     _define_flags()
     flags.mark_flags_as_required(["config"])
+    from msk_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)  # --config=configs/howto.py from any directory
     app.run(main)

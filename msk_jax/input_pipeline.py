@@ -88,7 +88,8 @@ def data_paths(config, training: bool = True) -> DataPaths:
         paths.csv = _require(d.csv, "the HowTo100M csv", "csv")
         paths.caption = _require(d.caption, "caption.pickle", "caption")
         paths.features_2d = _require(d.features_2d, "the 2D feature root", "features_2d")
-        paths.features_3d = _require(d.features_3d or d.features_2d, "the 3D feature root", "features_3d")
+        paths.features_3d = _require(d.features_3d, "the 3D feature root (the folder of the <id>_3d.npz "
+                                     "files; the same as features_2d if both kinds are there)", "features_3d")
         paths.audio = _require(d.audio, "the log-mel root", "audio")
     return paths
 

@@ -16,7 +16,8 @@ from ml_collections import config_flags
 from msk_jax import allocator
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file (a configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration file: configs/howto.py[:variant] (the "
+                                "packaged one when no such file is here) or your own.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go (resumes if present).")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Cloud TPU pods, SLURM, or the "
                   "--coordinator/--num_processes/--process_id flags).")
@@ -55,4 +56,7 @@ def main(argv):
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()
+    from msk_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)  # --config=configs/howto.py from any directory
     app.run(main)

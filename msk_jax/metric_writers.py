@@ -1,4 +1,5 @@
-"""Metric writers: TensorBoard event files, a JSON-lines log and the terminal; progress reports.
+"""Metric writers: TensorBoard event files, a JSON-lines log and the terminal; progress reports
+and profiles of a few steps.
 
 (clu's writers need TensorFlow; these write TensorBoard event records with the `tensorboard`
 package.) Files go to a local folder or a bucket (`msk_jax.storage`). Only process 0 writes
@@ -125,7 +126,10 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class ReportProgress:
-    """Steps per second and ETA, reported every `every_steps` steps."""
+    """Steps per second and ETA, reported every `every_steps` steps.
+
+    (What `clu.periodic_actions.ReportProgress` reports; clu's cannot be used without TensorFlow:
+    `clu.periodic_actions` imports `clu.metric_writers`, which imports TensorFlow, in clu 0.0.12.)"""
 
     def __init__(self, num_train_steps: int, every_steps: int = 10):
         self.num_train_steps, self.every_steps = num_train_steps, every_steps
@@ -142,3 +146,32 @@ class ReportProgress:
         self._last_step, self._last_time = step, now
         remaining = max(self.num_train_steps - step, 0)
         return {"steps_per_sec": rate, "eta_minutes": remaining / rate / 60 if rate > 0 else math.inf}
+
+
+class Profile:
+    """A `jax.profiler` trace of `num_steps` steps from step `first_step`, written to `logdir`
+    (`<workdir>/tensorboard`: TensorBoard's profile tab reads `plugins/profile/<run>/` there).
+    Call once per step, after the step; `close()` ends a trace the run stopped in.
+
+    (What `clu.periodic_actions.Profile` does, without clu's TensorFlow import, see ReportProgress.)"""
+
+    def __init__(self, logdir: str, first_step: int, num_steps: int):
+        self.logdir, self.first_step, self.num_steps = logdir, first_step, num_steps
+        self.running = False
+        self.written: str | None = None
+
+    def __call__(self, step: int) -> None:
+        import jax
+
+        if not self.running and self.written is None and step >= self.first_step:
+            jax.profiler.start_trace(self.logdir)
+            self.running, self._stop_at = True, step + self.num_steps
+        elif self.running and step >= self._stop_at:
+            self.close()
+
+    def close(self) -> None:
+        import jax
+
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running, self.written = False, self.logdir

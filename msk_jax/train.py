@@ -241,6 +241,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return results
 
     progress = metric_writers.ReportProgress(num_steps, every_steps=config.log_every_steps)
+    profile = (metric_writers.Profile(storage.join(workdir, "tensorboard"), config.profile_first_step,
+                                      config.profile_steps) if config.profile_steps > 0 and is_main else None)
     preemption = Preemption()
     batches = DeviceBatches(pipeline, batch_sharding, ahead=max(1, config.data.prefetch))
     metric_shapes = jax.eval_shape(step_fn, state, sample_batch(config, words.dim))[1]
@@ -257,13 +259,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             step, input_position = step + 1, position
             if step < num_steps:
                 batches.fill()  # the next batches, read and transferred during this step
-            if step % config.log_every_steps == 0 or step == num_steps:
+            log_step = step % config.log_every_steps == 0 or step == num_steps
+            if log_step:
                 scalars = step_metrics.read()  # waits for this step; raises on a non-finite value
                 scalars["learning_rate"] = float(schedule(step - 1))
                 scalars["epoch"] = (step - 1) // steps_per_epoch
                 scalars.update(progress(step) or {})
                 writer.write_scalars(step, scalars)
                 writer.flush()
+            if profile is not None:
+                profile(step)
             preempted = preemption.reached(step)  # every step, on every process
             if step % config.checkpoint_every_steps == 0 or preempted:
                 save(force=preempted)
@@ -280,6 +285,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpointer.wait()
         results = run_eval(step)
     finally:
+        if profile is not None:  # a profile the run stopped in is written now
+            profile.close()
         preemption.restore()
         writer.flush()
         if is_main:

@@ -28,7 +28,6 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     queues: FeatureQueues | None
     ema_params: Any = None
-    rng: jax.Array | None = None
     model: nn.Module = struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
     objective: ObjectiveConfig = struct.field(pytree_node=False, default=None)
@@ -60,7 +59,7 @@ def create_train_state(rng: jax.Array, model: nn.Module, objective: ObjectiveCon
     `queues` override the fresh initialisation. With `ema_decay`, an EMA of the parameters
     (decay 0.9999 in the paper) is kept in `ema_params`.
     """
-    init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+    init_rng, queue_rng, _ = jax.random.split(rng, 3)  # three keys: the initial values of earlier versions
     if variables is None:
         variables = model.init(init_rng, sample_batch, train=False)
     params = variables["params"]
@@ -69,7 +68,7 @@ def create_train_state(rng: jax.Array, model: nn.Module, objective: ObjectiveCon
     ema_params = jax.tree_util.tree_map(jnp.array, params) if ema_decay is not None else None
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      queues=queues, ema_params=ema_params, rng=state_rng, model=model, tx=tx,
+                      queues=queues, ema_params=ema_params, model=model, tx=tx,
                       objective=objective, ema_decay=ema_decay)
 
 

@@ -1,10 +1,17 @@
-"""Shared test fixtures: the golden folder, a float64 dense Multi-SK written from the spec, the
-tiny demo corpus and its uninterrupted training run, and a Cloud Storage bucket on localhost."""
+"""Shared test fixtures: the golden folder, the tiny demo corpus and its uninterrupted training
+run, and a Cloud Storage bucket on localhost.
+
+Every JAX of the session, this process's and the processes the tests start (training runs,
+notebook kernels, helpers), compiles with few XLA optimisations (small shapes compile far longer
+than they run) into one persistent compilation cache: `$MSK_JAX_TEST_CACHE` when set (.ci/run
+keeps one beside its virtual environment), else a new folder per session.
+"""
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -12,8 +19,13 @@ import jax
 import numpy as np
 import pytest
 
-# Small shapes compile far longer than they run: trade XLA optimisation for compile time.
+JAX_CACHE = os.environ.get("MSK_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="msk_jax_test_cache_")
+os.environ.update(JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.environ.get("MSK_GOLDEN_DIR", os.path.join(REPO_ROOT, "..", "shared", "golden"))
@@ -68,32 +80,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory):
-    """One persistent compilation cache for the training runs the tests start as processes."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def run_env(**extra) -> dict:
+    """The environment of a process started by a test (the session's, see above), unbuffered."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", **extra)
 
 
-def run_env(jax_cache: str, **extra) -> dict:
-    """The environment of a training process started by a test: few XLA optimisations (small
-    shapes compile far longer than they run) and the shared compilation cache."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_COMPILATION_CACHE_DIR=jax_cache,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
-
-
-UNINTERRUPTED_STEPS = 30
+UNINTERRUPTED_STEPS = 15
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_run(tiny_corpus, jax_cache, tmp_path_factory):
-    """The tiny demo trained for UNINTERRUPTED_STEPS steps in one go (local workdir): the run
-    that interrupted, resumed and bucket runs must reproduce."""
+def uninterrupted_run(tiny_corpus, tmp_path_factory):
+    """The tiny demo trained for UNINTERRUPTED_STEPS steps in one go by `python -m msk_jax.main`
+    (local workdir, checkpoints every 3 steps): the run that interrupted, resumed, bucket and
+    multi-host runs must reproduce."""
     from tests.train_fixtures import main_args
 
     workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-    subprocess.run(main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS), cwd=REPO_ROOT, env=run_env(jax_cache),
+    subprocess.run(main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS), cwd=REPO_ROOT, env=run_env(),
                    check=True, capture_output=True)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The small demo corpus (40 training videos, 100 clips per test set), 32-d video features."""
+    from msk_jax.data.demo_corpus import build_demo_corpus
+
+    root = str(tmp_path_factory.mktemp("small_demo"))
+    build_demo_corpus(root, size="small", feature_dim=32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_corpus, tmp_path_factory):
+    """A narrow model trained in this process on the small corpus until it retrieves far above
+    chance (tests/train_fixtures.py `trained_config`): (config, workdir, final evaluation). The
+    evaluation, conversion and analysis tests read its checkpoints (steps 40 and 80)."""
+    from msk_jax import train
+    from tests.train_fixtures import trained_config
+
+    config = trained_config(small_corpus)
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    return config, workdir, train.train_and_evaluate(config, workdir)
 
 
 BUCKET = "msk-test"

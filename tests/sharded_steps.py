@@ -1,7 +1,7 @@
 """Runs a few train steps of a tiny model on several device meshes and prints the results as JSON.
 
-Used by tests/test_sharding.py in a subprocess started with 8 host devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=8).
+Used by tests/test_sharding.py in a subprocess started with 4 host devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=4).
 """
 
 import json
@@ -15,8 +15,8 @@ from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
 from tests.paper_config import paper_objective
 
-MESHES = {"one_device": [("data", 1)], "data8": [("data", 8)], "data4_model2": [("data", 4), ("model", 2)],
-          "fsdp2_data4": [("data", 4), ("fsdp", 2)]}
+MESHES = {"one_device": [("data", 1)], "data2_model2": [("data", 2), ("model", 2)],
+          "data2_fsdp2": [("data", 2), ("fsdp", 2)]}
 
 
 def run(mesh_axes, steps=3):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msk_jax import anchor_semantics as A
+from msk_jax.experiments import anchor_semantics as A
 
 
 def test_digit_labels_from_captions():

@@ -5,17 +5,19 @@ import json
 import pytest
 
 from msk_jax import bench
+from msk_jax.bench import loop, pipeline, sk, step
+from tests.conftest import REPO_ROOT
 from tests.paper_config import paper_clip_settings, paper_objective
 
 
 def test_run_sk_tiny():
-    results = bench.run_sk(48, 8, 3, eps=0.07, num_iters=3, required_fraction=0.5, problems_at_once=2,
+    results = sk.run_sk(48, 8, 3, eps=0.07, num_iters=3, required_fraction=0.5, problems_at_once=2,
                            at_once_sweep=(1,), repeats=1, batch_rows=16, baseline=False)
     for key in ("sk_seconds_per_problem", "sk_seconds_per_step", "sk_peak_mb", "at_once_1_seconds_per_step",
                 "dense_seconds_per_problem", "copy_gbps", "sk_gbps"):
         assert results[key] > 0, key
     assert results["max_abs_diff_vs_sk"]["dense"] < 1e-4  # the same targets
-    table = bench.format_sk(results)
+    table = sk.format_sk(results)
     assert "Multi-SK solver" in table and "1 problems at once" in table and "2 at once" in table
     json.dumps(results)
 
@@ -33,12 +35,11 @@ def test_commands_take_their_shapes_from_configs_bench():
     assert set(bench.BENCHMARKS) <= set(config) and config.model.num_anchors == config.sk.k == 64
     with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
         bench.run("nope", config)
-    root = os.path.dirname(os.path.dirname(bench.CONFIG))
     env = dict(os.environ, MSK_JAX_TCMALLOC="0")
-    done = subprocess.run([sys.executable, "-m", "msk_jax.bench", "nope"], cwd=root, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "msk_jax.bench", "nope"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True)
     assert done.returncode == 2 and "unknown benchmark 'nope'" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "msk_jax.bench", "sk", "--config.sk.n=not_a_number"], cwd=root,
+    done = subprocess.run([sys.executable, "-m", "msk_jax.bench", "sk", "--config.sk.n=not_a_number"], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "config.sk.n" in done.stderr
 
@@ -49,22 +50,22 @@ def test_step_and_pipeline_benchmarks_report_their_figures(tiny_corpus):
     from msk_jax.model import MultiSKModel
 
     model = MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300))
-    step = bench.run_step(model, paper_objective(), clips=8, queue_len=16, repeats=1)
-    assert step["step_seconds"] > 0 and step["clips_per_second"] == 8 / step["step_seconds"]
-    assert 0 < step["matmul_peak_flops_per_second"] and step["step_flops"] > step["step_without_multisk_flops"]
-    pipeline = bench.run_pipeline(paper_clip_settings(), tiny_corpus, size="tiny", videos_per_batch=2, batches=2,
+    s = step.run_step(model, paper_objective(), clips=8, queue_len=16, repeats=1)
+    assert s["step_seconds"] > 0 and s["clips_per_second"] == 8 / s["step_seconds"]
+    assert 0 < s["matmul_peak_flops_per_second"] and s["step_flops"] > s["step_without_multisk_flops"]
+    p = pipeline.run_pipeline(paper_clip_settings(), tiny_corpus, size="tiny", videos_per_batch=2, batches=2,
                                   workers=(1,), feature_dim=16)
-    assert pipeline["clips_per_second"] > 0 and pipeline["clips_per_batch"] == 20
+    assert p["clips_per_second"] > 0 and p["clips_per_batch"] == 20
 
 
 def test_pipeline_at_howto100m_layout_reports_old_and_new_paths(tmp_path):
-    r = bench.run_pipeline_howto100m(paper_clip_settings(), str(tmp_path), videos=12, videos_per_batch=4, batches=1, seconds=200, dim=16)
+    r = pipeline.run_pipeline_howto100m(paper_clip_settings(), str(tmp_path), videos=12, videos_per_batch=4, batches=1, seconds=200, dim=16)
     for name in ("old", "store_threads", "new"):
         assert set(r[name]["workers"]) == {"1", "2"} and r[name]["videos_per_second"] > 0
         assert r[name]["scaling_1_to_2"] > 0
     assert r["old"]["read_per_used"] > r["new"]["read_per_used"] > 0  # whole files against windows
     assert r["videos_per_second"] == r["new"]["videos_per_second"] and r["cpu_ms_per_video"] > 0
-    assert "store, processes" in bench.format_pipeline_howto100m(r)
+    assert "store, processes" in pipeline.format_pipeline_howto100m(r)
     json.dumps(r)
 
 
@@ -73,8 +74,8 @@ def test_loop_benchmark_times_the_loop_and_the_bare_step():
 
     from msk_jax.model import MultiSKModel
 
-    r = bench.run_loop(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), paper_objective(), clips=20,
+    r = loop.run_loop(MultiSKModel(**dict(TINY_MODEL, video_dim=4096, text_dim=300)), paper_objective(), clips=20,
                        queue_len=40, steps=2,
                        repeats=1, log_every=2)
     assert r["bare_step_seconds"] > 0 and r["loop_step_seconds"] > 0 and r["synchronous_loop_step_seconds"] > 0
-    assert "asynchronous" in bench.format_loop(r)
+    assert "asynchronous" in loop.format_loop(r)

@@ -5,14 +5,13 @@ only through the clients' standard environment variables."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from msk_jax import evaluate, metric_writers, storage
 from tests.conftest import REPO_ROOT, run_env
-from tests.train_fixtures import kill_after_checkpoint, losses, main_args, overrides, tiny_config
+from tests.train_fixtures import kill_after_checkpoint, losses, main_args, tiny_config
 
 BUCKET_STEPS = 12  # the first steps of the uninterrupted run (the run's length does not change its steps)
 
@@ -34,7 +33,7 @@ def _bucket_data(corpus_url):
 
 
 @pytest.fixture(scope="module")
-def bucket_run(gcs_bucket, tiny_corpus, jax_cache):
+def bucket_run(gcs_bucket, tiny_corpus):
     """The tiny demo with its data and its workdir in the bucket, SIGKILLed after a checkpoint
     and restarted: (workdir URL, data overrides, the restart's stdout)."""
     corpus = f"{gcs_bucket}/corpus"
@@ -42,7 +41,7 @@ def bucket_run(gcs_bucket, tiny_corpus, jax_cache):
     data = _bucket_data(corpus)
     workdir = f"{gcs_bucket}/runs/killed"
     args = main_args(workdir, tiny_corpus, BUCKET_STEPS, **data)
-    env = run_env(jax_cache)
+    env = run_env()
     interrupted_at = kill_after_checkpoint(args, env, f"{workdir}/checkpoints", min_step=3)
     assert interrupted_at < BUCKET_STEPS
     result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -80,14 +79,7 @@ def test_tensorboard_events_in_the_bucket_are_readable(bucket_run, tmp_path):
     assert steps == set(range(1, BUCKET_STEPS + 1))
 
 
-def _evaluate_args(checkpoint, corpus_dir, data, *extra):
-    args = [sys.executable, "-m", "msk_jax.evaluate", "--config=configs/howto.py:demo",
-            f"--checkpoint={checkpoint}", *extra]
-    settings = {**overrides(corpus_dir, BUCKET_STEPS), **data}
-    return args + [f"--config.{k}={v}" for k, v in settings.items()]
-
-
-def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus, gcs_bucket, jax_cache, tmp_path):
+def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus, gcs_bucket, tmp_path, capsys):
     workdir, data, _ = bucket_run
     config = tiny_config(tiny_corpus)
     for key, value in data.items():
@@ -102,11 +94,10 @@ def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus
 
     # --watch on the bucket: every complete checkpoint once, stopping at the run's last.
     out = f"{gcs_bucket}/evaluations/watch"
-    result = subprocess.run(_evaluate_args(workdir, tiny_corpus, data, "--watch", "--poll_seconds=0.2",
-                                           "--idle_timeout=60", f"--output_dir={out}"),
-                            cwd=REPO_ROOT, env=run_env(jax_cache), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 12 is the run's last; stopping." in result.stdout
+    capsys.readouterr()
+    watched = evaluate.run(config, workdir, None, output_dir=out, watch=True, poll_seconds=0.2, idle_timeout=60)
+    assert list(watched) == [6, 9, 12] and watched[12] == from_bucket[12]
+    assert "step 12 is the run's last; stopping." in capsys.readouterr().out
     assert storage.listdir(f"{out}/eval") == ["step_12.json", "step_6.json", "step_9.json"]
     assert storage.listdir(f"{out}/tensorboard")
 

@@ -2,18 +2,38 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
-from msk_jax import sinkhorn
-from tests.conftest import REPO_ROOT
+from msk_jax import configs, sinkhorn
+from tests.conftest import REPO_ROOT, run_env
 
 
 def _load(arg=None):
+    """configs/howto.py, read as the command line reads a --config file."""
     spec = importlib.util.spec_from_file_location("howto", os.path.join(REPO_ROOT, "configs", "howto.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def test_the_documented_path_and_the_package_give_one_configuration(tmp_path):
+    assert _load("demo").to_dict() == configs.get_config("howto", "demo").to_dict()
+    # A --config that names no file here is the packaged one of that name; an existing file stays.
+    assert configs.resolve("configs/howto.py:demo,baseline") == "configs/howto.py:demo,baseline"  # tests run at the root
+    mine = tmp_path / "howto.py"
+    mine.write_text("")
+    assert configs.resolve(f"{mine}:demo") == f"{mine}:demo"
+    assert configs.resolve(str(tmp_path / "configs" / "bench.py")) == configs.path("bench")
+    assert configs.resolve_argv(["x", "--config", "nowhere/howto.py:demo", "--workdir=w"]) == \
+        ["x", "--config", configs.path("howto") + ":demo", "--workdir=w"]
+    # From another directory the command line finds it (here: and reports the unknown variant).
+    done = subprocess.run([sys.executable, "-m", "msk_jax.main", "--config=configs/howto.py:nope",
+                           f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          env=run_env(MSK_JAX_TCMALLOC="0", PYTHONPATH=REPO_ROOT))
+    assert done.returncode != 0 and "unknown variant(s) ['nope']" in done.stderr, done.stderr[-2000:]
 
 
 def test_paper_config():

@@ -57,9 +57,13 @@ def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
     runs = experiments.run_grid(config, str(tmp_path), {"objective.consistency_scale": [0.5]}, [0],
                                 analyse_fn=experiments.analyse)
     run = runs[0]
-    assert run["metrics"]["YouCook2"]["t2v"]["R10"] >= 0
-    with open(tmp_path / "consistency_scale=0.5_seed=0" / "results.json") as f:
+    folder = tmp_path / "consistency_scale=0.5_seed=0"
+    with open(folder / "results.json") as f:
         assert json.load(f) == run
+    # The run's metrics are the evaluation its training wrote, of every set and direction.
+    with open(folder / "eval" / "step_3.json") as f:
+        assert run["metrics"] == json.load(f)
+    assert set(run["metrics"]) == {"MSRVTT", "YouCook2"} and len(run["metrics"]["YouCook2"]) == 12
     # Anchor semantics: both evaluation sets, three modalities x two spaces, NMI in [0, 1].
     assert set(run["anchors"]) == {"MSRVTT", "YouCook2"}
     rows = run["anchors"]["MSRVTT"]
@@ -86,7 +90,7 @@ def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
 
 
 def test_effective_rank_counts_the_directions_used():
-    from msk_jax.consistency_diagnostics import effective_rank, embedding_geometry
+    from msk_jax.experiments.consistency_diagnostics import effective_rank, embedding_geometry
 
     rng = np.random.default_rng(0)
     assert effective_rank(rng.normal(size=(400, 3)) @ np.eye(3, 8)) == pytest.approx(3, abs=0.2)

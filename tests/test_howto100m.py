@@ -150,4 +150,4 @@ def test_bad_inputs_name_the_file_and_the_problem(howto, index, reason, words):
 def test_csv_without_path_column(tmp_path):
     (tmp_path / "bad.csv").write_text("video\nx\n")
     with pytest.raises(F.DataError, match="'path' column"):
-        HowTo100MReader(str(tmp_path / "bad.csv"), "", "", "", None)
+        HowTo100MReader(str(tmp_path / "bad.csv"), "", "", "", None, features_3d="")

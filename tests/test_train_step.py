@@ -17,8 +17,8 @@ from tests.paper_config import paper_objective
 
 def _state(objective):
     model = MultiSKModel(**TINY_MODEL)
-    return train_step.create_train_state(jax.random.PRNGKey(0), model, objective, train_step.adam(3e-3),
-                                         tiny_batch(0))
+    init = jax.jit(lambda rng, batch: train_step.create_train_state(rng, model, objective, train_step.adam(3e-3), batch))
+    return init(jax.random.PRNGKey(0), tiny_batch(0))
 
 
 def test_steps_warm_up_then_learn():

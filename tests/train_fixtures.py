@@ -1,6 +1,5 @@
 """A tiny end-to-end training setup on the tiny demo corpus (shared by the training tests)."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -8,18 +7,18 @@ import sys
 import tempfile
 import time
 
-from msk_jax import metric_writers
+from msk_jax import configs, metric_writers, storage
+from msk_jax.checkpoints import open_manager
 
 from tests.conftest import REPO_ROOT
 
 TINY_FEATURES = 16
+TRAINED_STEPS = 40 * 2
 
 
 def load_config(arg="demo"):
-    spec = importlib.util.spec_from_file_location("howto", os.path.join(REPO_ROOT, "configs", "howto.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """configs/howto.py[:arg], as `--config=configs/howto.py:arg` reads it."""
+    return configs.get_config("howto", arg)
 
 
 def tiny_config(corpus_dir, arg="demo", **overrides):
@@ -51,6 +50,28 @@ def tiny_config(corpus_dir, arg="demo", **overrides):
     return config
 
 
+def trained_config(corpus_dir):
+    """The demo without the consistency loss, narrowed (embed 32, 8 anchors) and with 2 clips of
+    16 videos per step at lr 3e-3, on the small corpus: in TRAINED_STEPS steps (about 20 s here)
+    it retrieves far above an untrained model (MSR-VTT-format t2v R@10 25 against 9, v2t 30
+    against 11, measured 2026-12-03). Checkpoints at steps 40 and 80."""
+    config = load_config("demo,baseline")
+    d = config.data
+    d.demo_dir, d.demo_size = corpus_dir, "small"
+    d.dim_2d = d.dim_3d = 32
+    d.n_clips = 2
+    m = config.model
+    m.video_dim = 64
+    m.davenet_widths = (8, 8, 16, 16, 32, 32, 64)
+    m.embed_dim, m.num_heads, m.projection_dim, m.num_anchors = 32, 2, 48, 8
+    config.videos_per_batch = 16
+    config.optimizer.lr = 3e-3
+    config.num_train_steps = TRAINED_STEPS
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = TRAINED_STEPS // 2
+    return config
+
+
 def main_args(workdir, corpus, steps, **extra):
     """`python -m msk_jax.main` with the demo config shrunk to tiny_config, for `steps` steps
     (`extra`: more --config overrides)."""
@@ -58,6 +79,19 @@ def main_args(workdir, corpus, steps, **extra):
     for key, value in {**overrides(corpus, steps), **extra}.items():
         args.append(f"--config.{key}={value}")
     return args
+
+
+def cli_config(corpus, steps, **extra):
+    """The configuration `main_args(workdir, corpus, steps, **extra)` trains with, for runs in
+    this process that continue (or refuse) a run of the command line."""
+    config = load_config("demo")
+    for key, value in {**overrides(corpus, steps), **extra}.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = tuple(int(v) for v in value.strip("()").split(",")) if leaf == "davenet_widths" else value
+    return config
 
 
 def overrides(corpus, steps):
@@ -83,25 +117,48 @@ def losses(workdir):
     return last
 
 
+class CheckpointWatch:
+    """The complete checkpoint steps of a folder that a running training writes (local or a
+    bucket), read through one Orbax manager that is reloaded at each look."""
+
+    def __init__(self, folder):
+        self.folder, self.manager = folder, None
+
+    def steps(self) -> list[int]:
+        storage.refresh(self.folder)
+        if self.manager is None:
+            if not storage.isdir(self.folder):
+                return []
+            self.manager = open_manager(self.folder, create=False)
+        else:
+            self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def close(self):
+        if self.manager is not None:
+            self.manager.close()
+
+
 def kill_after_checkpoint(args, env, checkpoints_folder, min_step, timeout=300):
     """Starts a training process and SIGKILLs it once a complete checkpoint of step >= min_step
     exists (local folder or bucket); returns the newest complete step at the kill."""
-    from msk_jax.evaluate import finished_steps
-
+    watch = CheckpointWatch(checkpoints_folder)
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline and process.poll() is None:
-            if any(s >= min_step for s in finished_steps(checkpoints_folder)):
+            if any(s >= min_step for s in watch.steps()):
                 break
-            time.sleep(0.01)
+            time.sleep(0.05)
         if process.poll() is not None:
             log.seek(0)
             raise AssertionError(f"the run ended (code {process.returncode}) before it could be killed:\n"
                                  + log.read()[-3000:])
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-    return max(finished_steps(checkpoints_folder))
+    steps = watch.steps()
+    watch.close()
+    return max(steps)
 
 
 def logged_steps(workdir):

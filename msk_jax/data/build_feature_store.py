@@ -50,4 +50,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from msk_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)  # --config=configs/howto.py from any directory
     app.run(main)

@@ -146,14 +146,16 @@ class HowTo100MReader:
     """Random access to HowTo100M-format videos: `reader.video(i)`, `reader.sample_clips(i, rng)`."""
 
     def __init__(self, csv_path: str, caption_path: str, features_2d: str, audio: str,
-                 word_vectors: WordVectors, features_3d: str | None = None,
+                 word_vectors: WordVectors, features_3d: str,
                  settings: ClipSettings | None = None, dim_2d: int | None = None, dim_3d: int | None = None):
-        """settings: how clips are cut; None for a reader that only reads whole videos (dataset
-        builders), whose log-mel bins are then checked by the training reads."""
+        """features_2d / features_3d / audio: the roots of `<path>/<id>_2d.npz`, `_3d.npz` and
+        `_spec.npz` (the same folder may hold both kinds of features). settings: how clips are
+        cut; None for a reader that only reads whole videos (dataset builders), whose log-mel bins
+        are then checked by the training reads."""
         self.paths, self.csv_path = read_csv_paths(csv_path), csv_path
         self.captions = load_captions(caption_path)
         self.caption_path = caption_path
-        self.root_2d, self.root_3d, self.root_audio = features_2d, features_3d or features_2d, audio
+        self.root_2d, self.root_3d, self.root_audio = features_2d, features_3d, audio
         self.word_vectors, self.settings = word_vectors, settings
         self.dim_2d, self.dim_3d = dim_2d, dim_3d
 

@@ -17,7 +17,7 @@ feature queues) and on the batch the run would have trained on next, this measur
   joint embeddings and their mean pairwise cosine similarity, i.e. how much of the space the
   clips spread over.
 
-    python -m msk_jax.consistency_diagnostics --config=configs/howto.py:demo --checkpoint=RUN
+    python -m msk_jax.experiments.consistency_diagnostics --config=configs/howto.py:demo --checkpoint=RUN
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
     schedule = train_step.epoch_decay_schedule(config.optimizer.lr, config.optimizer.lr_decay_per_epoch, 1)
     tx = train_step.adam(schedule, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)  # (its state's shape)
     shapes = input_pipeline.sample_batch(config, words.dim)
-    template = train_step.create_train_state(jax.random.PRNGKey(config.seed), model, objective, tx, shapes,
-                                             ema_decay=config.ema_decay or None)
+    template = jax.jit(lambda rng, batch: train_step.create_train_state(  # (jitted: op-by-op init is slow)
+        rng, model, objective, tx, batch, ema_decay=config.ema_decay or None))(jax.random.PRNGKey(config.seed), shapes)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         step = checkpointer.latest_step()
@@ -191,4 +191,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "The configuration the run was trained with.")
     flags.DEFINE_string("checkpoint", None, "The run's workdir.")
     flags.mark_flags_as_required(["config", "checkpoint"])
+    from msk_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)
     app.run(main)

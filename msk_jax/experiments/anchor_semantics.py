@@ -19,7 +19,7 @@ between that anchor and the clip's content measures how much the anchors know:
 The baseline (consistency loss off) trains no anchor at all: its anchors are their
 initialisation, a built-in control for the Multi-SK model's.
 
-    python -m msk_jax.anchor_semantics --config=configs/howto.py:demo --checkpoint=/tmp/msk_demo
+    python -m msk_jax.experiments.anchor_semantics --config=configs/howto.py:demo --checkpoint=/tmp/msk_demo
 """
 
 from __future__ import annotations
@@ -195,4 +195,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("weights", "ema", ["ema", "online"], "Which weights to measure.")
     flags.DEFINE_string("output", None, "Also write the results as JSON here.")
     flags.mark_flags_as_required(["config", "checkpoint"])
+    from msk_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)
     app.run(main)

@@ -1,0 +1,39 @@
+"""The command line: ``python -m msk_jax.bench COMMAND [--config=configs/bench.py[:cpu_bench]]
+[--json=OUT]``, COMMAND one of ``BENCHMARKS`` or ``all``; tcmalloc preloaded first (CPU hosts), the
+``--config`` file found from any directory (``configs.resolve_argv``).
+"""
+
+import json
+import sys
+
+from msk_jax import allocator, configs
+from msk_jax.bench import BENCHMARKS, CONFIG, run
+
+
+def main(argv):
+    from absl import app
+
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m msk_jax.bench COMMAND [--config=configs/bench.py] [--json=OUT]; "
+                             "COMMAND: " + ", ".join(f"{n} ({h})" for n, (_, h) in BENCHMARKS.items())
+                             + ", all (every one but plan)")
+    try:
+        results = run(argv[1], FLAGS.config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    allocator.use_tcmalloc()
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", CONFIG, "The benchmarks' shapes (configs/bench.py).")
+    flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+    sys.argv = configs.resolve_argv(sys.argv)
+    app.run(main)

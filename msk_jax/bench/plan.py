@@ -1,0 +1,121 @@
+"""``plan``: the configs/howto.py train step compiled ahead of time per accelerator and mesh, each
+accelerator's device count forced on the CPU: per-device memory (does it fit), FLOPs per step, the
+step time at 40 % MFU and the input rate (videos/s per host) that asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from msk_jax import configs
+
+# Chips a JAX process sees, their memory and dense bf16 matmul peak (vendor figures), hosts.
+ACCELERATORS = {
+    "v4-8": {"devices": 4, "memory_gib": 32, "peak_tflops": 275, "hosts": 1},
+    "v5e-16": {"devices": 16, "memory_gib": 16, "peak_tflops": 197, "hosts": 4},
+    "8xH100": {"devices": 8, "memory_gib": 80, "peak_tflops": 989, "hosts": 1},
+}
+PLAN_MESHES = ("data", "fsdp", "fsdp_model2")
+
+
+def _plan_mesh(kind: str, devices: int) -> list:
+    return {"data": [("data", devices)], "fsdp": [("fsdp", devices)],
+            "fsdp_model2": [("fsdp", devices // 2), ("model", 2)]}[kind]
+
+
+def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
+    """AOT-compiles the train step of configs/howto.py[:config_arg] over all local devices with the
+    given mesh, without allocating it: per-device memory_analysis and cost_analysis FLOPs."""
+    from msk_jax import input_pipeline, sharding, train, train_step
+    from msk_jax.loss import ObjectiveConfig
+    from msk_jax.model import MultiSKModel
+
+    config = configs.get_config("howto", config_arg)
+    devices = jax.device_count()
+    mesh = sharding.create_mesh(_plan_mesh(mesh_kind, devices))
+    rules = sharding.rules_for(mesh, [])
+    model = MultiSKModel.from_config(config)
+    objective = ObjectiveConfig.from_config(config.objective)
+    tx = train_step.adam(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in input_pipeline.sample_batch(config, config.model.text_dim).items()}
+
+    def init(rng):
+        zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
+        return train_step.create_train_state(rng, model, objective, tx, zeros, ema_decay=config.ema_decay)
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    state_sharding = sharding.tree_shardings(abstract, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
+    start = time.perf_counter()
+    compiled = train.compile_train_step(state_sharding, batch_sharding).lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    parameters = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+    return {"mesh": dict(mesh.shape), "devices": devices, "clips_per_step": int(batch["video"].shape[0]),
+            "clips_per_device": int(batch["video"].shape[0]) // devices, "parameters": int(parameters),
+            "compile_seconds": time.perf_counter() - start,
+            "flops_per_device": float(cost.get("flops", 0.0)),
+            "argument_bytes": int(memory.argument_size_in_bytes), "output_bytes": int(memory.output_size_in_bytes),
+            "alias_bytes": int(memory.alias_size_in_bytes), "temp_bytes": int(memory.temp_size_in_bytes),
+            "peak_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)}
+
+
+def run_plan(targets: tuple[str, ...] = tuple(ACCELERATORS), meshes: tuple[str, ...] = PLAN_MESHES,
+             config_arg: str = "", store_videos_per_core: float | None = None, timeout: int = 1800) -> dict:
+    """Each accelerator's device count forced on the CPU (one subprocess per target and mesh), the
+    paper step compiled, and the input rate it needs at 40 % MFU."""
+    import subprocess
+
+    results = {}
+    for target in targets:
+        spec = ACCELERATORS[target]
+        for mesh_kind in meshes:
+            env = dict(os.environ, MSK_JAX_NATIVE="0", MSK_JAX_TCMALLOC="0", JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={spec['devices']}")
+            code = ("import json, sys; from msk_jax.bench import plan; "
+                    f"print('PLAN ' + json.dumps(plan.compile_paper_step({mesh_kind!r}, {config_arg!r})))")
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("PLAN ")]
+            if proc.returncode or not lines:
+                results[f"{target}/{mesh_kind}"] = {"error": (proc.stderr or proc.stdout)[-800:]}
+                print(f"plan {target} {mesh_kind}: failed", flush=True)
+                continue
+            r = json.loads(lines[-1][5:])
+            flops = r["flops_per_device"] * r["devices"]
+            step_seconds = flops / (spec["devices"] * spec["peak_tflops"] * 1e12 * 0.4)
+            videos = r["clips_per_step"] / 10
+            r.update({"target": target, "memory_gib": spec["memory_gib"], "flops_per_step": flops,
+                      "fits": r["peak_bytes"] <= spec["memory_gib"] * 2**30,
+                      "step_seconds_at_40pct_mfu": step_seconds,
+                      "videos_per_second_needed": videos / step_seconds,
+                      "videos_per_second_needed_per_host": videos / step_seconds / spec["hosts"]})
+            if store_videos_per_core:
+                r["input_cores_per_host"] = r["videos_per_second_needed_per_host"] / store_videos_per_core
+            results[f"{target}/{mesh_kind}"] = r
+            print(format_plan_row(r), flush=True)
+    return results
+
+
+def format_plan_row(r: dict) -> str:
+    cores = f", {r['input_cores_per_host']:.1f} input cores/host" if "input_cores_per_host" in r else ""
+    return (f"{r['target']:7s} mesh {r['mesh']}: {r['clips_per_device']} clips/device, "
+            f"peak {r['peak_bytes'] / 2**30:.1f} GiB of {r['memory_gib']} ({'fits' if r['fits'] else 'does NOT fit'}; "
+            f"args {r['argument_bytes'] / 2**30:.1f}, temp {r['temp_bytes'] / 2**30:.1f}), "
+            f"{r['flops_per_step'] / 1e12:.0f} TFLOP/step, {r['step_seconds_at_40pct_mfu']:.2f} s/step at 40% MFU, "
+            f"{r['videos_per_second_needed_per_host']:.0f} videos/s per host{cores}")
+
+
+def cli(config) -> dict:
+    c = config.plan
+    return run_plan(tuple(c.targets.split(",")), tuple(c.meshes.split(",")), c.howto, c.store_videos_per_core or None)

@@ -1,0 +1,90 @@
+"""``step``: one train step of the paper architecture at CPU-sized widths ("cpu-bench"): median
+step time, clips/s, FLOP/s against the machine's float32 matmul peak measured in the same run, and
+the share of Multi-SK (the same step with the consistency loss off, side by side).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from msk_jax.bench.common import init_state, machine, matmul_peak, time_side_by_side
+
+
+def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"video": rng.normal(size=(clips, 12, 4096)).astype(np.float32),
+            "video_mask": np.ones((clips, 12), np.float32),
+            "text": rng.normal(size=(clips, 20, 300)).astype(np.float32),
+            "text_mask": np.ones((clips, 20), np.float32),
+            "audio": rng.normal(size=(clips, 40, 768)).astype(np.float32),
+            "audio_mask": np.ones((clips, 768), np.float32)}
+
+
+def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: int = 5) -> dict:
+    """Median seconds of the train step of `model` (configs/bench.py: the cpu-bench model), with
+    and without the consistency loss.
+
+    The queues are filled the way training fills them: the step runs from empty queues until
+    they hold `queue_len` rows of the model's embeddings, and only then is it timed (the
+    initial uniform noise would send every Multi-SK problem to the log-domain fallback, which
+    real training meets only during warm-up). The step is jitted with the state donated, as in
+    training.
+    """
+    import dataclasses
+
+    from msk_jax import train_step
+
+    batch = cpu_bench_batch(clips)
+    results, steps = {}, {}
+    for name, consistency in (("step", True), ("step_without_multisk", False)):
+        variant = dataclasses.replace(objective, queue_len=queue_len, consistency=consistency)
+        state = init_state(model, variant, batch)
+        compiled = jax.jit(train_step.train_step, donate_argnums=0).lower(state, batch).compile()
+        flops = compiled.cost_analysis()
+        flops = flops[0] if isinstance(flops, (list, tuple)) else flops
+        results[f"{name}_flops"] = float(flops.get("flops", 0.0))
+        if consistency:
+            results["parameters"] = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
+            while not bool(state.queues.is_full):  # warm-up: fill the queues with embeddings
+                state, _ = compiled(state, batch)
+            results["warmup_steps"] = int(state.step)
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics["loss"]
+
+        steps[name] = run
+    times = time_side_by_side(steps, repeats)
+    peak = matmul_peak()
+    results.update({
+        "step_seconds": times["step"], "clips_per_second": clips / times["step"],
+        "step_without_multisk_seconds": times["step_without_multisk"],
+        "multisk_share": 1 - times["step_without_multisk"] / times["step"],
+        "achieved_flops_per_second": results["step_flops"] / times["step"], "matmul_peak_flops_per_second": peak,
+        "clips": clips, "queue_len": queue_len, "machine": machine()})
+    results["flop_utilisation"] = results["achieved_flops_per_second"] / peak
+    return results
+
+
+def format_step(r: dict) -> str:
+    return "\n".join([
+        f"cpu-bench train step ({r['clips']} clips, queues {r['queue_len']}, {r['parameters'] / 1e6:.1f} M parameters)"
+        f" on {r['machine']}",
+        f"  step              {r['step_seconds'] * 1e3:9.1f} ms   {r['clips_per_second']:7.1f} clips/s",
+        f"  without Multi-SK  {r['step_without_multisk_seconds'] * 1e3:9.1f} ms   (Multi-SK + consistency: "
+        f"{100 * r['multisk_share']:.0f}% of the step)",
+        f"  FLOP/s            {r['achieved_flops_per_second'] / 1e9:9.1f} G    of a measured matmul peak "
+        f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} G ({100 * r['flop_utilisation']:.0f}%)"])
+
+
+def cli(config) -> dict:
+    from msk_jax.loss import ObjectiveConfig
+    from msk_jax.model import MultiSKModel
+
+    c = config.step
+    results = run_step(MultiSKModel.from_config(config), ObjectiveConfig.from_config(config.objective), clips=c.clips,
+                       queue_len=c.queue_len, repeats=c.repeats)
+    print(format_step(results), flush=True)
+    return results

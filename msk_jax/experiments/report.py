@@ -1,0 +1,182 @@
+"""The runner's report: the summary tables (`summary.md`) and the plot (`plot.png`) of a grid's runs.
+
+`summary.md` holds, per setting, the mean, standard deviation and 95 % interval over seeds of
+R@1/R@5/R@10 per evaluation set and direction, then (where the runs were analysed) the
+end-of-training losses, the anchors' semantics, the embeddings' geometry and the consistency
+diagnostics. A run is {'overrides', 'seed', 'metrics', ...} as `runner.run_grid` returns it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from msk_jax import storage
+
+METRICS = ("R1", "R5", "R10")
+
+
+def interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, sample standard deviation, half-width of the 95 % t interval) of the values."""
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    from scipy import stats
+
+    sd = float(values.std(ddof=1))
+    return mean, sd, float(stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values)))
+
+
+def summarise(runs: Sequence[Mapping], directions: Sequence[str]) -> str:
+    """Markdown: one row per setting, evaluation set and direction, mean (sd) and 95 % interval."""
+    lines = ["| setting | seeds | set | direction | " + " | ".join(f"{m} mean (sd) [95 % CI]" for m in METRICS) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+    for label, members in _groups(runs).items():
+        for dataset in members[0]["metrics"]:
+            for direction in directions:
+                if direction not in members[0]["metrics"][dataset]:
+                    continue
+                cells = []
+                for metric in METRICS:
+                    mean, sd, half = interval([r["metrics"][dataset][direction][metric] for r in members])
+                    cells.append(f"{mean:.1f} ({sd:.1f}) [{mean - half:.1f}, {mean + half:.1f}]" if len(members) > 1
+                                 else f"{mean:.1f}")
+                lines.append(f"| {label} | {len(members)} | {dataset} | {direction} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_wide(runs: Sequence[Mapping], directions: Sequence[str] = ("t2v", "t2v+a"), metric: str = "R10") -> str:
+    """Markdown: one row per setting, one column per evaluation set and direction, each cell
+    `metric` as mean (sd) and the half-width of its 95 % interval over seeds."""
+    groups = _groups(runs)
+    columns = [(d, t) for d in runs[0]["metrics"] for t in directions if t in runs[0]["metrics"][d]]
+    lines = ["| setting | seeds | " + " | ".join(f"{d} {t} {metric}" for d, t in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for label, members in groups.items():
+        cells = []
+        for d, t in columns:
+            mean, sd, half = interval([r["metrics"][d][t][metric] for r in members])
+            cells.append(f"{mean:.1f} ({sd:.1f}) ±{half:.1f}" if len(members) > 1 else f"{mean:.1f}")
+        lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _label(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(base config)"
+
+
+def _groups(runs: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    groups: dict[str, list[Mapping]] = {}
+    for run in runs:
+        groups.setdefault(_label(run["overrides"]), []).append(run)
+    return groups
+
+
+def summarise_anchors(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting and evaluation set, the mean over seeds of the anchors' NMI with
+    "digit present" per modality/space, learned anchors vs random anchors; '' without analyses."""
+    runs = [r for r in runs if "anchors" in r]
+    if not runs:
+        return ""
+    keys = list(next(iter(runs[0]["anchors"].values())))
+    lines = ["| setting | set | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for label, members in _groups(runs).items():
+        for dataset in members[0]["anchors"]:
+            cells = []
+            for key in keys:
+                rows = [r["anchors"][dataset][key] for r in members]
+                cells.append(f"{np.mean([x['nmi_present'] for x in rows]):.3f} / "
+                             f"{np.mean([x['random_nmi_present'] for x in rows]):.3f} / "
+                             f"{np.mean([x['chance_present'] for x in rows]):.3f}")
+            lines.append(f"| {label} | {dataset} | " + " | ".join(cells) + " |")
+    return ("NMI of the assigned anchor with \"digit d occurs\" (mean over digits and seeds): "
+            "learned anchors / random anchors / shuffled labels\n\n" + "\n".join(lines) + "\n")
+
+
+def summarise_geometry(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting and evaluation set, the mean over seeds of the joint embeddings'
+    effective rank and mean pairwise cosine per modality; '' without any."""
+    runs = [r for r in runs if "geometry" in r]
+    if not runs:
+        return ""
+    modalities = [k.removesuffix("_effective_rank") for k in next(iter(runs[0]["geometry"].values()))
+                  if k.endswith("_effective_rank")]
+    lines = ["| setting | set | " + " | ".join(f"{m} eff. rank (mean cos)" for m in modalities) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in modalities) + " |"]
+    for label, members in _groups(runs).items():
+        for dataset in members[0]["geometry"]:
+            cells = [f"{np.mean([r['geometry'][dataset][f'{m}_effective_rank'] for r in members]):.1f} "
+                     f"({np.mean([r['geometry'][dataset][f'{m}_mean_cosine'] for r in members]):.3f})"
+                     for m in modalities]
+            lines.append(f"| {label} | {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_training(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting, the mean over seeds of the end-of-training losses; '' without any."""
+    runs = [r for r in runs if "training" in r]
+    if not runs:
+        return ""
+    keys = ("contrastive", "tv", "consistency_unscaled")
+    lines = ["| setting | " + " | ".join(f"final {k}" for k in keys) + " |", "| --- | " + " | ".join("---" for _ in keys) + " |"]
+    for label, members in _groups(runs).items():
+        lines.append(f"| {label} | " + " | ".join(f"{np.mean([r['training'][k] for r in members]):.3f}" for k in keys)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+DIAGNOSTICS = ("consistency_to_contrastive_encoders", "encoder_grad_cosine", "target_entropy", "anchors_per_clip",
+               "targets_below_half")
+
+
+def summarise_diagnostics(runs: Sequence[Mapping]) -> str:
+    """Markdown: per setting, the mean over seeds of the consistency diagnostics; '' without any."""
+    runs = [r for r in runs if "diagnostics" in r]
+    if not runs:
+        return ""
+    lines = ["| setting | " + " | ".join(DIAGNOSTICS) + " |", "| --- | " + " | ".join("---" for _ in DIAGNOSTICS) + " |"]
+    for label, members in _groups(runs).items():
+        lines.append(f"| {label} | " + " | ".join(f"{np.mean([r['diagnostics'][k] for r in members]):.3f}"
+                                                  for k in DIAGNOSTICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[Mapping], field: str, path: str, directions: Sequence[str] = ("t2v", "t2v+a"),
+         metric: str = "R10") -> None:
+    """`metric` against the values of `field` (mean and 95 % interval over seeds), one panel per
+    evaluation set; where the field's value 0 is among them (e.g. consistency_scale=0, the
+    baseline) its mean +- sd is drawn as a band across the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if field in r["overrides"]]
+    values = sorted({r["overrides"][field] for r in runs})
+    datasets = list(runs[0]["metrics"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for direction, color in zip(directions, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            stats = [interval([r["metrics"][dataset][direction][metric] for r in runs if r["overrides"][field] == v])
+                     for v in values]
+            shown = [(v, s) for v, s in zip(values, stats) if v != 0] if 0 in values else list(zip(values, stats))
+            ax.errorbar([v for v, _ in shown], [s[0] for _, s in shown], yerr=[np.nan_to_num(s[2]) for _, s in shown],
+                        marker="o", capsize=3, color=color, label=direction)
+            if 0 in values:
+                mean, sd, _ = stats[values.index(0)]
+                ax.axhspan(mean - np.nan_to_num(sd), mean + np.nan_to_num(sd), color=color, alpha=0.15)
+                ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{direction}, {field.split('.')[-1]}=0")
+        ax.set_xscale("log" if all(v > 0 for v, _ in shown) and len(shown) > 2 else "linear")
+        ax.set_xlabel(field)
+        ax.set_ylabel(f"{metric} (mean, 95 % interval over seeds)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_atomic(path, buffer.getvalue())

@@ -1,0 +1,126 @@
+"""The checker: which golden files it knows (and which of their keys are inputs), the comparison
+of the recomputed outputs with the expected ones, and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Callable, Iterable
+
+import numpy as np
+
+from msk_jax.parity.golden import GoldenInputs, Output, matches
+from msk_jax.parity.model import check_model_forward, check_train_steps
+from msk_jax.parity.multisk import check_multisk
+from msk_jax.parity.retrieval import check_retrieval
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldenFile:
+    is_input: Callable[[str], bool]
+    check: Callable[[GoldenInputs], Iterable[Output]] | None  # None: not yet supported
+    # Expected outputs reported by the original for information only (not compared).
+    informational: Callable[[str], bool] = lambda key: False
+
+
+GOLDEN_FILES = {
+    "multisk.npz": GoldenFile(matches("n_cases", r"case\d+_(scores|params|cost_input)"), check_multisk),
+    "retrieval.npz": GoldenFile(matches("n_cases", r"case\d+_(sims|complete)"), check_retrieval),
+    "model_forward.npz": GoldenFile(matches("config_json", r"param/.*", r"input/.*"), check_model_forward),
+    "train_steps.npz": GoldenFile(
+        matches("config_json", r"param/.*", r"queue/.*", r"step\d+/input/.*"), check_train_steps,
+        # BatchNorm statistics and parameters the original never uses in its forward pass.
+        informational=matches(r"final/.*(running_mean|running_var|num_batches_tracked)",
+                              r"final/davenet\.batchnorm1\..*", r"final/fusion(_text|_video|_audio)?\..*norm\..*",
+                              r"final/fusion_(video|audio)\.masking_token", r"final/fusion\..*",
+                              r"final/(trans_)?cluster_\w+\.(anc_dist|anc_linear\.bias)")),
+}
+
+
+REL_ERR_FLOOR = 1e-6
+"""Relative errors divide by max(|expected|, this), so exact zeros do not report infinities."""
+
+
+def _errors(got: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(max absolute error, max relative error) of got against expected."""
+    got = np.asarray(got, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if got.shape != expected.shape:
+        raise ValueError(f"shape {got.shape} != expected {expected.shape}")
+    if got.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(got - expected)
+    if not np.all(np.isfinite(got)):
+        return float("inf"), float("inf")
+    rel = diff / np.maximum(np.abs(expected), REL_ERR_FLOOR)
+    return float(diff.max()), float(rel.max())
+
+
+def check_file(path: str, features_dtype: str = "float32") -> dict:
+    """Checks one golden file; returns {'max_abs_err', 'max_rel_err', 'pass', ...}.
+    `features_dtype`: round the video and audio inputs to it first (a float16/bfloat16 feature
+    store's effect on the outputs)."""
+    name = os.path.basename(path)
+    spec = GOLDEN_FILES[name]
+    if spec.check is None:
+        return {"pass": None, "status": "not yet supported"}
+    with np.load(path, allow_pickle=False) as npz:
+        inputs = GoldenInputs(npz, spec.is_input, name, features_dtype)
+        outputs = list(spec.check(inputs))  # computed from inputs only
+        result = {"max_abs_err": 0.0, "max_rel_err": 0.0, "pass": True, "outputs": len(outputs),
+                  "failures": []}
+        computed = {out.key for out in outputs}
+        for key in npz.files:
+            if not spec.is_input(key) and not spec.informational(key) and key not in computed:
+                result["pass"] = False
+                result["failures"].append(f"{key}: expected output not computed")
+        for out in outputs:
+            abs_err, rel_err = _errors(out.value, npz[out.key])
+            result["max_abs_err"] = max(result["max_abs_err"], abs_err)
+            result["max_rel_err"] = max(result["max_rel_err"], rel_err)
+            ok = ((out.atol is None or abs_err <= out.atol) and (out.rtol is None or rel_err <= out.rtol))
+            if not ok:
+                result["pass"] = False
+                result["failures"].append(
+                    f"{out.key}: abs {abs_err:.3g} rel {rel_err:.3g} "
+                    f"(tolerance {'abs %g' % out.atol if out.atol is not None else 'rel %g' % out.rtol})")
+    return result
+
+
+def check_dir(golden_dir: str, features_dtype: str = "float32") -> dict[str, dict]:
+    """Checks every known golden file present in golden_dir."""
+    if not os.path.isdir(golden_dir):
+        raise FileNotFoundError(f"parity: golden folder '{golden_dir}' does not exist.")
+    present = [n for n in GOLDEN_FILES if os.path.exists(os.path.join(golden_dir, n))]
+    if not present:
+        raise FileNotFoundError(f"parity: no golden file ({', '.join(GOLDEN_FILES)}) in '{golden_dir}'.")
+    return {n: check_file(os.path.join(golden_dir, n), features_dtype) for n in present}
+
+
+def format_line(name: str, result: dict) -> str:
+    if result["pass"] is None:
+        return f"{name:<20} {result['status']}"
+    verdict = "PASS" if result["pass"] else "FAIL"
+    line = (f"{name:<20} max_abs_err {result['max_abs_err']:.3e}  max_rel_err {result['max_rel_err']:.3e}"
+            f"  {verdict}  ({result['outputs']} outputs)")
+    for failure in result["failures"][:10]:
+        line += f"\n    {failure}"
+    return line
+
+
+def run(golden_dir: str, json_out: str | None = None, features_dtype: str = "float32") -> int:
+    """Checks every golden file of `golden_dir`, prints one line each (and writes `json_out`);
+    returns the exit status: 0 all pass, 1 a failure, 2 no such folder."""
+    try:
+        results = check_dir(golden_dir, features_dtype)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    for name, result in results.items():
+        print(format_line(name, result), flush=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 1 if any(r["pass"] is False for r in results.values()) else 0
