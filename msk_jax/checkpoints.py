@@ -145,18 +145,20 @@ class _QuietFailedReads(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_failed_reads():
+def _quiet_failed_reads(settle_seconds: float = 0.25, max_wait_seconds: float = 5.0):
     """Within one restore: drops the echoes of a failed read. When one array of a checkpoint
-    cannot be read, Orbax's other pending reads finish on a closed event loop and each reports
-    it (to `sys.unraisablehook` and the `asyncio` logger) when collected. The failure itself is
-    reported once, by `restore_latest`. The previous hook and the logger are restored on exit,
-    after a garbage collection that lets those echoes happen inside."""
+    cannot be read, Orbax's other pending reads still finish (in TensorStore's threads) and each
+    reports to a closed event loop, through `sys.unraisablehook` and the `asyncio` logger. The
+    failure itself is reported once, by `restore_latest`. After a failure this waits until no
+    echo has come for `settle_seconds` (at most `max_wait_seconds`), then puts the previous hook
+    and the logger back: nothing outlives the restore."""
     previous = sys.unraisablehook
+    last_echo = [time.monotonic()]
 
     def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
-            return
-        if "_read_array_index_and_device_put" in repr(unraisable.object):
+        if ((isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
+                or "_read_array_index_and_device_put" in repr(unraisable.object)):
+            last_echo[0] = time.monotonic()
             return
         previous(unraisable)
 
@@ -165,8 +167,16 @@ def _quiet_failed_reads():
     logging.getLogger("asyncio").addFilter(quiet)
     try:
         yield
+    except BaseException:
+        last_echo[0] = time.monotonic()  # wait at least settle_seconds after the failure
+        deadline = last_echo[0] + max_wait_seconds
+        while time.monotonic() < deadline:
+            gc.collect()  # pending reads' coroutines report when collected
+            if time.monotonic() - last_echo[0] >= settle_seconds:
+                break
+            time.sleep(settle_seconds / 5)
+        raise
     finally:
-        gc.collect()
         sys.unraisablehook = previous
         logging.getLogger("asyncio").removeFilter(quiet)
 

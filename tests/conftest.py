@@ -5,8 +5,15 @@ Every JAX of the session, this process's and the processes the tests start (trai
 notebook kernels, helpers), compiles with few XLA optimisations (small shapes compile far longer
 than they run) into one persistent compilation cache: `$MSK_JAX_TEST_CACHE` when set (.ci/run
 keeps one beside its virtual environment), else a new folder per session.
+
+The suite runs on a worker per core (pytest-xdist, see pyproject.toml), each test file on one
+worker. What several files share (the tiny corpus and its uninterrupted run) is made once per
+session by the first worker that needs it, under a lock, in a folder all workers see
+(`build_once`); the tests that use a training run are marked `slow`.
 """
 
+import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -19,7 +26,8 @@ import jax
 import numpy as np
 import pytest
 
-JAX_CACHE = os.environ.get("MSK_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="msk_jax_test_cache_")
+# Set before the test workers start (pytest-xdist), so that they inherit it.
+JAX_CACHE = os.environ.setdefault("MSK_JAX_TEST_CACHE", tempfile.mkdtemp(prefix="msk_jax_test_cache_"))
 os.environ.update(JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 jax.config.update("jax_disable_most_optimizations", True)
@@ -64,14 +72,32 @@ def tiny_batch(seed, batch=6, video_tokens=3, text_tokens=4, frames=128, empty_t
     }
 
 
+def build_once(tmp_path_factory, name: str, build) -> str:
+    """The folder `name`, made by `build(folder)` once per session however many workers ask:
+    the first one builds it (the others wait on a lock), in the session's temporary folder that
+    every worker sees."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                folder.mkdir(exist_ok=True)
+                build(str(folder))
+                done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """The tiny demo corpus with 16-d video features, built once per test session."""
     from msk_jax.data.demo_corpus import build_demo_corpus
 
-    root = str(tmp_path_factory.mktemp("tiny_demo"))
-    build_demo_corpus(root, size="tiny", feature_dim=16, progress=False)
-    return root
+    return build_once(tmp_path_factory, "tiny_demo",
+                      lambda root: build_demo_corpus(root, size="tiny", feature_dim=16, progress=False))
 
 
 def free_port() -> int:
@@ -95,10 +121,11 @@ def uninterrupted_run(tiny_corpus, tmp_path_factory):
     multi-host runs must reproduce."""
     from tests.train_fixtures import main_args
 
-    workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-    subprocess.run(main_args(workdir, tiny_corpus, UNINTERRUPTED_STEPS), cwd=REPO_ROOT, env=run_env(),
-                   check=True, capture_output=True)
-    return workdir
+    def train(folder):
+        subprocess.run(main_args(os.path.join(folder, "run"), tiny_corpus, UNINTERRUPTED_STEPS), cwd=REPO_ROOT,
+                       env=run_env(), check=True, capture_output=True)
+
+    return os.path.join(build_once(tmp_path_factory, "uninterrupted", train), "run")
 
 
 @pytest.fixture(scope="session")
@@ -166,3 +193,15 @@ def gcs_bucket():
                 os.environ[key] = value
         server.terminate()
         server.wait(timeout=30)
+
+
+# What makes a test slow (README: Tests): a training run of the session, a bucket, the small corpus.
+SLOW_FIXTURES = ("uninterrupted_run", "trained_run", "gcs_bucket", "small_corpus")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the users of the slow fixtures `slow`."""
+    for item in items:
+        if any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+

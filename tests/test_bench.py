@@ -44,6 +44,7 @@ def test_commands_take_their_shapes_from_configs_bench():
     assert done.returncode != 0 and "config.sk.n" in done.stderr
 
 
+@pytest.mark.slow
 def test_step_and_pipeline_benchmarks_report_their_figures(tiny_corpus):
     from tests.conftest import TINY_MODEL
 
@@ -69,6 +70,7 @@ def test_pipeline_at_howto100m_layout_reports_old_and_new_paths(tmp_path):
     json.dumps(r)
 
 
+@pytest.mark.slow
 def test_loop_benchmark_times_the_loop_and_the_bare_step():
     from tests.conftest import TINY_MODEL
 

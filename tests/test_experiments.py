@@ -52,6 +52,7 @@ def test_runs_are_resumable_and_summarised(tmp_path):
     assert "| objective.consistency_scale=1 | 3 | 61.0 (1.0) ±2.5 |" in table
 
 
+@pytest.mark.slow
 def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, num_train_steps=3, checkpoint_every_steps=2)
     runs = experiments.run_grid(config, str(tmp_path), {"objective.consistency_scale": [0.5]}, [0],

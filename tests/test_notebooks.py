@@ -104,6 +104,7 @@ def test_notebook_is_stored_without_outputs(name):
     parameters_cell(nb)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_on_the_tiny_corpus(tiny_corpus, tmp_path, kernel_name):
     workdir = tmp_path / "run"
     nb = set_parameters(read("quickstart.ipynb"), CORPUS_DIR=tiny_corpus, CORPUS_SIZE="tiny", FEATURE_DIM=16,
@@ -121,6 +122,7 @@ def test_quickstart_runs_on_the_tiny_corpus(tiny_corpus, tmp_path, kernel_name):
     assert (workdir / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_multi_sinkhorn_notebook_runs(tmp_path, kernel_name):
     nb = set_parameters(read("multi_sinkhorn.ipynb"), CHECK_ITERS=(1, 5, 20))
     nb = execute(nb, kernel_name, tmp_path / "multi_sinkhorn.executed.ipynb")

@@ -9,6 +9,7 @@ import pytest
 from msk_jax import parity
 
 
+@pytest.mark.slow
 def test_golden_parity(golden_dir, tmp_path, capsys):
     out = tmp_path / "parity.json"
     code = parity.run(golden_dir, str(out))

@@ -19,6 +19,8 @@ from msk_jax.evaluate import finished_steps
 from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
 from tests.train_fixtures import cli_config, kill_after_checkpoint, logged_steps, losses, main_args, tiny_config
 
+pytestmark = pytest.mark.slow  # every test here trains (in this process or another)
+
 
 def test_train_and_evaluate_writes_everything(tiny_corpus, tmp_path):
     workdir = str(tmp_path / "run")

@@ -42,12 +42,16 @@ def tiny_config(corpus_dir, arg="demo", **overrides):
     config.checkpoint_every_steps = 2
     config.eval_batch_size = 16
     for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+        _set(config, key, value)
     return config
+
+
+def _set(config, key, value):
+    """config[a][b][c] = value for key 'a.b.c'."""
+    *parents, leaf = key.split(".")
+    for p in parents:
+        config = config[p]
+    config[leaf] = value
 
 
 def trained_config(corpus_dir):
@@ -86,11 +90,9 @@ def cli_config(corpus, steps, **extra):
     this process that continue (or refuse) a run of the command line."""
     config = load_config("demo")
     for key, value in {**overrides(corpus, steps), **extra}.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = tuple(int(v) for v in value.strip("()").split(",")) if leaf == "davenet_widths" else value
+        if key == "model.davenet_widths":  # written for the command line: "(4,4,...)"
+            value = tuple(int(v) for v in value.strip("()").split(","))
+        _set(config, key, value)
     return config
 
 

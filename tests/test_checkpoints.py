@@ -1,0 +1,70 @@
+"""Checkpoints in this process, on a small state: what an unreadable checkpoint is called, that
+the restore leaves no hook behind, and that checkpoints of earlier versions (with their unused
+`rng` item) still restore."""
+
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from msk_jax import checkpoints
+from msk_jax.train_step import TrainState
+
+CONFIG = {"model": {"embed_dim": 4}, "num_train_steps": 10}
+
+
+def _state(step, value):
+    return TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full((3,), value, jnp.float32)},
+                      batch_stats={}, opt_state={"mu": jnp.zeros((3,), jnp.float32)}, queues=None)
+
+
+def _save(workdir, steps):
+    checkpointer = checkpoints.Checkpointer(str(workdir))
+    for step in steps:
+        checkpointer.save(_state(step, float(step)), {"input": [], "config": CONFIG})
+    checkpointer.close()
+
+
+def test_an_unreadable_metadata_file_is_named_and_no_hook_stays(tmp_path):
+    _save(tmp_path, [1, 2])
+    meta = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:5])  # cut short
+    hook, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
+    warnings = []
+    checkpointer = checkpoints.Checkpointer(str(tmp_path))
+    try:
+        state, _, step = checkpointer.restore_latest(_state(0, 0.0), CONFIG, warn=warnings.append)
+    finally:
+        checkpointer.close()
+    assert step == 1 and float(state.params["w"][0]) == 1.0
+    assert f"step 2: {tmp_path}/checkpoints/2/meta: JSONDecodeError" in warnings[0], warnings
+    assert "resuming from step 1" in warnings[1]
+    assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == filters
+    assert os.listdir(tmp_path / "unreadable_checkpoints")[0].startswith("2.")
+
+
+def test_a_checkpoint_with_the_rng_of_earlier_versions_restores(tmp_path):
+    folder = str(tmp_path / "checkpoints")
+    state = _state(4, 4.0)
+    manager = checkpoints.open_manager(folder, create=True)
+    arrays = {**checkpoints.state_arrays(state), "rng": jax.random.PRNGKey(7)}
+    manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                            meta=ocp.args.JsonSave({"input": [], "config": CONFIG})))
+    manager.wait_until_finished()
+    manager.close()
+    checkpointer = checkpoints.Checkpointer(str(tmp_path))
+    try:
+        restored, _, step = checkpointer.restore_latest(_state(0, 0.0), CONFIG)
+    finally:
+        checkpointer.close()
+    assert step == 4 and int(restored.step) == 4
+    np.testing.assert_array_equal(restored.params["w"], state.params["w"])
+    # Another shape still stops the resume, naming the array.
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match=r"params/w: \(3,\) -> \(5,\)"):
+        wide = _state(0, 0.0).replace(params={"w": jnp.zeros((5,), jnp.float32)})
+        checkpoints.Checkpointer(str(tmp_path)).restore_latest(wide, CONFIG)
