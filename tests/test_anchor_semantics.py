@@ -47,3 +47,13 @@ def test_random_anchors_replace_only_the_anchors():
     assert out["text_proj"] is params["text_proj"]
     assert out["input_anchors_text"].shape == (4, 3) and not np.allclose(out["input_anchors_text"], 1)
     assert not np.allclose(out["input_anchors_text"], out["input_anchors_video"])
+
+
+def test_nmi_is_scikit_learns():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    for n, ka, kb in ((200, 16, 2), (50, 4, 10), (30, 1, 3), (12, 1, 1), (40, 5, 5)):
+        a, b = rng.integers(0, ka, n), rng.integers(0, kb, n)
+        for x, y in ((a, b), (a, a), (a, a > 2)):
+            assert A.nmi(x, y) == pytest.approx(normalized_mutual_info_score(x, y), abs=1e-12)

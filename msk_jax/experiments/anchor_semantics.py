@@ -59,10 +59,23 @@ def digit_labels(captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalised mutual information (arithmetic mean of the entropies, as scikit-learn's default)."""
-    from sklearn.metrics import normalized_mutual_info_score
-
-    return float(normalized_mutual_info_score(a, b))
+    """Normalised mutual information: I(a; b) over the arithmetic mean of the entropies, with
+    scikit-learn's limits (1 when neither labelling splits the data, 0 without information);
+    `sklearn.metrics.normalized_mutual_info_score`'s default, computed from one contingency
+    table (it is called thousands of times per run)."""
+    _, x = np.unique(a, return_inverse=True)
+    _, y = np.unique(b, return_inverse=True)
+    nx, ny = int(x.max()) + 1, int(y.max()) + 1
+    if nx == ny == 1:
+        return 1.0
+    joint = np.bincount(x * ny + y, minlength=nx * ny).reshape(nx, ny) / len(x)
+    px, py = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mi = float((joint[nonzero] * np.log(joint[nonzero] / np.outer(px, py)[nonzero])).sum())
+    if mi <= 0:
+        return 0.0
+    hx, hy = -float((px * np.log(px)).sum()), -float((py * np.log(py)).sum())
+    return mi / max((hx + hy) / 2, np.finfo(np.float64).eps)
 
 
 def content_nmi(anchor: np.ndarray, first: np.ndarray, present: np.ndarray) -> tuple[float, float]:
