@@ -203,13 +203,14 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    def restore(self, template: TrainState, step: int | None = None,
+                stored: dict | None = None) -> tuple[TrainState, dict]:
         """Restores into the structure, dtypes and shardings of `template`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_arrays(template))
-        stored = self._stored_tree(step) or {}
+        stored = (self._stored_tree(step) if stored is None else stored) or {}
         for name in LEGACY_ITEMS:
             if name in stored:
                 abstract[name] = jax.ShapeDtypeStruct(stored[name].shape, stored[name].dtype,
@@ -244,9 +245,9 @@ class Checkpointer:
             try:
                 with _quiet_failed_reads():
                     meta = self.read_meta(step)
-                    self._check_compatible(step, meta, config, template)
+                    stored = self._check_compatible(step, meta, config, template)
                     what = storage.join(folder, "state")
-                    state, meta = self.restore(template, step)
+                    state, meta = self.restore(template, step, stored)
             except IncompatibleCheckpointError:
                 raise
             except Exception as err:  # noqa: BLE001 - any read failure: fall back to an older one
@@ -279,15 +280,18 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def _check_compatible(self, step: int, meta: dict, config: dict, template: TrainState) -> None:
+    def _check_compatible(self, step: int, meta: dict, config: dict, template: TrainState) -> dict | None:
+        """Raises IncompatibleCheckpointError on a differing configuration or array shape; returns
+        the saved state's array metadata (`_stored_tree`, read once for the restore too)."""
         stored = meta.get("config")
         stored = json.loads(stored) if isinstance(stored, str) else stored
         problems = config_differences(stored, config) if stored is not None else []
+        tree = None
         if not problems:
             tree = self._stored_tree(step)
             if tree is not None:
-                tree = {k: v for k, v in dict(tree).items() if k not in LEGACY_ITEMS}
-                problems = shape_differences(tree, state_arrays(template))
+                arrays = {k: v for k, v in dict(tree).items() if k not in LEGACY_ITEMS}
+                problems = shape_differences(arrays, state_arrays(template))
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise IncompatibleCheckpointError(
@@ -295,6 +299,7 @@ class Checkpointer:
                 f"(checkpoint -> this run):\n  " + "\n  ".join(shown) +
                 "\nEither resume with the configuration it was trained with, or start a new run with "
                 "another --workdir.")
+        return tree
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

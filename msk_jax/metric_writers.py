@@ -157,21 +157,21 @@ class Profile:
 
     def __init__(self, logdir: str, first_step: int, num_steps: int):
         self.logdir, self.first_step, self.num_steps = logdir, first_step, num_steps
-        self.running = False
-        self.written: str | None = None
+        self.stop_at: int | None = None  # set while the trace runs
+        self.done = False
 
     def __call__(self, step: int) -> None:
         import jax
 
-        if not self.running and self.written is None and step >= self.first_step:
+        if self.stop_at is None and not self.done and step >= self.first_step:
             jax.profiler.start_trace(self.logdir)
-            self.running, self._stop_at = True, step + self.num_steps
-        elif self.running and step >= self._stop_at:
+            self.stop_at = step + self.num_steps
+        elif self.stop_at is not None and step >= self.stop_at:
             self.close()
 
     def close(self) -> None:
         import jax
 
-        if self.running:
+        if self.stop_at is not None:
             jax.profiler.stop_trace()
-            self.running, self.written = False, self.logdir
+            self.stop_at, self.done = None, True
