@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -126,16 +127,25 @@ class DeviceBatches:
         return self._queue.popleft()
 
 
-def _gather_positions(state: dict) -> list[dict]:
-    """Every process's input position (a pipeline `state()`), for the checkpoint's metadata."""
-    local = np.array([state["epoch"], state["position"]], np.int64)
-    if jax.process_count() == 1:
-        rows = local[None]
-    else:
-        from jax.experimental import multihost_utils
-        rows = np.asarray(multihost_utils.process_allgather(local))
-    return [{"epoch": int(e), "position": int(p), "seed": state["seed"], "process_index": i,
-             "process_count": jax.process_count()} for i, (e, p) in enumerate(rows)]
+def saved_input_position(saved, videos_per_batch: int) -> tuple[dict, str | None]:
+    """The global input position of a checkpoint's `meta["input"]`, and a warning when it is
+    approximate. Checkpoints store the global position (epoch, slot); those of earlier versions
+    stored one position per process, within that process's shard: without skipped videos they
+    convert exactly, else to the batch every process had reached (the stream then differs from
+    an uninterrupted run's from there)."""
+    if isinstance(saved, dict):
+        return saved, None
+    local = videos_per_batch // max(1, int(saved[0].get("process_count", len(saved))))
+    epochs = {int(p["epoch"]) for p in saved}
+    positions = [int(p["position"]) for p in saved]
+    batch = min(positions) // local
+    position = {"epoch": min(epochs), "position": batch * videos_per_batch, "seed": saved[0]["seed"],
+                "videos_per_batch": videos_per_batch}
+    if len(epochs) == 1 and len(set(positions)) == 1 and positions[0] % local == 0:
+        return position, None
+    return position, (f"this checkpoint's input positions ({positions} in epoch(s) {sorted(epochs)}) are per process, "
+                      f"from an earlier msk_jax with skipped videos; training continues at batch {batch} of epoch "
+                      f"{min(epochs)}, so its input differs from an uninterrupted run's from here.")
 
 
 class Preemption:
@@ -213,7 +223,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     input_position = pipeline.state()
     if resumed is not None:
         state, meta, _ = resumed
-        pipeline.restore(meta["input"][jax.process_index()])
+        position, warning = saved_input_position(meta["input"], config.videos_per_batch)
+        if warning and is_main:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        pipeline.restore(position)
         input_position = pipeline.state()
         if is_main:
             print(f"resumed from step {int(sharding.to_host(state.step))} in {checkpointer.directory}", flush=True)
@@ -222,7 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def save(force=False):
         step_metrics.check_finite()  # raises before a state computed from a non-finite step is saved
-        meta = {"input": _gather_positions(input_position), "config": config.to_json(), "num_train_steps": num_steps}
+        meta = {"input": input_position, "config": config.to_json(), "num_train_steps": num_steps}
         checkpointer.save(state, meta, force=force)
 
     def run_eval(step):

@@ -69,6 +69,48 @@ def test_processes_read_disjoint_shards(corpus):
         TrainingPipeline(reader(corpus, **SETTINGS), 3, process_count=2)
 
 
+def _global(pipelines, n):
+    """n global batches: the processes' batches concatenated in process order."""
+    parts = [_take(p, n) for p in pipelines]
+    return [{k: np.concatenate([part[i][k] for part in parts]) for k in parts[0][0]} for i in range(n)]
+
+
+def test_the_stream_is_global_and_resumes_on_another_process_count(corpus):
+    """With unreadable videos in the corpus (replaced within their slot), two processes build
+    the single process's global batches, and a position saved on either count continues the
+    same stream on the other (across an epoch boundary)."""
+    def pipelines(count):
+        return [TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=6, process_index=p, process_count=count)
+                for p in range(count)]
+
+    single = pipelines(1)
+    want = _global(single, 8)
+    assert sum(single[0].skipped.values()) >= 2
+    two = pipelines(2)
+    assert _same(_global(two, 3), want[:3])
+    assert two[0].state() == two[1].state() == {"epoch": 0, "position": 12, "seed": 6, "videos_per_batch": 4}
+    one = pipelines(1)
+    one[0].restore(two[0].state())  # 2 -> 1
+    assert _same(_global(one, 2), want[3:5])
+    again = pipelines(2)
+    for p in again:  # 1 -> 2
+        p.restore(one[0].state())
+    assert _same(_global(again, 3), want[5:8])
+    with pytest.raises(ValueError, match="batch boundary"):
+        one[0].restore({"epoch": 0, "position": 2, "seed": 6})
+
+
+def test_positions_of_earlier_checkpoints_convert():
+    from msk_jax.train import saved_input_position
+
+    old = [{"epoch": 2, "position": 8, "seed": 1, "process_index": i, "process_count": 2} for i in range(2)]
+    assert saved_input_position(old, 8) == ({"epoch": 2, "position": 16, "seed": 1, "videos_per_batch": 8}, None)
+    old[1]["position"] = 9  # process 1 had skipped a video
+    position, warning = saved_input_position(old, 8)
+    assert position["position"] == 16 and "batch 2 of epoch 2" in warning
+    assert saved_input_position(position, 8) == (position, None)
+
+
 def test_bad_videos_are_skipped_and_counted(corpus):
     pipeline = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=0)
     _take(pipeline, 6)  # two epochs of 12 videos

@@ -1,16 +1,19 @@
 """The training input pipeline: deterministic, resumable, sharded by process, prefetched.
 
-The stream of a process is the concatenation of epochs; epoch e visits the videos in the order
-`permutation(seed, e)` cut into blocks of `videos_per_batch` (a last partial block is dropped),
-and process p of P takes the p-th slice of every block: processes read disjoint shards, and
-without skipped videos the global batch is exactly the one a single process would build. Each video yields `n_clips` clips sampled with a generator seeded by
-(seed, epoch, video index): the clips of a video do not depend on threads, on the process count
-or on what was skipped before. A batch is the clips of the next `videos_per_batch / P` usable
-videos; a video that cannot be read (missing or truncated files, no ASR segments, ...) is
-skipped and counted, and `summary()` says how many and why.
+The stream is global: the concatenation of epochs, epoch e a sequence of slots, the videos in
+the order `permutation(seed, e)` cut into batches of `videos_per_batch` slots (a last partial
+batch is dropped). Process p of P fills the p-th slice of every batch, so the processes read
+disjoint shards and together build exactly the global batch a single process would. A slot
+whose video cannot be read (missing or truncated files, no ASR segments, ...) takes a
+replacement drawn from (seed, epoch, slot, attempt), tried until one can be read; the failures
+are counted and `summary()` says how many and why. Each video yields `n_clips` clips sampled
+with a generator seeded by (seed, epoch, video index). So a batch depends on nothing but the
+seed and its place in the stream: not on threads, worker processes, the process count, or what
+was skipped elsewhere.
 
-`state()` is the stream position after the last batch returned; `restore(state)` continues
-from there, so a resumed run sees exactly the batches an uninterrupted one would.
+`state()` is the stream position after the last batch returned (epoch and slot, the same on
+every process); `restore(state)` continues from there, on any number of processes: a resumed
+run sees exactly the batches an uninterrupted one would, even on another host count.
 
 Videos are loaded `prefetch` batches ahead by `workers` threads, or with `processes=True` by
 worker processes (spawned; each unpickles the source once, so a source should pickle small, as
@@ -18,7 +21,9 @@ worker processes (spawned; each unpickles the source once, so a source should pi
 do. A worker process writes a video's clips into a slot of shared memory and returns only its
 status, so the clips are copied once, into the batch. The batches are the same either way.
 Spawned workers import the program's main module, so a script that starts a process pipeline
-needs the usual `if __name__ == "__main__":` guard; a worker exits when its training process dies.
+needs the usual `if __name__ == "__main__":` guard. Workers ignore SIGTERM and SIGINT: a cluster
+signals every process of a job, and the training process decides when to stop (after saving a
+checkpoint), then shuts its workers down; a worker exits by itself when its training process dies.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import concurrent.futures
 import inspect
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from multiprocessing import shared_memory
@@ -99,6 +105,10 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: int, parent: int) -> None:
+    # A preemption signals the whole process group: the training process handles it (saves and
+    # stops at a step boundary, then shuts the pool down); a worker that died here would break it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent)
     _WORKER["source"] = source
     _WORKER["slots"] = _SharedSlots(layout, count, name=memory_name)
@@ -106,28 +116,45 @@ def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: in
     _WORKER["writes_out"] = "out" in inspect.signature(source.sample_clips).parameters
 
 
-def _load_into_slot(seed: int, epoch: int, video_index: int, slot: int):
-    """In a worker process: one video's clips into `slot`. Returns (DataError fields or None,
-    CPU seconds, bytes the source read)."""
+def slot_candidate(seed: int, epoch: int, slot: int, attempt: int, num_videos: int) -> int:
+    """The replacement video of a slot whose earlier candidates could not be read (attempt >= 1)."""
+    return int(np.random.default_rng([seed, epoch, slot, attempt]).integers(num_videos))
+
+
+def _sample_slot(source, seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, out=None):
+    """The clips of one slot: its video, or the first readable replacement. Returns (clips or
+    None when `max_attempts` candidates failed, [DataError fields of each failure])."""
+    errors, video = [], first_video
+    for attempt in range(max_attempts):
+        if attempt:
+            video = slot_candidate(seed, epoch, slot, attempt, len(source))
+        rng = video_rng(seed, epoch, video)
+        try:
+            clips = source.sample_clips(video, rng) if out is None else source.sample_clips(video, rng, out=out)
+        except DataError as err:
+            errors.append((err.path, err.problem, err.reason))
+            continue
+        return clips, errors
+    return None, errors
+
+
+def _load_into_slot(seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, memory_slot: int):
+    """In a worker process: one slot's clips into shared-memory slot `memory_slot`. Returns
+    (whether it was filled, [DataError fields], CPU seconds, bytes the source read)."""
     cpu, source = time.process_time(), _WORKER["source"]
     read = getattr(source, "bytes_read", 0)
-    rng = video_rng(seed, epoch, video_index)
-    views = _WORKER["slots"].views(slot)
-    try:
-        clips = source.sample_clips(video_index, rng, out=views) if _WORKER["writes_out"] else \
-            source.sample_clips(video_index, rng)
-    except DataError as err:
-        error = (err.path, err.problem, err.reason)
-    else:
-        error = None
+    views = _WORKER["slots"].views(memory_slot)
+    clips, errors = _sample_slot(source, seed, epoch, slot, first_video, max_attempts,
+                                 out=views if _WORKER["writes_out"] else None)
+    if clips is not None:
         for key, view in views.items():
             if clips[key] is view:
                 continue
             if clips[key].shape != view.shape:
-                raise ValueError(f"TrainingPipeline: video {video_index} gave '{key}' of shape {clips[key].shape}, "
+                raise ValueError(f"TrainingPipeline: slot {slot} gave '{key}' of shape {clips[key].shape}, "
                                  f"the first video {view.shape}; worker processes need fixed clip shapes.")
             view[...] = clips[key]
-    return error, time.process_time() - cpu, getattr(source, "bytes_read", 0) - read
+    return clips is not None, errors, time.process_time() - cpu, getattr(source, "bytes_read", 0) - read
 
 
 class TrainingPipeline:
@@ -135,7 +162,7 @@ class TrainingPipeline:
 
     def __init__(self, source: VideoSource, videos_per_batch: int, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2, workers: int = 2,
-                 processes: bool = False, keys: tuple[str, ...] = MODEL_KEYS, max_consecutive_failures: int = 1000):
+                 processes: bool = False, keys: tuple[str, ...] = MODEL_KEYS, max_attempts: int = 1000):
         if len(source) == 0:
             raise ValueError("TrainingPipeline: the video source is empty.")
         if videos_per_batch % process_count:
@@ -144,20 +171,22 @@ class TrainingPipeline:
         if not 0 <= process_index < process_count:
             raise ValueError(f"TrainingPipeline: process_index {process_index} not in [0, {process_count}).")
         self.source, self.seed, self.keys = source, seed, keys
+        self.videos_per_batch = videos_per_batch
         self.process_index, self.process_count = process_index, process_count
         self.local_videos = videos_per_batch // process_count
         if len(source) < videos_per_batch:
             raise ValueError(f"TrainingPipeline: {len(source)} videos are fewer than videos_per_batch={videos_per_batch}.")
-        self.prefetch, self.max_consecutive_failures = prefetch, max_consecutive_failures
+        self.batches_per_epoch = len(source) // videos_per_batch
+        self.prefetch, self.max_attempts = prefetch, max_attempts
         self.workers, self.processes = max(1, workers), processes
         self._executor = None if processes else concurrent.futures.ThreadPoolExecutor(
             self.workers, thread_name_prefix="msk-data")
         self._slots: _SharedSlots | None = None
         self._free_slots: collections.deque = collections.deque()
-        self._epoch, self._position = 0, 0      # stream position after the last returned batch
-        self._pending: collections.deque = collections.deque()  # (epoch, position, slot, future)
-        self._next = (0, 0)                      # next stream item to submit
-        self._cached_epoch, self._cached_shard = -1, np.empty(0, int)
+        self._epoch, self._batch = 0, 0          # stream position after the last returned batch
+        self._pending: collections.deque = collections.deque()  # (epoch, slot, memory slot, future)
+        self._next = (0, 0)                      # (epoch, local index) of the next slot to submit
+        self._cached_epoch, self._cached_order = -1, np.empty(0, int)
         self.skipped: collections.Counter = collections.Counter()
         self.skipped_examples: dict[str, str] = {}
         self.clips_served = 0
@@ -166,29 +195,34 @@ class TrainingPipeline:
         self._start_time = time.monotonic()
 
     # --- stream -------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._cached_epoch != epoch:
+            self._cached_epoch = epoch
+            self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        return self._cached_order
+
+    def _slot(self, local_index: int) -> int:
+        """The global slot (index into the epoch's order) of this process's `local_index`-th."""
+        batch, offset = divmod(local_index, self.local_videos)
+        return batch * self.videos_per_batch + self.process_index * self.local_videos + offset
+
     def _shard(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-        block = self.local_videos * self.process_count
-        blocks = order[: len(order) // block * block].reshape(-1, self.process_count, self.local_videos)
-        return blocks[:, self.process_index].ravel()
+        """The first-choice videos of this process's slots in `epoch`, in order."""
+        local = np.arange(self.batches_per_epoch * self.local_videos)
+        batch, offset = np.divmod(local, self.local_videos)
+        return self._order(epoch)[batch * self.videos_per_batch + self.process_index * self.local_videos + offset]
 
-    def _load(self, epoch: int, video_index: int):
-        rng = video_rng(self.seed, epoch, video_index)
-        try:
-            clips = self.source.sample_clips(int(video_index), rng)
-        except DataError as err:
-            return err
-        return {k: clips[k] for k in self.keys}
+    def _load(self, epoch: int, slot: int, first_video: int):
+        """One slot's clips (threads and the main process): (clips or None, [DataError fields])."""
+        clips, errors = _sample_slot(self.source, self.seed, epoch, slot, first_video, self.max_attempts)
+        return (None if clips is None else {k: clips[k] for k in self.keys}), errors
 
-    def _start_processes(self, epoch: int) -> None:
+    def _start_processes(self, epoch: int, slot: int) -> None:
         """Learns the clip shapes from the first readable video, then starts the workers."""
-        shard = self._shard_cache(epoch)
-        for video_index in shard[: self.max_consecutive_failures]:
-            example = self._load(epoch, video_index)
-            if not isinstance(example, DataError):
-                break
-        else:
-            raise RuntimeError(f"TrainingPipeline: none of the first videos could be read (e.g. {example}).")
+        example, errors = self._load(epoch, slot, int(self._order(epoch)[slot]))
+        if example is None:
+            raise RuntimeError(f"TrainingPipeline: none of {len(errors)} videos could be read (e.g. "
+                               f"{DataError(*errors[-1])}).")
         count = self.local_videos * (2 + self.prefetch)
         self._slots = _SharedSlots({k: (v.shape, v.dtype.str) for k, v in example.items()}, count)
         self._free_slots.extend(range(count))
@@ -198,61 +232,56 @@ class TrainingPipeline:
 
     def _submit_until(self, count: int) -> None:
         while len(self._pending) < count:
-            epoch, position = self._next
-            shard = self._shard_cache(epoch)
-            if position >= len(shard):
+            epoch, local_index = self._next
+            if local_index >= self.batches_per_epoch * self.local_videos:
                 self._next = (epoch + 1, 0)
                 continue
+            slot = self._slot(local_index)
+            first_video = int(self._order(epoch)[slot])
             if self.processes:
                 if self._executor is None:
-                    self._start_processes(epoch)
-                slot = self._free_slots.popleft()
-                future = self._executor.submit(_load_into_slot, self.seed, epoch, int(shard[position]), slot)
+                    self._start_processes(epoch, slot)
+                memory_slot = self._free_slots.popleft()
+                future = self._executor.submit(_load_into_slot, self.seed, epoch, slot, first_video,
+                                               self.max_attempts, memory_slot)
             else:
-                slot, future = None, self._executor.submit(self._load, epoch, shard[position])
-            self._pending.append((epoch, position, slot, future))
-            self._next = (epoch, position + 1)
+                memory_slot, future = None, self._executor.submit(self._load, epoch, slot, first_video)
+            self._pending.append((epoch, slot, memory_slot, future))
+            self._next = (epoch, local_index + 1)
 
-    def _result(self, slot, future):
-        """A finished load as clips (views of a slot for processes) or a DataError."""
-        if slot is None:
+    def _result(self, memory_slot, future):
+        """A finished load: (clips, views of a memory slot for processes, or None; [DataError fields])."""
+        if memory_slot is None:
             return future.result()
-        error, cpu, read = future.result()
+        filled, errors, cpu, read = future.result()
         self.worker_cpu_seconds += cpu
         self.worker_bytes_read += read
-        if error is not None:
-            self._free_slots.append(slot)
-            return DataError(*error)
-        return self._slots.views(slot)
-
-    def _shard_cache(self, epoch: int) -> np.ndarray:
-        if self._cached_epoch != epoch:
-            self._cached_epoch, self._cached_shard = epoch, self._shard(epoch)
-        return self._cached_shard
+        if not filled:
+            self._free_slots.append(memory_slot)
+            return None, errors
+        return self._slots.views(memory_slot), errors
 
     # --- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        videos, held, failures = [], [], 0
+        videos, held = [], []
         lookahead = self.local_videos * (1 + self.prefetch)
-        while len(videos) < self.local_videos:
+        for _ in range(self.local_videos):
             self._submit_until(lookahead)
-            epoch, position, slot, future = self._pending.popleft()
-            result = self._result(slot, future)
-            self._epoch, self._position = (epoch, position + 1)
-            if isinstance(result, DataError):
-                self.skipped[result.reason] += 1
-                self.skipped_examples.setdefault(result.reason, str(result))
-                failures += 1
-                if failures >= self.max_consecutive_failures:
-                    raise RuntimeError(f"TrainingPipeline: {failures} videos in a row could not be read. "
-                                       + self.summary())
-                continue
-            failures = 0
-            videos.append(result)
-            held.append(slot)
+            epoch, slot, memory_slot, future = self._pending.popleft()
+            clips, errors = self._result(memory_slot, future)
+            for fields in errors:
+                error = DataError(*fields)
+                self.skipped[error.reason] += 1
+                self.skipped_examples.setdefault(error.reason, str(error))
+            if clips is None:
+                raise RuntimeError(f"TrainingPipeline: {len(errors)} videos in a row could not be read. "
+                                   + self.summary())
+            videos.append(clips)
+            held.append(memory_slot)
+        self._epoch, self._batch = epoch, slot // self.videos_per_batch + 1
         batch = {k: np.concatenate([v[k] for v in videos]) for k in self.keys}
         self._free_slots.extend(s for s in held if s is not None)
         self.clips_served += len(batch[self.keys[0]])
@@ -260,19 +289,26 @@ class TrainingPipeline:
 
     # --- state --------------------------------------------------------------------------------
     def state(self) -> dict[str, int]:
-        """The stream position after the last batch returned (save it with a checkpoint)."""
-        return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
-                "process_index": self.process_index, "process_count": self.process_count}
+        """The stream position after the last batch returned (save it with a checkpoint): the
+        epoch and the global slot, the same on every process."""
+        return {"epoch": self._epoch, "position": self._batch * self.videos_per_batch, "seed": self.seed,
+                "videos_per_batch": self.videos_per_batch}
 
     def restore(self, state: dict) -> None:
-        """Continues after the batch that `state` was taken after."""
-        for key in ("seed", "process_index", "process_count"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"TrainingPipeline: saved state has {key}={state[key]}, this pipeline "
-                                 f"{getattr(self, key)}; the input position cannot be restored.")
+        """Continues after the batch that `state` was taken after (on any process count)."""
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"TrainingPipeline: saved state has seed={state['seed']}, this pipeline "
+                             f"{self.seed}; the input position cannot be restored.")
+        if int(state.get("videos_per_batch", self.videos_per_batch)) != self.videos_per_batch:
+            raise ValueError(f"TrainingPipeline: saved state has videos_per_batch={state['videos_per_batch']}, "
+                             f"this pipeline {self.videos_per_batch}; the input position cannot be restored.")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position % self.videos_per_batch or not 0 <= position <= self.batches_per_epoch * self.videos_per_batch:
+            raise ValueError(f"TrainingPipeline: saved position {position} is not a batch boundary of an epoch of "
+                             f"{self.batches_per_epoch} batches of {self.videos_per_batch}.")
         self._drain()
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._next = (self._epoch, self._position)
+        self._epoch, self._batch = epoch, position // self.videos_per_batch
+        self._next = (epoch, self._batch * self.local_videos)
 
     def clips_per_second(self) -> float:
         return self.clips_served / max(time.monotonic() - self._start_time, 1e-9)
@@ -288,11 +324,11 @@ class TrainingPipeline:
 
     def _drain(self) -> None:
         """Drops the loads in flight (a worker process may still be writing its slot: wait for it)."""
-        for _, _, slot, future in self._pending:
-            if not future.cancel() and slot is not None:
+        for _, _, memory_slot, future in self._pending:
+            if not future.cancel() and memory_slot is not None:
                 concurrent.futures.wait([future])
-            if slot is not None:
-                self._free_slots.append(slot)
+            if memory_slot is not None:
+                self._free_slots.append(memory_slot)
         self._pending.clear()
 
     def close(self) -> None:

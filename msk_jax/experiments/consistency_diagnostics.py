@@ -106,6 +106,7 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
     from msk_jax import checkpoints, input_pipeline, train_step
     from msk_jax.model import MultiSKModel
     from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.train import saved_input_position
 
     objective = ObjectiveConfig.from_config(config.objective)
     if not objective.consistency:
@@ -127,7 +128,7 @@ def diagnose_run(config, workdir: str) -> dict[str, float]:
         checkpointer.close()
     pipeline = TrainingPipeline(source, config.videos_per_batch, seed=config.seed, workers=1)
     try:
-        pipeline.restore(meta["input"][0])
+        pipeline.restore(saved_input_position(meta["input"], config.videos_per_batch)[0])
         batch = next(iter(pipeline))
     finally:
         pipeline.close()
