@@ -20,11 +20,13 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from msk_jax import storage
@@ -181,10 +183,52 @@ def _quiet_failed_reads(settle_seconds: float = 0.25, max_wait_seconds: float = 
         logging.getLogger("asyncio").removeFilter(quiet)
 
 
-class Checkpointer:
-    """Periodic and final checkpoints in `<workdir>/checkpoints` (a local folder or a URL)."""
+_RESTORED, _UNREADABLE, _TRANSIENT, _INCOMPATIBLE = 0, 1, 2, 3
 
-    def __init__(self, workdir: str, keep: int = 3):
+# Storage errors that may pass: timeouts, throttling, server errors, dropped connections (as
+# TensorStore, gcsfs and the operating system word them).
+_TRANSIENT_TEXT = re.compile(
+    r"DEADLINE_EXCEEDED|UNAVAILABLE|RESOURCE_EXHAUSTED|timed out|timeout|connection (reset|aborted|refused|closed)"
+    r"|reset by peer|broken pipe|temporar|too many requests|service unavailable|bad gateway|internal server error"
+    r"|(status|code|http)[^0-9a-z]{0,12}(429|5\d\d)\b", re.IGNORECASE)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a read failure may pass on a retry (a storage hiccup, not a broken file)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, (TimeoutError, ConnectionError)) or _TRANSIENT_TEXT.search(str(err)):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _agree(value: int) -> list[int]:
+    """Every process's `value`, in process order (the same list on every process)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.array([value], np.int64))).ravel()]
+
+
+def _indices(statuses: list[int], status: int) -> str:
+    return ", ".join(str(i) for i, s in enumerate(statuses) if s == status)
+
+
+def _who_failed(step: int, statuses: list[int], count: int) -> str:
+    if count == 1:
+        return f"step {step}"
+    return f"step {step} (unreadable on process(es) {_indices(statuses, _UNREADABLE) or _indices(statuses, _TRANSIENT)})"
+
+
+class Checkpointer:
+    """Periodic and final checkpoints in `<workdir>/checkpoints` (a local folder or a URL).
+
+    A read that fails is tried `read_attempts` times in all when the error may pass (with
+    backoff from `backoff_seconds`, doubling), twice otherwise."""
+
+    def __init__(self, workdir: str, keep: int = 3, read_attempts: int = 5, backoff_seconds: float = 1.0):
+        self.read_attempts, self.backoff_seconds = max(2, read_attempts), backoff_seconds
         self.directory = storage.join(workdir, "checkpoints")
         self.manager = open_manager(self.directory, max_to_keep=keep, create=True)
 
@@ -230,53 +274,107 @@ class Checkpointer:
 
     def restore_latest(self, template: TrainState, config: dict,
                        warn: Callable[[str], None] | None = None) -> tuple[TrainState, dict, int] | None:
-        """(state, meta, step) from the newest checkpoint that can be read, None without any.
+        """(state, meta, step) from the newest checkpoint that every process can read, None
+        without any. All processes take the same decision (they agree on each step tried).
+
+        Each process tries the newest step not yet tried by any: a storage error that may pass
+        (a timeout, a 5xx, a reset connection) is retried with backoff, any other failure once
+        more on a fresh read; then the processes compare results. All read it: every process
+        resumes from it. One could not: all try the next older step. Only after the agreement
+        does process 0 move the newer, unreadable steps aside (`<workdir>/unreadable_checkpoints/`).
 
         Raises IncompatibleCheckpointError when the checkpoint's configuration (or its arrays'
-        shapes) differ from `config` (a JSON-style dict) in what the state depends on, and
-        CheckpointError when checkpoints exist but none can be read. Unreadable newer
-        checkpoints are reported through `warn` (default: stderr)."""
+        shapes) differ from `config` (a JSON-style dict) in what the state depends on;
+        CheckpointError when checkpoints exist but none can be read, or when storage errors
+        outlast the retries (nothing is moved then). Each process reports its own failed reads
+        through `warn` (default: stderr); process 0 reports the decision."""
         warn = warn or _warn
-        steps = self.all_steps()
-        failures = []
-        for step in reversed(steps):
-            folder = storage.join(self.directory, str(step))
+        me, count = jax.process_index(), jax.process_count()
+        prefix = f"process {me}: " if count > 1 else ""
+        local_steps = self.all_steps()
+        failed, newest_tried = [], None
+        while True:
+            untried = [s for s in local_steps if newest_tried is None or s < newest_tried]
+            step = max(_agree(untried[-1] if untried else -1))  # the newest any process lists
+            if step < 0:
+                break
+            newest_tried = step
+            status, result = self._try_restore(step, template, config)
+            statuses = _agree(status)
+            if all(s == _RESTORED for s in statuses):
+                if failed:
+                    moved = self._move_aside([s for s in self.all_steps() if s > step])  # process 0 moves
+                    if me == 0:
+                        warn(f"resuming from step {step}, the newest checkpoint in {self.directory} that every "
+                             f"process can read; the newer ones were moved to {moved}.")
+                state, meta = result
+                return state, meta, step
+            failed.append(_who_failed(step, statuses, count))
+            if status == _INCOMPATIBLE:
+                raise result
+            if _INCOMPATIBLE in statuses:
+                raise IncompatibleCheckpointError(
+                    f"process {statuses.index(_INCOMPATIBLE)} found the checkpoint at step {step} in {self.directory} "
+                    "trained with another configuration (its message names the fields).")
+            if _TRANSIENT in statuses:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory}: storage errors on process(es) "
+                    f"{_indices(statuses, _TRANSIENT)} outlasted {self.read_attempts} attempts"
+                    + (f" ({result})" if status == _TRANSIENT else "") + "; nothing was moved. Run again when "
+                    "the storage answers.")
+            if status == _UNREADABLE:
+                warn(f"{prefix}checkpoint step {step}: {result}; trying the previous one.")
+            elif me == 0:
+                warn(f"checkpoint {failed[-1]}; trying the previous one.")
+        if failed:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read by every process, so the run does "
+                                  "not start from scratch over them: " + "; ".join(failed)
+                                  + ". Remove the broken step folders to start again, or use a new --workdir.")
+        return None
+
+    def _try_restore(self, step: int, template: TrainState, config: dict):
+        """(status, result): (_RESTORED, (state, meta)), (_INCOMPATIBLE, the error), or
+        (_UNREADABLE / _TRANSIENT, what failed) after the retries."""
+        folder = storage.join(self.directory, str(step))
+        for attempt in range(1, self.read_attempts + 1):
             what = storage.join(folder, "meta")
             try:
                 with _quiet_failed_reads():
                     meta = self.read_meta(step)
                     stored = self._check_compatible(step, meta, config, template)
                     what = storage.join(folder, "state")
-                    state, meta = self.restore(template, step, stored)
-            except IncompatibleCheckpointError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any read failure: fall back to an older one
-                failures.append(f"step {step}: {_describe_failure(err, what)}")
-                warn(f"checkpoint {failures[-1]}; trying the previous one.")
-                continue
-            if failures:
-                moved = self._move_aside([s for s in steps if s > step])
-                warn(f"resuming from step {step}, the newest readable checkpoint in {self.directory}; "
-                     f"the unreadable ones were moved to {moved}.")
-            return state, meta, step
-        if failures:
-            raise CheckpointError(f"no checkpoint in {self.directory} can be read, so the run does not start "
-                                  "from scratch over them:\n  " + "\n  ".join(failures)
-                                  + "\nRemove the broken step folders to start again, or use a new --workdir.")
-        return None
+                    return _RESTORED, self.restore(template, step, stored)
+            except IncompatibleCheckpointError as err:
+                return _INCOMPATIBLE, err
+            except Exception as err:  # noqa: BLE001 - any read failure: retried, then reported
+                described = _describe_failure(err, what)
+                transient = is_transient(err)
+                if not transient and attempt >= 2:  # failed twice: unreadable
+                    return _UNREADABLE, described
+                if attempt == self.read_attempts:
+                    return (_TRANSIENT if transient else _UNREADABLE), described
+                time.sleep(self.backoff_seconds * 2 ** (attempt - 1) if transient else 0.0)
+                self.manager.reload()  # the next attempt reads afresh
+        raise AssertionError("unreachable")
 
     def _move_aside(self, steps: list[int]) -> str:
         """Moves unreadable step folders out of the way (to `<workdir>/unreadable_checkpoints/`),
         so the run can save those steps again and a later restart does not trip over them."""
         target = storage.join(storage.path(self.directory).parent, "unreadable_checkpoints")
+        error = None
         if jax.process_index() == 0:
-            storage.makedirs(target)
-            for step in steps:
-                destination = storage.path(target) / f"{step}.{int(time.time())}"
-                storage.path(storage.join(self.directory, str(step))).rename(destination)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("msk_jax: unreadable checkpoints moved")
+            try:
+                storage.makedirs(target)
+                for step in steps:
+                    storage.move(storage.join(self.directory, str(step)),
+                                 storage.join(target, f"{step}.{int(time.time())}"))
+            except OSError as err:  # reported on every process, after they all got here
+                error = err
+        if _agree(error is not None)[0]:
+            raise CheckpointError(f"could not move the unreadable checkpoints {steps} of {self.directory} to "
+                                  f"{target}" + (f": {error}" if error else " (see process 0)")
+                                  + "; move or remove them, then run again.")
+        storage.refresh(self.directory)  # every process lists the folder afresh (gcsfs caches listings)
         self.manager.reload()
         return target
 

@@ -8,12 +8,13 @@ flags, starts multi-host JAX when asked, and calls `train.train_and_evaluate`.
         --config.data.csv=... --config.optimizer.lr=1e-4
 """
 
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from msk_jax import allocator
+from msk_jax import allocator, layout
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file: configs/howto.py[:variant] (the "
@@ -25,6 +26,8 @@ flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-proc
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process CPU runs ('gloo').")
+flags.DEFINE_list("local_device_ids", None, "GPUs this process uses (with --multihost/--coordinator); default: "
+                  "under SLURM the GPUs its task was given (launch.layout), else JAX's choice.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,12 +40,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (checkpointing) off the terminal
     if FLAGS.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+    device_ids = None
     if FLAGS.multihost or FLAGS.coordinator:
         kwargs = {}
         if FLAGS.coordinator:
             kwargs = dict(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                           process_id=FLAGS.process_id)
-        jax.distributed.initialize(**kwargs)
+        try:
+            device_ids = ([int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids
+                          else layout.slurm_local_device_ids(os.environ))
+        except (ValueError, layout.LayoutError) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        jax.distributed.initialize(local_device_ids=device_ids, **kwargs)
+    for line in layout.describe(jax, device_ids, os.environ):
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
     from msk_jax import checkpoints, train
     from msk_jax.data.features import DataError

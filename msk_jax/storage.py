@@ -66,6 +66,19 @@ def refresh(p: PathLike) -> None:
             fs.invalidate_cache()  # every instance: epath and orbax hold their own
 
 
+def move(src: PathLike, dst: PathLike) -> None:
+    """Renames a file or folder. In a bucket (no real folders: every object is copied, then
+    deleted) the destination's parent need not exist."""
+    if is_remote(src):
+        import fsspec
+
+        fs, source = fsspec.core.url_to_fs(os.fspath(src))
+        fs.copy(source, fsspec.core.url_to_fs(os.fspath(dst))[1], recursive=True)
+        fs.rm(source, recursive=True)
+        return
+    os.replace(os.path.abspath(src), os.path.abspath(dst))
+
+
 def makedirs(p: PathLike) -> None:
     path(p).mkdir(parents=True, exist_ok=True)
 

@@ -214,8 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 processes=config.data.worker_processes)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
-        resumed = checkpointer.restore_latest(state, json.loads(config.to_json()),
-                                              warn=None if is_main else lambda message: None)
+        resumed = checkpointer.restore_latest(state, json.loads(config.to_json()))
     except checkpoints.CheckpointError:
         pipeline.close()
         checkpointer.close()

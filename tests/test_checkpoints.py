@@ -68,3 +68,52 @@ def test_a_checkpoint_with_the_rng_of_earlier_versions_restores(tmp_path):
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match=r"params/w: \(3,\) -> \(5,\)"):
         wide = _state(0, 0.0).replace(params={"w": jnp.zeros((5,), jnp.float32)})
         checkpoints.Checkpointer(str(tmp_path)).restore_latest(wide, CONFIG)
+
+
+class _Flaky:
+    """Orbax reads of `step` that fail `times` times with `error` (a storage fault of this
+    process), then read normally."""
+
+    def __init__(self, manager, step, times, error):
+        self.manager, self.step, self.left, self.error = manager, step, times, error
+        self.real = manager.restore
+
+    def restore(self, step, *args, **kwargs):
+        if step == self.step and self.left > 0:
+            self.left -= 1
+            raise self.error
+        return self.real(step, *args, **kwargs)
+
+
+def test_transient_storage_errors_are_retried_and_never_move_a_checkpoint(tmp_path):
+    _save(tmp_path, [1, 2])
+    checkpointer = checkpoints.Checkpointer(str(tmp_path), read_attempts=4, backoff_seconds=0.01)
+    unavailable = ValueError("UNAVAILABLE: HTTP response code: 503 with body: Service Unavailable")
+    try:
+        flaky = _Flaky(checkpointer.manager, 2, 3, unavailable)
+        checkpointer.manager.restore = flaky.restore
+        warnings = []
+        _, _, step = checkpointer.restore_latest(_state(0, 0.0), CONFIG, warn=warnings.append)
+        assert step == 2 and flaky.left == 0 and warnings == []  # three failures, the fourth read worked
+        flaky.left = 10  # more than the attempts: the run stops, nothing is moved
+        with pytest.raises(checkpoints.CheckpointError, match="outlasted 4 attempts.*nothing was moved"):
+            checkpointer.restore_latest(_state(0, 0.0), CONFIG, warn=warnings.append)
+        flaky.left, flaky.error = 2, ValueError("NOT_FOUND: Error reading local file: No such file")
+        _, _, step = checkpointer.restore_latest(_state(0, 0.0), CONFIG, warn=warnings.append)
+        assert step == 1 and flaky.left == 0  # failed twice (a fresh read too): unreadable
+    finally:
+        checkpointer.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert [n.split(".")[0] for n in os.listdir(tmp_path / "unreadable_checkpoints")] == ["2"]
+
+
+@pytest.mark.parametrize("error, transient", [
+    (TimeoutError("read timed out"), True),
+    (ConnectionResetError(104, "Connection reset by peer"), True),
+    (ValueError("DEADLINE_EXCEEDED: waiting for gs://b/x"), True),
+    (OSError("HTTP status 502 Bad Gateway"), True),
+    (ValueError("NOT_FOUND: gs://b/run/checkpoints/503/state"), False),  # a step number is no status
+    (ValueError("Expecting value: line 1 column 1 (char 0)"), False),
+])
+def test_which_errors_are_transient(error, transient):
+    assert checkpoints.is_transient(error) is transient
