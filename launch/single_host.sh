@@ -7,8 +7,10 @@ usage() {
   cat <<'EOF'
 Usage: launch/single_host.sh --workdir DIR [--config FILE[:VARIANT]] [options] [-- MAIN_ARGS...]
 
-Runs, from the checkout's root:
+Runs, from the checkout's root, one process that drives every visible GPU (or TPU chip):
   python -m msk_jax.main --config=CONFIG --workdir=WORKDIR MAIN_ARGS...
+Its first line is the layout, e.g. "layout: 1 process x 8 gpu devices = 8 devices"; --gpus
+chooses the GPUs.
 
 Options (most also an environment variable):
   --workdir DIR        WORKDIR     required; rerunning with the same DIR resumes

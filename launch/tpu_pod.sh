@@ -7,9 +7,11 @@ usage() {
   cat <<'EOF'
 Usage: launch/tpu_pod.sh --name NAME --zone ZONE --workdir gs://BUCKET/RUN [options] [-- MAIN_ARGS...]
 
-Copies this checkout to every worker of a Cloud TPU VM (pod slice), installs the requirements
-and jax[tpu] there, and runs on all workers at once:
-  python3 -m msk_jax.main --config=CONFIG --workdir=gs://... --multihost MAIN_ARGS...
+Copies this checkout to every worker of a Cloud TPU VM (pod slice), makes a Python 3.12 virtual
+environment there with uv (.venv in the code's folder), installs the requirements and jax[tpu]
+into it, and runs on all workers at once, one process per worker (it drives all of the worker's
+TPU chips):
+  .venv/bin/python -m msk_jax.main --config=CONFIG --workdir=gs://... --multihost MAIN_ARGS...
 
 Required:
   --name NAME               TPU VM name
@@ -21,7 +23,10 @@ Options:
   --config FILE[:VARIANT]   training configuration (default: configs/howto.py)
   --create                  create the TPU VM first if it does not exist
   --accelerator-type TYPE   for --create (default: v4-32)
-  --version RUNTIME         TPU software version, for --create (default: tpu-ubuntu2204-base)
+  --version RUNTIME         TPU software version, for --create (default by accelerator type:
+                            v6e v2-alpha-tpuv6e, v5p v2-alpha-tpuv5, v5litepod/v5e v2-alpha-tpuv5-lite,
+                            v2/v3/v4 tpu-ubuntu2204-base)
+  --python-version X.Y      the workers' Python (default: 3.12; the pins need 3.11 or newer)
   --jax-version VERSION     jax[tpu] version to install (default: the jax pin of requirements.txt)
   --remote-dir DIR          where the code goes on the workers (default: msk_jax, under the home directory)
   --skip-copy               do not copy the code (already there)
@@ -61,7 +66,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="" ZONE="" PROJECT="" WORKDIR=""
 CONFIG="configs/howto.py"
 ACCELERATOR_TYPE="v4-32"
-RUNTIME_VERSION="tpu-ubuntu2204-base"
+RUNTIME_VERSION=""
+PYTHON_VERSION="3.12"
 JAX_VERSION="$(sed -n 's/^jax==\([^[:space:]#]*\).*/\1/p' "$REPO/requirements.txt" 2>/dev/null | head -n 1)"
 JAX_VERSION="${JAX_VERSION:-0.10.2}"
 REMOTE_DIR="msk_jax"
@@ -83,9 +89,10 @@ while [[ $# -gt 0 ]]; do
     --config=*) CONFIG="${1#*=}"; shift ;;
     --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}"; shift ;;
     --version=*) RUNTIME_VERSION="${1#*=}"; shift ;;
+    --python-version=*) PYTHON_VERSION="${1#*=}"; shift ;;
     --jax-version=*) JAX_VERSION="${1#*=}"; shift ;;
     --remote-dir=*) REMOTE_DIR="${1#*=}"; shift ;;
-    --name|--zone|--project|--workdir|--config|--accelerator-type|--version|--jax-version|--remote-dir)
+    --name|--zone|--project|--workdir|--config|--accelerator-type|--version|--python-version|--jax-version|--remote-dir)
       need_value "$@"
       case "$1" in
         --name) NAME="$2" ;;
@@ -95,6 +102,7 @@ while [[ $# -gt 0 ]]; do
         --config) CONFIG="$2" ;;
         --accelerator-type) ACCELERATOR_TYPE="$2" ;;
         --version) RUNTIME_VERSION="$2" ;;
+        --python-version) PYTHON_VERSION="$2" ;;
         --jax-version) JAX_VERSION="$2" ;;
         --remote-dir) REMOTE_DIR="$2" ;;
       esac
@@ -110,6 +118,20 @@ done
 [[ "$WORKDIR" == gs://?* ]] || die "--workdir must be a gs:// path on a pod (every worker writes there), got '$WORKDIR'"
 [[ "$CONFIG" != /* && -f "$REPO/${CONFIG%%:*}" ]] ||
   die "--config '${CONFIG%%:*}' is not a file of this checkout (give it relative to $REPO)"
+
+[[ "$PYTHON_VERSION" =~ ^3\.(1[1-9]|[2-9][0-9])$ ]] ||
+  die "--python-version must be 3.11 or newer (the pinned numpy, scipy and jax need it), got '$PYTHON_VERSION'"
+
+# The TPU software version Google names for JAX on each generation ("TPU software versions").
+if [[ -z "$RUNTIME_VERSION" && "$CREATE" -eq 1 ]]; then
+  case "$ACCELERATOR_TYPE" in
+    v6e-*) RUNTIME_VERSION="v2-alpha-tpuv6e" ;;
+    v5p-*) RUNTIME_VERSION="v2-alpha-tpuv5" ;;
+    v5litepod-*|v5e-*) RUNTIME_VERSION="v2-alpha-tpuv5-lite" ;;
+    v2-*|v3-*|v4-*) RUNTIME_VERSION="tpu-ubuntu2204-base" ;;
+    *) die "no default TPU software version for accelerator type '$ACCELERATOR_TYPE': give --version" ;;
+  esac
+fi
 
 GCLOUD_FLAGS=("--zone=$ZONE")
 if [[ -n "$PROJECT" ]]; then
@@ -145,9 +167,19 @@ if [[ "$SKIP_COPY" -eq 0 ]]; then
   run "${TPU[@]}" ssh "$NAME" --worker=all "${GCLOUD_FLAGS[@]}" --command="$UNPACK"
 fi
 
-# 3. Packages: the requirements, then jax[tpu]; the demo corpus also needs the Asterisk sounds.
+# 3. Packages. The TPU images' own Python is 3.10 (Ubuntu 22.04), older than the pins allow, so
+# uv (from PyPI, through the image's pip, no root) makes a virtual environment with a Python
+# of PYTHON_VERSION (the image's if it has one, else a standalone build uv fetches); its version
+# is checked before anything is installed into it. Then the requirements and jax[tpu]; the demo
+# corpus also needs the Asterisk sounds.
+VENV_PYTHON=".venv/bin/python"
+CHECK="import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else 'tpu_pod.sh: error: $VENV_PYTHON is Python %d.%d; the pinned requirements need 3.11 or newer (--python-version)' % v)"
 if [[ "$SKIP_INSTALL" -eq 0 ]]; then
-  INSTALL="cd $(remote_quote "$REMOTE_DIR") && python3 -m pip install -q -r requirements.txt $(remote_quote "jax[tpu]==$JAX_VERSION")"
+  INSTALL="cd $(remote_quote "$REMOTE_DIR")"
+  INSTALL+=" && { python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv; }"
+  INSTALL+=" && python3 -m uv venv -q --allow-existing --python $PYTHON_VERSION .venv"
+  INSTALL+=" && $VENV_PYTHON -c \"$CHECK\""
+  INSTALL+=" && python3 -m uv pip install -q --python $VENV_PYTHON -r requirements.txt $(remote_quote "jax[tpu]==$JAX_VERSION")"
   if [[ "$CONFIG" == *demo* ]]; then
     SOUNDS="asterisk-core-sounds-en-wav asterisk-core-sounds-fr-wav asterisk-core-sounds-es-wav asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav"
     INSTALL="sudo apt-get update -qq && sudo apt-get install -y -qq $SOUNDS && $INSTALL"
@@ -156,7 +188,7 @@ if [[ "$SKIP_INSTALL" -eq 0 ]]; then
 fi
 
 # 4. Training: the same command on every worker; jax.distributed.initialize() finds the pod.
-TRAIN="python3 -m msk_jax.main $(remote_quote "--config=$CONFIG" "--workdir=$WORKDIR") --multihost"
+TRAIN="$VENV_PYTHON -m msk_jax.main $(remote_quote "--config=$CONFIG" "--workdir=$WORKDIR") --multihost"
 if [[ ${#MAIN_ARGS[@]} -gt 0 ]]; then
   TRAIN+=" $(remote_quote "${MAIN_ARGS[@]}")"
 fi

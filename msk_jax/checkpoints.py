@@ -28,6 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from msk_jax import storage
 from msk_jax.sharding import to_host
@@ -244,11 +245,20 @@ class Checkpointer:
             state=ocp.args.StandardSave(state_arrays(state)), meta=ocp.args.JsonSave(meta)), force=force)
         return bool(saved)
 
+    def _item(self, step: int, name: str) -> epath.Path:
+        return storage.path(self.directory) / str(step) / name
+
     def read_meta(self, step: int) -> dict:
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        """The step's JSON metadata. Read by this process alone (no barrier with the others),
+        as is the state in `restore`, so that a read failing on one process cannot leave the
+        others waiting in a collective: `restore_latest` compares the results afterwards."""
+        folder = self._item(step, "meta")
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder} does not exist")
+        return dict(ocp.JsonCheckpointHandler().restore(folder, args=ocp.args.JsonRestore()))
 
     def restore(self, template: TrainState, step: int | None = None,
-                stored: dict | None = None) -> tuple[TrainState, dict]:
+                stored: dict | None = None, meta: dict | None = None) -> tuple[TrainState, dict]:
         """Restores into the structure, dtypes and shardings of `template`."""
         step = self.latest_step() if step is None else step
         if step is None:
@@ -259,15 +269,19 @@ class Checkpointer:
             if name in stored:
                 abstract[name] = jax.ShapeDtypeStruct(stored[name].shape, stored[name].dtype,
                                                       sharding=template.step.sharding)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        arrays = {k: v for k, v in restored["state"].items() if k not in LEGACY_ITEMS}
-        return template.replace(**arrays), dict(restored["meta"])
+        meta = self.read_meta(step) if meta is None else meta
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            restored = handler.restore(self._item(step, "state"), args=ocp.args.StandardRestore(abstract))
+        finally:
+            handler.close()
+        arrays = {k: v for k, v in restored.items() if k not in LEGACY_ITEMS}
+        return template.replace(**arrays), meta
 
     def _stored_tree(self, step: int) -> dict | None:
         """The saved state's array metadata (shapes, dtypes), None when it cannot be read."""
         try:
-            metadata = self.manager.item_metadata(step)["state"]
+            metadata = ocp.StandardCheckpointHandler().metadata(self._item(step, "state"))
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports it
             return None
         return None if metadata is None else getattr(metadata, "tree", metadata)
@@ -343,7 +357,7 @@ class Checkpointer:
                     meta = self.read_meta(step)
                     stored = self._check_compatible(step, meta, config, template)
                     what = storage.join(folder, "state")
-                    return _RESTORED, self.restore(template, step, stored)
+                    return _RESTORED, self.restore(template, step, stored, meta)
             except IncompatibleCheckpointError as err:
                 return _INCOMPATIBLE, err
             except Exception as err:  # noqa: BLE001 - any read failure: retried, then reported

@@ -69,9 +69,10 @@ def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
 
 
 def describe(jax, device_ids: list[int] | None, env: Mapping[str, str]) -> list[str]:
-    """The lines a process prints at start: on process 0 the layout ('2 processes x 8 gpu devices
-    = 16 devices'); on any process a warning when the layout looks wrong (processes with
-    different device counts, GPUs of the node that no process uses)."""
+    """The lines a process prints at start: on process 0 the layout ('layout: 2 processes x 8 gpu
+    devices = 16 devices'); with several processes, on each one the devices it drives (and
+    which of the GPUs it sees); a warning when the layout looks wrong (processes with different
+    device counts, GPUs of the node that no process uses)."""
     processes, local, total = jax.process_count(), jax.local_device_count(), jax.device_count()
     platform = jax.local_devices()[0].platform
     lines = []

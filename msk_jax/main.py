@@ -27,7 +27,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process CPU runs ('gloo').")
 flags.DEFINE_list("local_device_ids", None, "GPUs this process uses (with --multihost/--coordinator); default: "
-                  "under SLURM the GPUs its task was given (launch.layout), else JAX's choice.")
+                  "under SLURM the GPUs its task was given (msk_jax.layout), else JAX's choice.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

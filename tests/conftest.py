@@ -12,7 +12,6 @@ session by the first worker that needs it, under a lock, in a folder all workers
 (`build_once`); the tests that use a training run are marked `slow`.
 """
 
-import contextlib
 import fcntl
 import os
 import socket

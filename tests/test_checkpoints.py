@@ -71,18 +71,18 @@ def test_a_checkpoint_with_the_rng_of_earlier_versions_restores(tmp_path):
 
 
 class _Flaky:
-    """Orbax reads of `step` that fail `times` times with `error` (a storage fault of this
-    process), then read normally."""
+    """Reads of `step`'s metadata that fail `times` times with `error` (a storage fault of
+    this process), then read normally."""
 
-    def __init__(self, manager, step, times, error):
-        self.manager, self.step, self.left, self.error = manager, step, times, error
-        self.real = manager.restore
+    def __init__(self, checkpointer, step, times, error):
+        self.step, self.left, self.error = step, times, error
+        self.real = checkpointer.read_meta
 
-    def restore(self, step, *args, **kwargs):
+    def read_meta(self, step):
         if step == self.step and self.left > 0:
             self.left -= 1
             raise self.error
-        return self.real(step, *args, **kwargs)
+        return self.real(step)
 
 
 def test_transient_storage_errors_are_retried_and_never_move_a_checkpoint(tmp_path):
@@ -90,8 +90,8 @@ def test_transient_storage_errors_are_retried_and_never_move_a_checkpoint(tmp_pa
     checkpointer = checkpoints.Checkpointer(str(tmp_path), read_attempts=4, backoff_seconds=0.01)
     unavailable = ValueError("UNAVAILABLE: HTTP response code: 503 with body: Service Unavailable")
     try:
-        flaky = _Flaky(checkpointer.manager, 2, 3, unavailable)
-        checkpointer.manager.restore = flaky.restore
+        flaky = _Flaky(checkpointer, 2, 3, unavailable)
+        checkpointer.read_meta = flaky.read_meta
         warnings = []
         _, _, step = checkpointer.restore_latest(_state(0, 0.0), CONFIG, warn=warnings.append)
         assert step == 2 and flaky.left == 0 and warnings == []  # three failures, the fourth read worked

@@ -126,15 +126,20 @@ def test_tpu_pod_dry_run(stand_ins):
     assert "gcloud compute tpus tpu-vm create" in heads
     create = commands[heads.index("gcloud compute tpus tpu-vm create")]
     assert {"msk-pod", "--zone=us-central2-b", "--project=my-project", "--accelerator-type=v4-32"} <= set(create)
-    assert any(w.startswith("--version=") for w in create)
+    assert "--version=tpu-ubuntu2204-base" in create  # the runtime Google names for JAX on v4
     scp = commands[heads.index("gcloud compute tpus tpu-vm scp")]
     assert "--worker=all" in scp
     assert all("--worker=all" in w for w in commands if w[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"])
     unpack, install, train = ssh_commands(commands)
     assert "tar -xzf" in unpack
-    assert "pip install" in install and "-r requirements.txt" in install and '"jax[tpu]==0.10.2"' in install
+    steps = install.split(" && ")
+    assert steps[0] == "cd msk_jax" and "pip install -q --user uv" in steps[1]
+    # A Python the pins support is made and checked before anything is installed into it ...
+    assert steps[2] == "python3 -m uv venv -q --allow-existing --python 3.12 .venv"
+    assert steps[3].startswith(".venv/bin/python -c ")
+    assert steps[4] == 'python3 -m uv pip install -q --python .venv/bin/python -r requirements.txt "jax[tpu]==0.10.2"'
     train_words = shlex.split(train)
-    assert train_words[:5] == ["cd", "msk_jax", "&&", "python3", "-m"]
+    assert train_words[:5] == ["cd", "msk_jax", "&&", ".venv/bin/python", "-m"]  # ... and trains
     assert "msk_jax.main" in train_words and "--multihost" in train_words
     assert "--config=configs/howto.py:baseline" in train_words
     assert "--workdir=gs://my-bucket/msk/run1" in train_words
@@ -148,7 +153,7 @@ def test_tpu_pod_demo_installs_the_sounds_and_detach(stand_ins):
                                        "--dry-run", env=env))
     install, train = ssh_commands(commands)
     assert "sudo apt-get install" in install and "asterisk-core-sounds-it-wav" in install
-    assert train.startswith("cd msk_jax && nohup python3 -m msk_jax.main") and train.endswith("&")
+    assert train.startswith("cd msk_jax && nohup .venv/bin/python -m msk_jax.main") and train.endswith("&")
     assert not any("scp" in w for w in commands)
     assert not any(" ".join(w[:5]) == "gcloud compute tpus tpu-vm create" for w in commands)  # no --create
 
@@ -173,7 +178,37 @@ def test_tpu_pod_runs_what_it_prints(stand_ins, tmp_path):
     assert not any(n.startswith(("./.venv", "./.git/")) or n == "./.git" for n in names)
 
 
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v6e-16", "v2-alpha-tpuv6e"), ("v5p-32", "v2-alpha-tpuv5"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5e-8", "v2-alpha-tpuv5-lite"), ("v3-8", "tpu-ubuntu2204-base"), ("v4-8", "tpu-ubuntu2204-base")])
+def test_tpu_pod_runtime_follows_the_accelerator(accelerator, runtime, stand_ins):
+    env, _ = stand_ins
+    commands = printed_commands(launch(TPU_POD, *TPU_ARGS, "--create", "--accelerator-type", accelerator,
+                                       "--skip-copy", "--skip-install", "--dry-run", env=env))
+    [create] = [w for w in commands if " ".join(w[:5]) == "gcloud compute tpus tpu-vm create"]
+    assert f"--version={runtime}" in create
+
+
+def test_tpu_pod_checks_the_workers_python(stand_ins):
+    """The version check of the install command, run here by a Python the pins support (passes)
+    and by one that says it is 3.10, the TPU images' own (a one-line error)."""
+    env, _ = stand_ins
+    commands = printed_commands(launch(TPU_POD, *TPU_ARGS, "--skip-copy", "--dry-run", env=env))
+    install, _ = ssh_commands(commands)
+    check = shlex.split(install.split(" && ")[3])
+    assert check[:2] == [".venv/bin/python", "-c"]
+    assert subprocess.run([sys.executable, "-c", check[2]], capture_output=True, timeout=60).returncode == 0
+    as_310 = f"import sys; sys.version_info = (3, 10, 12, 'final', 0); exec({check[2]!r})"
+    result = subprocess.run([sys.executable, "-c", as_310], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("tpu_pod.sh: error: .venv/bin/python is Python 3.10; the pinned "
+                                     "requirements need 3.11 or newer (--python-version)")
+
+
 @pytest.mark.parametrize("args, message", [
+    (("--name", "p", "--zone", "z", "--workdir", "gs://b/r", "--create", "--accelerator-type", "v9x-8"),
+     "no default TPU software version for accelerator type 'v9x-8'"),
+    (("--name", "p", "--zone", "z", "--workdir", "gs://b/r", "--python-version", "3.10"), "3.11 or newer"),
     (("--name", "p", "--zone", "z"), "--workdir is required"),
     (("--name", "p", "--zone", "z", "--workdir", "/local/run"), "must be a gs:// path"),
     (("--zone", "z", "--workdir", "gs://b/r"), "--name is required"),
@@ -191,19 +226,24 @@ def test_tpu_pod_bad_flags(args, message, stand_ins):
 
 # --- SLURM --------------------------------------------------------------------------------------
 
-def check_srun(words, workdir, config="configs/howto.py", extra=()):
-    assert words[0] == "srun" and "--ntasks-per-node=1" in words and f"--chdir={REPO_ROOT}" in words
+def check_srun(words, workdir, config="configs/howto.py", extra=(), tasks_per_node=8, cpus_per_task=12):
+    """One task per GPU (the layout JAX's SLURM detection expects), CPUs passed on to srun, and
+    the input workers sized from them (before the user's arguments, which may override them)."""
+    assert words[0] == "srun" and f"--chdir={REPO_ROOT}" in words
+    assert f"--ntasks-per-node={tasks_per_node}" in words and "--gpus-per-task=1" in words
+    assert f"--cpus-per-task={cpus_per_task}" in words
     main = words.index("msk_jax.main")
     assert words[main - 1] == "-m"
-    assert words[main + 1:] == [f"--config={config}", f"--workdir={workdir}", "--multihost", *extra]
+    assert words[main + 1:] == [f"--config={config}", f"--workdir={workdir}", "--multihost",
+                                f"--config.data.workers={cpus_per_task - 1}", *extra]
 
 
 def test_slurm_header():
     with open(SLURM) as f:
         header = [line.strip() for line in f if line.startswith("#SBATCH")]
     assert any(h.startswith("#SBATCH --nodes=") for h in header)
-    assert "#SBATCH --ntasks-per-node=1" in header
-    assert any(h.startswith("#SBATCH --gpus-per-node=") for h in header)
+    assert "#SBATCH --ntasks-per-node=8" in header and "#SBATCH --gpus-per-task=1" in header
+    assert "#SBATCH --cpus-per-task=12" in header
 
 
 def test_slurm_dry_run_from_the_environment(stand_ins):
@@ -234,11 +274,12 @@ def test_slurm_runs_srun_in_the_allocation(stand_ins, tmp_path):
     shutil.copy(SLURM, spool / "slurm_script")
     result = launch(str(spool / "slurm_script"), "--", "--config.seed=5", env=env,
                     extra_env={"SLURM_SUBMIT_DIR": REPO_ROOT, "SLURM_JOB_NUM_NODES": "4", "WORKDIR": "/shared/r",
-                               "PYTHON": "python3"})
+                               "SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_PER_TASK": "1",
+                               "SLURM_CPUS_PER_TASK": "16", "PYTHON": "python3"})
     assert result.returncode == 0, result.stderr
     [(name, _, args)] = calls()
     assert name == "srun" and "--nodes=4" in args
-    check_srun(["srun", *args], "/shared/r", extra=("--config.seed=5",))
+    check_srun(["srun", *args], "/shared/r", extra=("--config.seed=5",), tasks_per_node=4, cpus_per_task=16)
 
 
 def test_slurm_requires_a_workdir(stand_ins):
