@@ -58,10 +58,12 @@ def main(argv):
 
     from msk_jax import checkpoints, train
     from msk_jax.data.features import DataError
+    from msk_jax.data.pipeline import InputPositionError
 
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (FileNotFoundError, train.NonFiniteLossError, DataError, checkpoints.CheckpointError) as err:
+    except (FileNotFoundError, train.NonFiniteLossError, DataError, checkpoints.CheckpointError,
+            InputPositionError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -21,7 +21,7 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from msk_jax import checkpoints, evaluation, input_pipeline, metric_writers, sharding, storage, train_step
-from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.pipeline import InputPositionError, TrainingPipeline
 from msk_jax.input_pipeline import sample_batch
 from msk_jax.loss import ObjectiveConfig
 from msk_jax.model import MultiSKModel
@@ -225,7 +225,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         position, warning = saved_input_position(meta["input"], config.videos_per_batch)
         if warning and is_main:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-        pipeline.restore(position)
+        try:
+            pipeline.restore(position)
+        except InputPositionError as err:
+            pipeline.close()
+            checkpointer.close()
+            raise InputPositionError(f"checkpoint step {int(sharding.to_host(state.step))} in "
+                                     f"{checkpointer.directory}: {err}") from None
         input_position = pipeline.state()
         if is_main:
             print(f"resumed from step {int(sharding.to_host(state.step))} in {checkpointer.directory}", flush=True)

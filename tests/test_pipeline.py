@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.pipeline import InputPositionError, TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import segments, write_howto
 from tests.paper_config import paper_clip_settings
@@ -51,7 +51,7 @@ def test_resume_continues_with_the_same_batches(corpus):
     resumed = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=1)
     resumed.restore(state)
     assert _same(_take(resumed, 4), uninterrupted[3:])
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(InputPositionError, match="resume with --config.seed=1"):
         TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=2).restore(state)
 
 
@@ -65,7 +65,7 @@ def test_processes_read_disjoint_shards(corpus):
     assert list(single._shard(0)[:4]) == [*shards[0]._shard(0)[:2], *shards[1]._shard(0)[:2]]
     batch = next(shards[1])
     assert batch["video"].shape[0] == 2 * 2  # 4 videos over 2 processes, 2 clips each
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(InputPositionError, match="cannot be split over 2 processes"):
         TrainingPipeline(reader(corpus, **SETTINGS), 3, process_count=2)
 
 

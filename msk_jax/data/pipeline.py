@@ -43,6 +43,10 @@ import numpy as np
 
 from msk_jax.data.features import DataError
 
+
+class InputPositionError(ValueError):
+    """An input layout or saved position this run cannot continue (says why and what to do)."""
+
 MODEL_KEYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
 
 
@@ -166,8 +170,9 @@ class TrainingPipeline:
         if len(source) == 0:
             raise ValueError("TrainingPipeline: the video source is empty.")
         if videos_per_batch % process_count:
-            raise ValueError(f"TrainingPipeline: videos_per_batch={videos_per_batch} is not divisible by "
-                             f"the {process_count} processes.")
+            raise InputPositionError(
+                f"videos_per_batch={videos_per_batch} cannot be split over {process_count} processes (each "
+                "reads an equal slice of every batch): run on a number of processes that divides it.")
         if not 0 <= process_index < process_count:
             raise ValueError(f"TrainingPipeline: process_index {process_index} not in [0, {process_count}).")
         self.source, self.seed, self.keys = source, seed, keys
@@ -297,15 +302,19 @@ class TrainingPipeline:
     def restore(self, state: dict) -> None:
         """Continues after the batch that `state` was taken after (on any process count)."""
         if int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(f"TrainingPipeline: saved state has seed={state['seed']}, this pipeline "
-                             f"{self.seed}; the input position cannot be restored.")
+            raise InputPositionError(
+                f"the saved input position is of a stream with seed={state['seed']}, this run has seed="
+                f"{self.seed}: resume with --config.seed={state['seed']}, or start a new --workdir.")
         if int(state.get("videos_per_batch", self.videos_per_batch)) != self.videos_per_batch:
-            raise ValueError(f"TrainingPipeline: saved state has videos_per_batch={state['videos_per_batch']}, "
-                             f"this pipeline {self.videos_per_batch}; the input position cannot be restored.")
+            raise InputPositionError(
+                f"the saved input position is of batches of videos_per_batch={state['videos_per_batch']}, this "
+                f"run has {self.videos_per_batch}: resume with that batch size, or start a new --workdir.")
         epoch, position = int(state["epoch"]), int(state["position"])
         if position % self.videos_per_batch or not 0 <= position <= self.batches_per_epoch * self.videos_per_batch:
-            raise ValueError(f"TrainingPipeline: saved position {position} is not a batch boundary of an epoch of "
-                             f"{self.batches_per_epoch} batches of {self.videos_per_batch}.")
+            raise InputPositionError(
+                f"the saved input position {position} is not a batch boundary of an epoch of "
+                f"{self.batches_per_epoch} batches of {self.videos_per_batch} (a different training set?): resume "
+                "with the data the run was trained on, or start a new --workdir.")
         self._drain()
         self._epoch, self._batch = epoch, position // self.videos_per_batch
         self._next = (epoch, self._batch * self.local_videos)
