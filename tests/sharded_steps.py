@@ -1,7 +1,8 @@
 """Runs a few train steps of a tiny model on several device meshes and prints the results as JSON.
 
-Used by tests/test_sharding.py in a subprocess started with 4 host devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=4).
+Used by tests/test_sharding.py in a subprocess started with 8 host devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8): one device, and every axis at once (data,
+FSDP and model parallel, 2 x 2 x 2), one compile each.
 """
 
 import json
@@ -15,8 +16,7 @@ from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
 from tests.paper_config import paper_objective
 
-MESHES = {"one_device": [("data", 1)], "data2_model2": [("data", 2), ("model", 2)],
-          "data2_fsdp2": [("data", 2), ("fsdp", 2)]}
+MESHES = {"one_device": [("data", 1)], "data2_fsdp2_model2": [("data", 2), ("fsdp", 2), ("model", 2)]}
 
 
 def run(mesh_axes, steps=3):
@@ -40,6 +40,8 @@ def run(mesh_axes, steps=3):
             "param_sum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(state.params))),
             "kernel": np.asarray(kernel).ravel()[:64].tolist(),
             "kernel_spec": str(kernel.sharding.spec),
+            "split_over": sorted({axis for x in jax.tree_util.tree_leaves(state.params)
+                                  for axis in jax.tree_util.tree_leaves(tuple(x.sharding.spec)) if axis}),
             "queue_fill": int(state.queues.fill)}
 
 
