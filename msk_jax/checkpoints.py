@@ -15,7 +15,6 @@ and the next older one is used.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -40,7 +39,7 @@ from msk_jax.train_step import TrainState
 RESUMABLE_CHANGES = (
     "variant", "num_train_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "eval_every_steps", "profile_steps", "profile_first_step", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
-    "model.dtype", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
+    "model.dtype", "objective.matmul_precision", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
     "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
     "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
     "data.eval_video_tokens", "data.eval_audio_frames", "objective.sinkhorn.problems_at_once",
@@ -138,50 +137,62 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-class _QuietFailedReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for Orbax's other pending reads of a
-    checkpoint whose read failed (the failure itself is reported once)."""
+class _FailedReadEchoes(logging.Filter):
+    """The echoes of a checkpoint read that failed, dropped for the rest of the process.
+
+    When one array of a checkpoint cannot be read, Orbax's other pending reads of that
+    checkpoint still finish (in TensorStore's threads), some long after the restore gave up, and
+    each reports to a closed event loop: asyncio logs "Task exception was never retrieved" (with
+    a traceback) when the task is collected, and the coroutines raise "Event loop is closed"
+    through `sys.unraisablehook`. The failure itself is reported once, by `restore_latest`.
+
+    Installed on the first failed read, and narrow: a log record is dropped only when it
+    is such an echo and names a folder whose read failed (or Orbax's own reader), an unraisable
+    only when it is a closed loop's or an Orbax read's. Everything else passes unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.folders: set[str] = set()
+        self.previous_hook = None
+        self.last_echo = 0.0
+
+    def _dropped(self) -> bool:
+        self.last_echo = time.monotonic()
+        return True
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("never retrieved" in message and ("reading array index" in message or "orbax" in message))
+        if "never retrieved" not in message:
+            return True
+        text = message + (repr(record.exc_info[1]) if record.exc_info and record.exc_info[1] is not None else "")
+        echo = "reading array index" in text or "orbax" in text or any(f in text for f in self.folders)
+        return not (echo and self._dropped())
 
-
-@contextlib.contextmanager
-def _quiet_failed_reads(settle_seconds: float = 0.25, max_wait_seconds: float = 5.0):
-    """Within one restore: drops the echoes of a failed read. When one array of a checkpoint
-    cannot be read, Orbax's other pending reads still finish (in TensorStore's threads) and each
-    reports to a closed event loop, through `sys.unraisablehook` and the `asyncio` logger. The
-    failure itself is reported once, by `restore_latest`. After a failure this waits until no
-    echo has come for `settle_seconds` (at most `max_wait_seconds`), then puts the previous hook
-    and the logger back: nothing outlives the restore."""
-    previous = sys.unraisablehook
-    last_echo = [time.monotonic()]
-
-    def hook(unraisable) -> None:
+    def hook(self, unraisable) -> None:
         if ((isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
                 or "_read_array_index_and_device_put" in repr(unraisable.object)):
-            last_echo[0] = time.monotonic()
+            self._dropped()
             return
-        previous(unraisable)
+        self.previous_hook(unraisable)
 
-    quiet = _QuietFailedReads()
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(quiet)
-    try:
-        yield
-    except BaseException:
-        last_echo[0] = time.monotonic()  # wait at least settle_seconds after the failure
-        deadline = last_echo[0] + max_wait_seconds
-        while time.monotonic() < deadline:
-            gc.collect()  # pending reads' coroutines report when collected
-            if time.monotonic() - last_echo[0] >= settle_seconds:
+    def failed(self, folder: str, settle_seconds: float = 0.25, max_wait_seconds: float = 5.0) -> None:
+        """A read of `folder` (a step's folder) failed: from now on its echoes are dropped. Waits
+        until the other pending reads have reported (none for `settle_seconds`, at most
+        `max_wait_seconds`), so that they do not overlap the next read."""
+        self.folders.add(str(folder).rstrip("/"))
+        if self.previous_hook is None:
+            self.previous_hook = sys.unraisablehook
+            sys.unraisablehook = self.hook
+            logging.getLogger("asyncio").addFilter(self)
+        self.last_echo = start = time.monotonic()
+        while time.monotonic() - start < max_wait_seconds:
+            gc.collect()  # pending reads' tasks and coroutines report when collected
+            if time.monotonic() - self.last_echo >= settle_seconds:
                 break
             time.sleep(settle_seconds / 5)
-        raise
-    finally:
-        sys.unraisablehook = previous
-        logging.getLogger("asyncio").removeFilter(quiet)
+
+
+_ECHOES = _FailedReadEchoes()
 
 
 _RESTORED, _UNREADABLE, _TRANSIENT, _INCOMPATIBLE = 0, 1, 2, 3
@@ -353,14 +364,14 @@ class Checkpointer:
         for attempt in range(1, self.read_attempts + 1):
             what = storage.join(folder, "meta")
             try:
-                with _quiet_failed_reads():
-                    meta = self.read_meta(step)
-                    stored = self._check_compatible(step, meta, config, template)
-                    what = storage.join(folder, "state")
-                    return _RESTORED, self.restore(template, step, stored, meta)
+                meta = self.read_meta(step)
+                stored = self._check_compatible(step, meta, config, template)
+                what = storage.join(folder, "state")
+                return _RESTORED, self.restore(template, step, stored, meta)
             except IncompatibleCheckpointError as err:
                 return _INCOMPATIBLE, err
             except Exception as err:  # noqa: BLE001 - any read failure: retried, then reported
+                _ECHOES.failed(folder)
                 described = _describe_failure(err, what)
                 transient = is_transient(err)
                 if not transient and attempt >= 2:  # failed twice: unreadable
