@@ -17,6 +17,7 @@ With --watch it follows a training workdir and evaluates each new checkpoint onc
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, convert, evaluation, input_pipeline, metric_writers, storage
+from msk_jax import allocator, convert, evaluation, input_pipeline, metric_writers, sharding, storage
 from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
 from msk_jax.model import MultiSKModel
@@ -101,14 +102,38 @@ def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: 
     step = steps[-1] if step is None else step
     if step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in '{folder}' (have {steps}).")
-    with open_manager(folder, create=False) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    params = restored.get("ema_params") if weights == "ema" else None
-    if params is None:
-        params = restored["params"]
-    variables = {"params": params, "batch_stats": restored.get("batch_stats") or {}}
+    state_dir = storage.path(folder) / str(step) / "state"
+    stored = _stored_items(state_dir)
+    name = "ema_params" if weights == "ema" and "ema_params" in stored else "params"
+    restored = _restore_items(state_dir, {name: template["params"], "batch_stats": template.get("batch_stats", {})})
+    variables = {"params": restored[name], "batch_stats": restored.get("batch_stats") or {}}
     _check_shapes(variables, template, f"checkpoint {folder}/{step}")
     return variables, step
+
+
+def _stored_items(state_dir) -> set[str]:
+    """The top-level items of a saved state (`params`, `ema_params`, `opt_state`, ...), from its
+    tree metadata file alone."""
+    try:
+        tree = json.loads((state_dir / "_METADATA").read_text())["tree_metadata"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read the saved state's metadata {state_dir}/_METADATA: {err}") from None
+    return {entry["key_metadata"][0]["key"] for entry in tree.values() if entry.get("key_metadata")}
+
+
+def _restore_items(state_dir, wanted: dict) -> dict:
+    """Only the items of `wanted` (name -> tree of arrays or shapes) from the saved state, as
+    host arrays (an Orbax partial restore): evaluation reads one set of weights and the
+    BatchNorm statistics, not the optimiser's moments, the other weights or the queues."""
+    wanted = {k: v for k, v in wanted.items() if jax.tree_util.tree_leaves(v)}
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wanted)
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True))
+    finally:
+        handler.close()
 
 
 def load_torch_weights(path: str, template: dict) -> dict:
@@ -144,7 +169,9 @@ def evaluate_once(config, model, evals, variables, step, output_dir, writer) -> 
     if not evals:
         raise DataError("config.data", "no evaluation set is configured (set config.data.msrvtt / "
                                        "config.data.youcook2)", "no evaluation set")
-    results = evaluation.evaluate(model, variables, evals, config.eval_batch_size)
+    # Each local device embeds a slice of every batch.
+    batches = sharding.batch_sharding(sharding.create_mesh([("data", -1)]))
+    results = evaluation.evaluate(model, variables, evals, config.eval_batch_size, sharding=batches)
     print(evaluation.format_table(results), flush=True)
     path = evaluation.write_json(results, output_dir, step)
     writer.write_scalars(step, evaluation.scalars(results))

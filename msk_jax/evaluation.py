@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from msk_jax import retrieval, storage
 from msk_jax.data.eval_sets import EvalSet
@@ -28,18 +29,43 @@ DIRECTIONS = ("t2v", "v2t", "t2a", "a2t", "v2a", "a2v",
 REPORTED = ("R1", "R5", "R10", "R50", "MedR", "MeanR")
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _embed_batch(model, variables, batch):
+def _embed(model, variables, batch):
     out = model.apply(variables, batch, train=False)
     return {m: out[m].joint_embedding.astype(jnp.float32) for m in SHORT}
+
+
+_embed_batch = jax.jit(_embed, static_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_embed_batch(model, mesh):
+    """`_embed_batch` with its embeddings gathered on every device of `mesh` (replicated), so
+    each process reads the whole batch's embeddings while each device embedded its slice."""
+    return jax.jit(_embed, static_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def batch_shards(sharding) -> int:
+    """Into how many slices a batch sharding splits the batch axis."""
+    size = len(sharding.device_set)
+    return len({index[0].start for index in sharding.devices_indices_map((size,)).values()})
 
 
 def embed(model, variables: Mapping[str, Any], eval_set: EvalSet, batch_size: int = 64,
           sharding=None) -> dict[str, np.ndarray]:
     """Joint embeddings {'text', 'video', 'audio'} -> (N, D) of an evaluation set (BatchNorm in
-    evaluation mode). The last batch is padded to `batch_size` (one compiled shape). With a
-    `sharding` (e.g. replicated over the training mesh) the batch is placed there first."""
+    evaluation mode). The last batch is padded to `batch_size` (one compiled shape).
+
+    With a batch `sharding` (training's `sharding.batch_sharding(mesh)`), each device embeds its
+    slice of every batch (`batch_size` is rounded up to a multiple of the slices) and the
+    embeddings are gathered; every process passes the whole evaluation set and gets all of its
+    embeddings. Without one, the batch runs on the default device."""
     n = len(eval_set)
+    if sharding is not None:
+        shards = batch_shards(sharding)
+        batch_size = -(-batch_size // shards) * shards
+        embed_batch = functools.partial(_sharded_embed_batch(model, sharding.mesh), model)
+    else:
+        embed_batch = functools.partial(_embed_batch, model)
     chunks = {m: [] for m in SHORT}
     for start in range(0, n, batch_size):
         batch = {k: eval_set.batch[k][start:start + batch_size] for k in MODEL_KEYS}
@@ -47,9 +73,10 @@ def embed(model, variables: Mapping[str, Any], eval_set: EvalSet, batch_size: in
         if real < batch_size:
             batch = {k: np.concatenate([v, np.zeros((batch_size - real,) + v.shape[1:], v.dtype)])
                      for k, v in batch.items()}
-        if sharding is not None:
-            batch = jax.device_put(batch, sharding)
-        out = to_host(_embed_batch(model, variables, batch))
+        if sharding is not None:  # every process holds the whole batch: each places its devices' slices
+            batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                     for k, v in batch.items()}
+        out = to_host(embed_batch(variables, batch))
         for m in SHORT:
             chunks[m].append(out[m][:real])
     return {m: np.concatenate(chunks[m]) for m in SHORT}

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from msk_jax import sinkhorn
-from msk_jax.model import MODALITIES, ModelOutputs, anchor_similarity, l2_normalize
+from msk_jax.model import MODALITIES, ModelOutputs, anchor_similarity, l2_normalize, matmul_precision
 from msk_jax.queues import FeatureQueues
 
 COSINE_EPS = 1e-8
@@ -46,10 +46,12 @@ def consistency_cost(similarity: jax.Array, target: jax.Array,
     return jnp.mean(per_entry)
 
 
-def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
+def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS,
+                             precision: str = "highest") -> jax.Array:
     """(Na, Nb) cosine similarities between the rows of a and of b (rows divided by
-    max(||row||, eps), eps 1e-8 as in the original's `sim_matrix`)."""
-    return l2_normalize(a, eps) @ l2_normalize(b, eps).T
+    max(||row||, eps), eps 1e-8 as in the original's `sim_matrix`), with the matmul precision
+    `precision` (model.matmul_precision)."""
+    return jnp.matmul(l2_normalize(a, eps), l2_normalize(b, eps).T, precision=matmul_precision(precision))
 
 
 def norm_softmax_loss(similarity: jax.Array, temperature: float, valid: jax.Array | None = None) -> jax.Array:
@@ -76,13 +78,14 @@ def norm_softmax_loss(similarity: jax.Array, temperature: float, valid: jax.Arra
 
 def contrastive_objective(embeddings: Mapping[str, jax.Array], nonempty: Mapping[str, jax.Array],
                           pair_weights: Mapping[str, float],
-                          temperature: float,
+                          temperature: float, precision: str = "highest",
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted NormSoftmax over modality pairs.
 
     embeddings: modality name ('text', 'video', 'audio') -> (B, D) joint embeddings.
     nonempty: modality name -> (B,) bool, False where the clip has no input of that modality.
     pair_weights: pair name ('tv', 'ta', 'va') -> weight; pairs with weight 0 are skipped.
+    precision: of the similarity matmuls (their logits are divided by a temperature of 0.05).
 
     Returns (sum_p w_p L_p / sum_p w_p, {pair name: L_p}).
     """
@@ -94,7 +97,7 @@ def contrastive_objective(embeddings: Mapping[str, jax.Array], nonempty: Mapping
         if weight == 0:
             continue
         valid = nonempty[first] & nonempty[second]
-        sims = cosine_similarity_matrix(embeddings[first], embeddings[second])
+        sims = cosine_similarity_matrix(embeddings[first], embeddings[second], precision=precision)
         losses[name] = norm_softmax_loss(sims, temperature, valid)
         weighted_sum = weighted_sum + weight * losses[name]
         weight_sum += weight
@@ -148,6 +151,9 @@ class ObjectiveConfig:
     sinkhorn_problems_at_once: int | None  # None: all of a step's problems together
     contrastive_scale: float   # the original's alpha_closs
     consistency_scale: float   # the original's beta_loss
+    # Of the similarity matmuls (contrastive logits, queue-anchor similarities): "highest" keeps
+    # them float32 on accelerators (model.matmul_precision).
+    matmul_precision: str = "highest"
 
     @classmethod
     def from_config(cls, objective: Any) -> "ObjectiveConfig":
@@ -164,7 +170,8 @@ class ObjectiveConfig:
             required_fraction=objective.sinkhorn.required_fraction,
             sinkhorn_problems_at_once=objective.sinkhorn.problems_at_once,
             contrastive_scale=objective.contrastive_scale,
-            consistency_scale=objective.consistency_scale)
+            consistency_scale=objective.consistency_scale,
+            matmul_precision=objective.get("matmul_precision", "highest"))
 
 
 def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: FeatureQueues,
@@ -187,7 +194,7 @@ def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: Fe
     for problems in by_count.values():
         scores = []
         for queue, key, anchors in problems:
-            queue_scores = anchor_similarity(queues.features[queue], params[anchors])
+            queue_scores = anchor_similarity(queues.features[queue], params[anchors], config.matmul_precision)
             scores.append(jnp.concatenate([queue_scores, similarity(outputs, key).astype(queue_scores.dtype)], axis=0))
         result = solve(jnp.stack(scores))
         targets.update({key: result.target[p] for p, (_, key, _) in enumerate(problems)})
@@ -232,7 +239,7 @@ def multisk_loss(outputs: ModelOutputs, params: Mapping[str, Any], queues: Featu
     embeddings = {m: outputs[m].joint_embedding for m in MODALITIES}
     nonempty = {m: outputs[m].nonempty for m in MODALITIES}
     contrastive, pair_losses = contrastive_objective(embeddings, nonempty, dict(config.pair_weights),
-                                                     config.contrastive_temperature)
+                                                     config.contrastive_temperature, config.matmul_precision)
     metrics = dict(pair_losses)
     contrastive = config.contrastive_scale * contrastive
     metrics["contrastive"] = contrastive

@@ -96,9 +96,23 @@ def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def anchor_similarity(embeddings: jax.Array, anchors: jax.Array) -> jax.Array:
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+              "default": jax.lax.Precision.DEFAULT}
+
+
+def matmul_precision(name: str) -> jax.lax.Precision:
+    """`config.objective.matmul_precision` -> the precision of the objective's similarity
+    matmuls: "highest" (float32: 6 bf16 passes on TPU, no TF32 on GPUs), "high" (3 passes) or
+    "default" (one bf16 pass on TPU, TF32 on Ampere and newer)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"objective.matmul_precision must be one of {sorted(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
+
+
+def anchor_similarity(embeddings: jax.Array, anchors: jax.Array, precision: str = "highest") -> jax.Array:
     """Cosine-style similarity of (already normalised) embeddings to L2-normalised anchor rows."""
-    return embeddings @ l2_normalize(anchors.astype(embeddings.dtype)).T
+    return jnp.matmul(embeddings, l2_normalize(anchors.astype(embeddings.dtype)).T,
+                      precision=matmul_precision(precision))
 
 
 def anchor_counts(num_anchors: int | Sequence[int]) -> dict[str, int]:
@@ -153,6 +167,8 @@ class MultiSKModel(nn.Module):
     projection_dim: int
     num_anchors: int | Sequence[int]  # one count, or (text, video, audio)
     dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
+    # Of the anchor similarities (Multi-SK's input): config.objective.matmul_precision.
+    similarity_precision: str = "highest"
 
     def _tokens(self, name: str, features, mask, masking_token):
         """Token projection + LayerNorm, then the masking token for empty clips."""
@@ -173,6 +189,7 @@ class MultiSKModel(nn.Module):
             fields[key] = tuple(fields[key])
         if isinstance(fields["num_anchors"], (list, tuple)):
             fields["num_anchors"] = tuple(fields["num_anchors"])
+        fields["similarity_precision"] = config.objective.get("matmul_precision", "highest")
         return cls(**fields)
 
     @nn.compact
@@ -206,6 +223,8 @@ class MultiSKModel(nn.Module):
         joint_anchors = {m: self.param(f"joint_anchors_{m}", normal, (counts[m], self.projection_dim))
                          for m in MODALITIES}
         return ModelOutputs(**{m: ModalityOutputs(
-            **encoded[m], input_similarity=anchor_similarity(encoded[m]["input_embedding"], input_anchors[m]),
-            joint_similarity={n: anchor_similarity(encoded[m]["joint_normalized"], joint_anchors[n]) for n in MODALITIES})
+            **encoded[m],
+            input_similarity=anchor_similarity(encoded[m]["input_embedding"], input_anchors[m], self.similarity_precision),
+            joint_similarity={n: anchor_similarity(encoded[m]["joint_normalized"], joint_anchors[n],
+                                                   self.similarity_precision) for n in MODALITIES})
             for m in MODALITIES})

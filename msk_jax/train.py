@@ -250,7 +250,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         variables = {"params": state.ema_params if config.eval_ema and state.ema_params is not None
                      else state.params, "batch_stats": state.batch_stats}
         results = evaluation.evaluate(model, variables, evals, config.eval_batch_size,
-                                      sharding=sharding.replicated(mesh))
+                                      sharding=sharding.batch_sharding(mesh))
         if is_main:
             path = evaluation.write_json(results, workdir, step)
             writer.write_scalars(step, evaluation.scalars(results))

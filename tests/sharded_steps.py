@@ -2,7 +2,8 @@
 
 Used by tests/test_sharding.py in a subprocess started with 8 host devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8): one device, and every axis at once (data,
-FSDP and model parallel, 2 x 2 x 2), one compile each.
+FSDP and model parallel, 2 x 2 x 2), one compile each; then the evaluation embeddings of the
+trained state, sharded over the batch axes and on one device.
 """
 
 import json
@@ -11,7 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from msk_jax import sharding, train, train_step
+from msk_jax import evaluation, sharding, train, train_step
+from msk_jax.data.eval_sets import EvalSet
 from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
 from tests.paper_config import paper_objective
@@ -36,7 +38,17 @@ def run(mesh_axes, steps=3):
         state, metrics = step_fn(state, train.global_batch(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
     kernel = state.params["text_proj"]["fc"]["kernel"]
+    # Evaluation embeds each batch sharded over the batch axes (13 clips in batches of 5, rounded
+    # up to the slices): the same embeddings as one device embedding whole batches.
+    clips = tiny_batch(9, batch=13)
+    eval_set = EvalSet("eval", clips, [str(i) for i in range(13)], [""] * 13, 13)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    sharded = evaluation.embed(model, variables, eval_set, batch_size=5, sharding=batch_sharding)
+    plain = evaluation.embed(model, jax.device_get(variables), eval_set, batch_size=5)
     return {"losses": losses,
+            "eval_shards": evaluation.batch_shards(batch_sharding),
+            "eval_difference": max(float(np.abs(sharded[m] - plain[m]).max()) for m in plain),
+            "eval_rows": {m: len(v) for m, v in sharded.items()},
             "param_sum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(state.params))),
             "kernel": np.asarray(kernel).ravel()[:64].tolist(),
             "kernel_spec": str(kernel.sharding.spec),

@@ -116,3 +116,31 @@ def test_bad_checkpoints_give_clear_errors(trained_run, tmp_path):
         no_eval.data.word_vectors = input_pipeline.data_paths(config, training=False).word_vectors
         no_eval.data.msrvtt = str(empty)
         evaluate.run(no_eval, workdir, None, output_dir=str(tmp_path))
+
+
+def test_evaluation_reads_only_the_weights_it_evaluates(trained_run, tmp_path):
+    """The last checkpoint rewritten with one folder per array (no OCDBT), then its optimiser
+    moments and online weights deleted: the EMA weights still evaluate, to the training
+    run's own numbers (they were never read)."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    config, workdir, trained = trained_run
+    last = TRAINED_STEPS
+    shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "run" / "checkpoints")
+    state_dir = epath.Path(tmp_path / "run" / "checkpoints" / str(last) / "state")
+    handler = ocp.PyTreeCheckpointHandler()
+    arrays = {k: v for k, v in handler.restore(state_dir).items() if v is not None}  # no queues: no Multi-SK
+    handler.close()
+    shutil.rmtree(state_dir)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False)
+    handler.save(state_dir, args=ocp.args.PyTreeSave(arrays))
+    handler.close()
+    deleted = [name for name in os.listdir(state_dir) if name.startswith(("opt_state.", "params."))]
+    assert len(deleted) > 10
+    for name in deleted:
+        shutil.rmtree(state_dir / name)
+    results = evaluate.run(config, str(tmp_path / "run"), None, weights="ema", output_dir=str(tmp_path / "out"))
+    assert results[last] == trained

@@ -27,6 +27,10 @@ def test_sharded_steps_match_one_device():
         np.testing.assert_allclose(run["losses"], reference["losses"], rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(run["param_sum"], reference["param_sum"], rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(run["kernel"], reference["kernel"], atol=2e-5, err_msg=name)
+    assert runs["data2_fsdp2_model2"]["eval_shards"] == 4 and reference["eval_shards"] == 1
+    for name, run in {**runs, "one_device": reference}.items():  # sharded evaluation = one device's
+        assert run["eval_rows"] == {"text": 13, "video": 13, "audio": 13}, name
+        assert run["eval_difference"] < 1e-5, (name, run["eval_difference"])
     assert "model" in runs["data2_fsdp2_model2"]["kernel_spec"]  # the projections split over the model axis,
     assert runs["data2_fsdp2_model2"]["split_over"] == ["fsdp", "model"]  # the other kernels over fsdp
 

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -71,3 +72,28 @@ def test_baseline_matches_the_original_contrastive_terms(golden_dir):
         np.testing.assert_allclose(metrics[ours], data[f"step0/info/{golden}"], rtol=1e-4)
     np.testing.assert_allclose(total, data["step0/info/Retrieval"], rtol=1e-4)
     assert not np.isclose(float(total), float(data["step0/loss"]), rtol=1e-2)  # the original adds anc_loss
+
+
+def _dot_precisions(precision):
+    """The precision of every dot in the lowered train step (tiny model, paper objective)."""
+    model = MultiSKModel(**TINY_MODEL, similarity_precision=precision)
+    objective = paper_objective(queue_len=12, sinkhorn_iters=2, matmul_precision=precision)
+    batch = tiny_batch(0)
+    state = jax.eval_shape(lambda rng, b: train_step.create_train_state(rng, model, objective, train_step.adam(1e-3), b),
+                           jax.random.PRNGKey(0), batch)
+    text = jax.jit(train_step.train_step).lower(state, batch).as_text()
+    return [("HIGHEST" in line) for line in re.findall(r"stablehlo\.dot_general[^\n]*", text)]
+
+
+def test_the_objectives_similarity_matmuls_follow_the_precision_policy():
+    """config.objective.matmul_precision sets the precision of the similarity matmuls in the
+    lowered step: 3 contrastive pairs, 12 batch-anchor and 12 queue-anchor similarities forward,
+    and the two gradient matmuls of each of the 15 differentiable ones (the queue-anchor scores
+    only feed the Multi-SK targets, which are constants): 27 + 30 = 57 dots. The solver's own
+    dots are HIGHEST either way; the model's layers keep the default."""
+    highest, default = _dot_precisions("highest"), _dot_precisions("default")
+    assert len(highest) == len(default)
+    solver = sum(default)
+    assert solver > 0
+    assert sum(highest) - solver == 3 + 12 + 12 + 2 * (3 + 12)
+    assert sum(highest) < len(highest)  # not every dot: the layers' matmuls are not forced

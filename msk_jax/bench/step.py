@@ -21,9 +21,11 @@ def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
             "audio_mask": np.ones((clips, 768), np.float32)}
 
 
-def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: int = 5) -> dict:
+def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: int = 5,
+             compare_precision: bool = False) -> dict:
     """Median seconds of the train step of `model` (configs/bench.py: the cpu-bench model), with
-    and without the consistency loss.
+    and without the consistency loss, and with `compare_precision` also with the objective's
+    similarity matmuls at the default precision instead of `objective.matmul_precision`.
 
     The queues are filled the way training fills them: the step runs from empty queues until
     they hold `queue_len` rows of the model's embeddings, and only then is it timed (the
@@ -37,9 +39,13 @@ def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: i
 
     batch = cpu_bench_batch(clips)
     results, steps = {}, {}
-    for name, consistency in (("step", True), ("step_without_multisk", False)):
-        variant = dataclasses.replace(objective, queue_len=queue_len, consistency=consistency)
-        state = init_state(model, variant, batch)
+    variants = [("step", True, objective.matmul_precision), ("step_without_multisk", False, objective.matmul_precision)]
+    if compare_precision:
+        variants.append(("step_default_precision", True, "default"))
+    for name, consistency, precision in variants:
+        variant = dataclasses.replace(objective, queue_len=queue_len, consistency=consistency,
+                                      matmul_precision=precision)
+        state = init_state(model.clone(similarity_precision=precision), variant, batch)
         compiled = jax.jit(train_step.train_step, donate_argnums=0).lower(state, batch).compile()
         flops = compiled.cost_analysis()
         flops = flops[0] if isinstance(flops, (list, tuple)) else flops
@@ -65,6 +71,9 @@ def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: i
         "achieved_flops_per_second": results["step_flops"] / times["step"], "matmul_peak_flops_per_second": peak,
         "clips": clips, "queue_len": queue_len, "machine": machine()})
     results["flop_utilisation"] = results["achieved_flops_per_second"] / peak
+    if compare_precision:
+        results["matmul_precision"] = objective.matmul_precision
+        results["step_default_precision_seconds"] = times["step_default_precision"]
     return results
 
 
@@ -76,7 +85,9 @@ def format_step(r: dict) -> str:
         f"  without Multi-SK  {r['step_without_multisk_seconds'] * 1e3:9.1f} ms   (Multi-SK + consistency: "
         f"{100 * r['multisk_share']:.0f}% of the step)",
         f"  FLOP/s            {r['achieved_flops_per_second'] / 1e9:9.1f} G    of a measured matmul peak "
-        f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} G ({100 * r['flop_utilisation']:.0f}%)"])
+        f"{r['matmul_peak_flops_per_second'] / 1e9:.1f} G ({100 * r['flop_utilisation']:.0f}%)"]
+        + ([f"  similarity matmuls at precision {r['matmul_precision']!r}: {r['step_seconds'] * 1e3:.1f} ms, at "
+            f"'default': {r['step_default_precision_seconds'] * 1e3:.1f} ms"] if "step_default_precision_seconds" in r else []))
 
 
 def cli(config) -> dict:
@@ -85,6 +96,6 @@ def cli(config) -> dict:
 
     c = config.step
     results = run_step(MultiSKModel.from_config(config), ObjectiveConfig.from_config(config.objective), clips=c.clips,
-                       queue_len=c.queue_len, repeats=c.repeats)
+                       queue_len=c.queue_len, repeats=c.repeats, compare_precision=c.get("compare_precision", False))
     print(format_step(results), flush=True)
     return results

@@ -34,7 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sk = ml_collections.ConfigDict(dict(n=7660, k=64, problems=12, repeats=5, baseline=True, dense=True,
                                                at_once_sweep=(1, 3, 4, 6, 12)))
     # step: the cpu-bench train step.
-    config.step = ml_collections.ConfigDict(dict(clips=64, queue_len=512, repeats=5))
+    # compare_precision: also time the step with the objective's similarity matmuls at the
+    # default precision (objective.matmul_precision is "highest").
+    config.step = ml_collections.ConfigDict(dict(clips=64, queue_len=512, repeats=5, compare_precision=False))
     # loop: the train loop around that step against the bare jitted step.
     config.loop = ml_collections.ConfigDict(dict(clips=64, queue_len=512, steps=10, repeats=3))
     # pipeline: sizes "demo" (the demo corpus) or "howto100m" (a synthetic corpus at HowTo100M's

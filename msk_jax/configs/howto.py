@@ -45,6 +45,10 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
     objective.contrastive_scale = 1.0   # the original's alpha_closs
     objective.consistency_scale = 1.0   # the original's beta_loss
     objective.queue_len = 5500
+    # The similarity matmuls of the loss and of the anchor similarities, whose results are
+    # divided by 0.05 (contrastive), fed to Multi-SK at eps 0.07 and to exp(s / 0.1): "highest"
+    # (float32 also on TPUs and on TF32 GPUs), "high" or "default" (one bf16 pass on TPU).
+    objective.matmul_precision = "highest"
     objective.sinkhorn = ml_collections.ConfigDict(
         {"eps": 0.07, "num_iters": 20, "required_fraction": 0.5,
          # How many of a step's 12 problems are solved together: speed and memory only, not
