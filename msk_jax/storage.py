@@ -15,6 +15,8 @@ Objects in a bucket cannot be appended to or renamed cheaply, so:
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import io
 import os
 
@@ -155,15 +157,20 @@ class AppendableFile:
 
 class RangeReader:
     """Reads byte ranges of files: through a read-only memory map on disk (no copy: the bytes are
-    read where they are used), a ranged GET in a bucket. Counts the bytes it returned. Each
-    process makes its own (it pickles as a fresh one)."""
+    read where they are used), ranged GETs in a bucket. `read` reads one range (one request);
+    `read_ranges` starts many at once, ranges of a file that overlap or lie within `max_gap`
+    bytes of each other fetched as one. Counts the bytes it fetched (`bytes_read`) and the
+    requests (`requests`; on disk, the merged ranges). Each process makes its own (it pickles as
+    a fresh one)."""
 
-    def __init__(self):
+    def __init__(self, max_gap: int = 64 << 10):
+        self.max_gap = max_gap
         self._files: dict[str, object] = {}
         self.bytes_read = 0
+        self.requests = 0
 
-    def read(self, p: str, offset: int, length: int):
-        """`length` bytes at `offset` of `p` (bytes, or a read-only memoryview of a local file)."""
+    def _handle(self, p: str):
+        """A memoryview of the file's map (disk), or (filesystem, object path) (bucket)."""
         handle = self._files.get(p)
         if handle is None:
             if is_remote(p):
@@ -176,27 +183,136 @@ class RangeReader:
                 with open(p, "rb") as f:
                     handle = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self._files[p] = handle
+        return handle
+
+    def read(self, p: str, offset: int, length: int):
+        """`length` bytes at `offset` of `p` (bytes, or a read-only memoryview of a local file)."""
+        handle = self._handle(p)
         if isinstance(handle, memoryview):
             data = handle[offset:offset + length]
         else:
             fs, object_path = handle
             data = fs.cat_file(object_path, start=offset, end=offset + length)
-        if len(data) != length:
-            raise OSError(f"{p}: read {len(data)} of {length} bytes at offset {offset}; truncated?")
+        _check_length(p, offset, length, len(data))
         self.bytes_read += length
+        self.requests += 1
         return data
+
+    def read_ranges(self, ranges: list[tuple[str, int, int]]) -> "PendingRanges":
+        """Starts reading every (path, offset, length) of `ranges` and returns at once: in a
+        bucket every request is in flight together (gcsfs's event loop), on disk the ranges are
+        views of the map. `pending[i]` is range i's bytes (a read-only memoryview), waited for
+        when first asked; a failed request raises there."""
+        order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
+        merged: list[list] = []          # [path, start, end] of each request
+        where = [(-1, 0)] * len(ranges)  # (request, offset in it) of each range
+        for i in order:
+            p, offset, length = ranges[i]
+            if length <= 0:
+                continue
+            last = merged[-1] if merged else None
+            if last is not None and last[0] == p and offset <= last[2] + self.max_gap:
+                last[2] = max(last[2], offset + length)
+            else:
+                merged.append(last := [p, offset, offset + length])
+            where[i] = (len(merged) - 1, offset - last[1])
+        self.requests += len(merged)
+        self.bytes_read += sum(end - start for _, start, end in merged)
+        requests: list = [None] * len(merged)
+        remote: dict[int, tuple[object, list]] = {}  # id(filesystem) -> (filesystem, [(request, object path)])
+        for r, (p, start, end) in enumerate(merged):
+            handle = self._handle(p)
+            if isinstance(handle, memoryview):
+                if end > len(handle):
+                    _check_length(p, start, end - start, max(0, len(handle) - start))
+                requests[r] = handle[start:end]
+            else:
+                remote.setdefault(id(handle[0]), (handle[0], []))[1].append((r, handle[1]))
+        started = []
+        for fs, gets in remote.values():
+            futures, task = _start_gets(fs, [(path, merged[r][1], merged[r][2]) for r, path in gets])
+            started.append(task)
+            for (r, _), future in zip(gets, futures):
+                requests[r] = future
+        return PendingRanges(ranges, merged, where, requests, started)
 
     def close(self) -> None:
         self._files.clear()  # maps are unmapped when no array views them any more
 
     def __getstate__(self):
-        return {}
+        return {"max_gap": self.max_gap}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(**state)
 
     def __del__(self):
         try:
             self.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+def _check_length(p: str, offset: int, length: int, got: int) -> None:
+    if got != length:
+        raise OSError(f"{p}: read {got} of {length} bytes at offset {offset}; truncated?")
+
+
+def _start_gets(fs, gets: list[tuple[str, int, int]]):
+    """Starts the ranged GETs [(object path, start, end)] together on the filesystem's event loop
+    (gcsfs's async API; one hand-over to its thread for all of them). Returns a future of each
+    one's bytes, set as each is answered, and the future of them all (cancel it to stop them);
+    for a filesystem without an event loop, functions that read them (and None)."""
+    if not getattr(fs, "async_impl", False):
+        return [functools.partial(fs.cat_file, path, start=start, end=end) for path, start, end in gets], None
+    import asyncio
+
+    futures = [concurrent.futures.Future() for _ in gets]
+
+    async def get(future, path, start, end):
+        if not future.set_running_or_notify_cancel():
+            return  # cancelled before it started
+        try:
+            future.set_result(await fs._cat_file(path, start=start, end=end))
+        except asyncio.CancelledError:
+            future.set_exception(OSError(f"{path}: the read of [{start}, {end}) was cancelled"))
+            raise
+        except Exception as err:  # raised where the bytes are asked for
+            future.set_exception(err)
+
+    async def get_all():
+        await asyncio.gather(*(get(f, *g) for f, g in zip(futures, gets)))
+
+    return futures, asyncio.run_coroutine_threadsafe(get_all(), fs.loop)
+
+
+class PendingRanges:
+    """The ranges of one `RangeReader.read_ranges` call: `pending[i]` waits for the request that
+    holds range i and returns its bytes (a read-only memoryview)."""
+
+    def __init__(self, ranges, merged, where, requests, started=()):
+        self._ranges, self._merged, self._where, self._requests = ranges, merged, where, requests
+        self._started = [task for task in started if task is not None]
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def _request(self, r: int) -> memoryview:
+        data = self._requests[r]
+        if not isinstance(data, memoryview):
+            p, start, end = self._merged[r]
+            data = data.result() if hasattr(data, "result") else data()
+            _check_length(p, start, end - start, len(data))
+            data = self._requests[r] = memoryview(data).toreadonly()
+        return data
+
+    def __getitem__(self, i: int) -> memoryview:
+        r, offset = self._where[i]
+        length = self._ranges[i][2]
+        if r < 0:
+            return memoryview(b"")
+        return self._request(r)[offset:offset + length]
+
+    def cancel(self) -> None:
+        """Stops the requests not yet answered (their ranges then raise OSError)."""
+        for task in self._started:
+            task.cancel()

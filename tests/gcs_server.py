@@ -8,15 +8,31 @@ compare-and-swap on generations, so without them a checkpoint of more than a few
 ("Malformed StorageGeneration"). This module adds what the real service does: the header on
 downloads, 304 for a matching `ifGenerationNotMatch` read, 412 for a failed precondition on
 reads, uploads and deletes. Run it as `python -m tests.gcs_server --port PORT --bucket NAME`.
+
+Like the real service, and unlike the emulator alone, it answers requests concurrently (a thread
+per connection) and keeps connections open between reads (HTTP/1.1). For tests and benchmarks of reads against a bucket's latency, each request can
+wait a while before it is answered (`--latency-ms`, or `MSK_GCS_LATENCY_MS`; concurrent requests
+wait together, not in turn), and the server counts the requests it answers. Both through
+`/_msk/` on the same port (`set_latency`, `request_counts`):
+
+    POST /_msk/latency?ms=20    every request from now on waits 20 ms
+    GET  /_msk/counts           {"requests": all requests answered, "ranged_reads": those with a Range header}
+    POST /_msk/counts           resets the counts
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import signal
 import threading
+import time
+import urllib.parse
+import urllib.request
 from http import HTTPStatus
+from http.server import ThreadingHTTPServer
 
 from gcp_storage_emulator import server as emulator_server
 from gcp_storage_emulator.exceptions import NotFound
@@ -89,13 +105,137 @@ def patch_emulator() -> None:
     objects._msk_generations = True
 
 
+class _Served:
+    """What the `/_msk/` endpoints set and read: the latency and the counts of this process."""
+
+    lock = threading.Lock()
+    latency_s = 0.0
+    requests = 0
+    ranged_reads = 0
+
+
+CONTROL = "/_msk/"
+
+
+def _control(handler, method: str, url) -> None:
+    """Answers a `/_msk/` request (latency, counts) at once."""
+    query = urllib.parse.parse_qs(url.query)
+    status, body = HTTPStatus.OK, None
+    with _Served.lock:
+        if url.path == CONTROL + "latency":
+            if method == "POST":
+                _Served.latency_s = float(query.get("ms", ["0"])[0]) / 1e3
+            body = {"latency_ms": _Served.latency_s * 1e3}
+        elif url.path == CONTROL + "counts":
+            if method == "POST":
+                _Served.requests = _Served.ranged_reads = 0
+            body = {"requests": _Served.requests, "ranged_reads": _Served.ranged_reads}
+        else:
+            status, body = HTTPStatus.NOT_FOUND, {"error": f"no {url.path}"}
+    data = json.dumps(body).encode()
+    handler.send_response(status.value, status.phrase)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def _handle(router, method, original):
+    """The emulator's request routing, after the request's latency (outside any lock, so
+    concurrent requests wait together); `/_msk/` requests are answered here."""
+    handler = router._request_handler
+    url = urllib.parse.urlsplit(handler.path)
+    if url.path.startswith(CONTROL):
+        return _control(handler, method, url)
+    with _Served.lock:
+        _Served.requests += 1
+        _Served.ranged_reads += handler.headers.get("range") is not None
+        latency = _Served.latency_s
+    if latency:
+        time.sleep(latency)
+    return original(router, method)
+
+
+def _serialised(handler, lock):
+    """The emulator's handler run under `lock`: its storage is not made for concurrent use (the
+    requests still wait out their latency and send their answers concurrently)."""
+    def wrapped(*args, **kwargs):
+        with lock:
+            return handler(*args, **kwargs)
+
+    return wrapped
+
+
+class _ThreadingServer(ThreadingHTTPServer):
+    """A thread per connection; a long queue of connections, as many readers open them at once."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+
+class _RequestHandler(emulator_server.RequestHandler):
+    """Keeps connections open between reads, as the real service does (HTTP/1.1): a GET has no
+    body, so the next request starts where it ends. Other requests close theirs, since the
+    emulator may answer them without reading their body (a failed precondition)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a response's header and body go out at once
+
+    def end_headers(self):
+        if self.command != "GET" or self.headers.get("Content-Length", "0") != "0" \
+                or self.headers.get("Transfer-Encoding"):
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+
+def _run_api(api) -> None:
+    """`APIThread.run` with a threaded HTTP server."""
+    api._httpd = _ThreadingServer((api._host, api._port), functools.partial(_RequestHandler, api._storage))
+    api.is_running.set()
+    api._httpd.serve_forever()
+
+
+def serve_concurrently() -> None:
+    """Makes the emulator answer requests concurrently, with the latency and counts of `/_msk/`
+    (idempotent)."""
+    if getattr(emulator_server, "_msk_concurrent", False):
+        return
+    lock = threading.RLock()  # `get` calls `download`
+    for _, handlers in emulator_server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            handlers[method] = _serialised(handler, lock)
+    objects.insert = _serialised(objects.insert, lock)  # the router's fallback for uploads
+    original = emulator_server.Router.handle
+    emulator_server.Router.handle = lambda router, method: _handle(router, method, original)
+    emulator_server.APIThread.run = _run_api
+    emulator_server._msk_concurrent = True
+
+
+def set_latency(url: str, ms: float) -> None:
+    """Makes the server at `url` (http://host:port) wait `ms` ms before answering each request."""
+    urllib.request.urlopen(urllib.request.Request(f"{url}{CONTROL}latency?ms={ms}", data=b"", method="POST"),
+                           timeout=30).read()
+
+
+def request_counts(url: str, reset: bool = False) -> dict[str, int]:
+    """{"requests", "ranged_reads"} the server at `url` answered (since the last reset); with
+    `reset`, sets them back to 0."""
+    request = urllib.request.Request(f"{url}{CONTROL}counts", data=b"" if reset else None,
+                                     method="POST" if reset else "GET")
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bucket", required=True)
+    parser.add_argument("--latency-ms", type=float, default=float(os.environ.get("MSK_GCS_LATENCY_MS", 0)),
+                        help="wait this long before answering each request (concurrent requests wait together)")
     args = parser.parse_args()
     patch_emulator()
+    serve_concurrently()
+    _Served.latency_s = args.latency_ms / 1e3
     server = emulator_server.create_server(args.host, args.port, in_memory=True, default_bucket=args.bucket)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

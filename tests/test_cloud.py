@@ -143,3 +143,32 @@ def test_tfds_data_dir_in_a_bucket(gcs_bucket, tmp_path):
     assert got.ids == want.ids and got.dropped == want.dropped == 1
     for key in want.batch:
         np.testing.assert_array_equal(got.batch[key], want.batch[key])
+
+
+def test_bucket_server_answers_concurrent_requests_after_its_latency(gcs_bucket):
+    """tests/gcs_server.py: each request waits the set latency, concurrent requests together; the
+    server counts what it answered."""
+    import time
+
+    from tests.gcs_server import request_counts, set_latency
+
+    fs, endpoint, latency = _fs(), os.environ["STORAGE_EMULATOR_HOST"], 0.2
+    path = f"{gcs_bucket}/latency/blob".removeprefix("gs://")
+    data = bytes(range(256)) * 64
+    fs.pipe(path, data)
+    starts = list(range(0, len(data), 1024))
+    set_latency(endpoint, latency * 1e3)
+    try:
+        start = time.perf_counter()
+        assert fs.cat_file(path, start=0, end=10) == data[:10]
+        assert time.perf_counter() - start >= latency
+        before, start = request_counts(endpoint), time.perf_counter()
+        parts = fs.cat_ranges([path] * len(starts), starts, [s + 100 for s in starts])
+        took = time.perf_counter() - start
+    finally:
+        set_latency(endpoint, 0)
+    assert parts == [data[s:s + 100] for s in starts]
+    assert len(starts) == 16 and took < 5 * latency  # one at a time: 16 x latency
+    after = request_counts(endpoint)
+    assert after["ranged_reads"] - before["ranged_reads"] == 16 and after["requests"] - before["requests"] == 16
+    assert request_counts(endpoint, reset=True) and request_counts(endpoint) == {"requests": 0, "ranged_reads": 0}

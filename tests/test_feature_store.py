@@ -1,5 +1,7 @@
 """The feature store: the clips of the npz files, read by window; stored videos that cannot be used
-skip as in the npz files; worker processes give the batches of threads; a store in a bucket."""
+skip as in the npz files; worker processes give the batches of threads; a store in a bucket; the
+windows of several videos read at once (the same clips as one window at a time), coalesced into
+fewer requests, and in flight together against a bucket's latency."""
 
 import os
 import signal
@@ -12,9 +14,10 @@ import pytest
 
 from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
 from msk_jax.data.features import DataError
+from msk_jax.data.howto100m import clip_shapes
 from msk_jax.data.pipeline import TrainingPipeline
 from tests.conftest import REPO_ROOT
-from tests.data_fixtures import segments, write_howto
+from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, segments, write_howto
 from tests.paper_config import paper_clip_settings
 from tests.test_howto100m import reader
 
@@ -122,13 +125,129 @@ def test_worker_processes_give_the_batches_of_threads(corpus, store):
         host.close()
 
 
-def test_store_in_a_bucket(corpus, store, gcs_bucket):
+def _expected(raw, index, seed):
+    """The npz reader's clips of (index, seed), or the DataError it raises."""
+    try:
+        return raw.sample_clips(index, np.random.default_rng(seed))
+    except DataError as err:
+        return err
+
+
+def _check(want, got):
+    if isinstance(want, DataError):
+        assert isinstance(got, DataError) and got.reason == want.reason and str(got) == str(want)
+    else:
+        assert not isinstance(got, DataError) and got.keys() == want.keys() and _same_clips(want, got)
+
+
+# Every video (two unusable) with two seeds, and a video twice in one call.
+REQUESTS = [(i, seed) for seed in (0, 1) for i in range(10)] + [(3, 0)]
+
+
+def _sample_videos(source, requests, outs=None):
+    return source.sample_videos([(i, np.random.default_rng(seed)) for i, seed in requests], outs)
+
+
+def test_sample_videos_gives_the_clips_of_sample_clips(corpus, store):
+    raw, settings = reader(corpus, **SETTINGS), paper_clip_settings(**SETTINGS)
+    want = [_expected(raw, i, seed) for i, seed in REQUESTS]
+    assert sum(isinstance(w, DataError) for w in want) == 4
+    for source in (FeatureStoreSource(store, settings), FeatureStoreSource(store, settings, concurrent_reads=False),
+                   FeatureStoreSource(store, settings, max_gap=0)):
+        got = _sample_videos(source, REQUESTS)
+        assert len(got) == len(REQUESTS)
+        for w, g in zip(want, got):
+            _check(w, g)
+        # Into given arrays (as the pipeline's shared memory): the clips are written there.
+        shapes = clip_shapes(settings, DIM_2D + DIM_3D, WORD_DIM)
+        outs = [{k: np.full(shape, np.nan, np.float32) for k, shape in shapes.items()} for _ in REQUESTS]
+        for w, g, out in zip(want, _sample_videos(source, REQUESTS, outs), outs):
+            _check(w, g)
+            if not isinstance(g, DataError):
+                assert all(g[k] is out[k] for k in out)
+        # One video at a time, into given arrays.
+        i, seed = REQUESTS[3]
+        out = {k: np.empty(shape, np.float32) for k, shape in shapes.items()}
+        _check(want[3], source.sample_clips(i, np.random.default_rng(seed), out=out))
+        assert all(np.array_equal(out[k], want[3][k]) for k in out)
+
+
+@pytest.fixture(scope="module")
+def bucket_store(corpus, gcs_bucket):
     url = f"{gcs_bucket}/feature_store"
     build_feature_store(reader(corpus, **SETTINGS), url, progress=False)
-    local, remote = (FeatureStoreSource(p, paper_clip_settings(**SETTINGS)) for p in (store, url))
+    return url
+
+
+def test_store_in_a_bucket(corpus, store, bucket_store):
+    settings = paper_clip_settings(**SETTINGS)
+    local, remote = (FeatureStoreSource(p, settings) for p in (store, bucket_store))
     for i in (0, 7):
         assert _same_clips(local.sample_clips(i, np.random.default_rng(i)), remote.sample_clips(i, np.random.default_rng(i)))
     assert remote.bytes_read == local.bytes_read
+    # Several videos at once, and one window at a time: the clips of the npz files.
+    raw = reader(corpus, **SETTINGS)
+    want = [_expected(raw, i, seed) for i, seed in REQUESTS]
+    for source in (remote, FeatureStoreSource(bucket_store, settings, concurrent_reads=False)):
+        for w, g in zip(want, _sample_videos(source, REQUESTS)):
+            _check(w, g)
+    with pytest.raises(DataError, match="no ASR segments"):
+        remote.sample_clips(8, np.random.default_rng(0))
+
+
+def test_windows_that_overlap_or_nearly_touch_are_read_by_one_request(bucket_store):
+    from tests.gcs_server import request_counts
+
+    endpoint, settings = os.environ["STORAGE_EMULATOR_HOST"], paper_clip_settings(**SETTINGS)
+    requests, served = {}, {}
+    for name, options in (("one at a time", dict(concurrent_reads=False)), ("overlapping", dict(max_gap=0)),
+                          ("within 64 KiB", {})):
+        source = FeatureStoreSource(bucket_store, settings, **options)
+        before = request_counts(endpoint)["ranged_reads"]
+        _sample_videos(source, REQUESTS)
+        requests[name], served[name] = source.requests, request_counts(endpoint)["ranged_reads"] - before
+    assert served == requests  # what the reader counts is what the server answered
+    # A clip's windows overlap others; a small video's blocks lie within 64 KiB of each other.
+    assert requests["within 64 KiB"] < requests["overlapping"] < requests["one at a time"]
+    assert requests["within 64 KiB"] <= 3 * 17  # at most one per block of each usable video
+
+
+LONG = dict(n_clips=10, num_audio_frames=256)
+
+
+@pytest.fixture(scope="module")
+def long_video_store(tmp_path_factory, gcs_bucket):
+    """One 300 s video, narrated every 10 s, in the bucket: ten clips read ~30 windows."""
+    root = str(tmp_path_factory.mktemp("long_video"))
+    write_howto(root, [("demo/long", 300, segments(*[(10.0 * k + 1, 10.0 * k + 4, "a b c") for k in range(30)]), {})])
+    url = f"{gcs_bucket}/long_video_store"
+    build_feature_store(reader(root, **LONG), url, progress=False)
+    return url
+
+
+def test_windows_are_read_concurrently_against_the_bucket_latency(long_video_store):
+    from tests.gcs_server import set_latency
+
+    endpoint, latency = os.environ["STORAGE_EMULATOR_HOST"], 0.2
+    source = FeatureStoreSource(long_video_store, paper_clip_settings(**LONG), max_gap=0)
+    want = [source.sample_clips(0, np.random.default_rng(seed)) for seed in range(4)]  # no latency yet
+    set_latency(endpoint, latency * 1e3)
+    try:
+        start = time.perf_counter()
+        source.read_rows(0, 0, 0, 1)
+        assert time.perf_counter() - start >= latency  # every request waits
+        made, start = source.requests, time.perf_counter()
+        got = source.sample_clips(0, np.random.default_rng(0))
+        took, requests = time.perf_counter() - start, source.requests - made
+        assert requests >= 20 and took < 10 * latency, (requests, took)  # one at a time: >= 20 x latency
+        assert _same_clips(want[0], got)
+        made, start = source.requests, time.perf_counter()
+        got = source.sample_videos([(0, np.random.default_rng(seed)) for seed in range(4)])
+        took, requests = time.perf_counter() - start, source.requests - made
+        assert requests >= 40 and took < 10 * latency, (requests, took)  # windows of one video overlap
+        assert all(_same_clips(w, g) for w, g in zip(want, got))
+    finally:
+        set_latency(endpoint, 0)
 
 
 _HOLD_A_PIPELINE = """

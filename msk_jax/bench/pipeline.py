@@ -119,11 +119,14 @@ def _time_grain(source, videos_per_batch: int, batches: int, workers: int) -> di
 
 def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
                            batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32",
-                           seconds: int = 396, dim: int = 2048, grain: bool = False) -> dict:
+                           seconds: int = 396, dim: int = 2048, grain: bool = False,
+                           bucket_latency_ms: tuple = (), bucket_videos: int = 48) -> dict:
     """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
     cache: today's npz files read whole by threads, against the feature store read by window
     (threads, then worker processes), with 1 and 2 workers, in the same run; with `grain`, also
-    the store through grain's worker processes (grain installed separately)."""
+    the store through grain's worker processes (grain installed separately); with
+    `bucket_latency_ms`, also the store read from a bucket on localhost at each latency
+    (`msk_jax.bench.bucket`)."""
     from msk_jax.data import synthetic
     from msk_jax.data.demo_corpus import default_root
     from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
@@ -175,6 +178,12 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
         results["grain"] = {"label": "store, grain processes", "workers": {str(k): v for k, v in rows.items()},
                             "scaling_1_to_2": (rows[2]["videos_per_second"] / rows[1]["videos_per_second"]
                                                if 1 in rows and 2 in rows else None)}
+    if bucket_latency_ms:
+        from msk_jax.bench import bucket
+
+        results["bucket"] = bucket.run_bucket(settings, paths, root, tuple(bucket_latency_ms), videos=bucket_videos,
+                                              videos_per_batch=videos_per_batch, batches=batches, workers=workers,
+                                              dtype=dtype, seconds=seconds, dim=dim)
     return results
 
 
@@ -192,6 +201,10 @@ def format_pipeline_howto100m(r: dict) -> str:
                          f"{'' if read is None else f'{read:.2f}x':>10s}")
         if r[name]["scaling_1_to_2"]:
             lines.append(f"{'':22s} 1 -> 2 workers: {r[name]['scaling_1_to_2']:.2f}x")
+    if "bucket" in r:
+        from msk_jax.bench.bucket import format_bucket
+
+        lines.append(format_bucket(r["bucket"]))
     return "\n".join(lines)
 
 
@@ -203,7 +216,8 @@ def cli(config) -> dict:
         raise ValueError(f"config.pipeline.sizes='{c.sizes}': expected 'demo' or 'howto100m'.")
     if c.sizes == "howto100m":
         results = run_pipeline_howto100m(input_pipeline.clip_settings(config), c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
-                                         grain=c.grain)
+                                         grain=c.grain, bucket_latency_ms=tuple(c.bucket_latency_ms),
+                                         bucket_videos=c.bucket_videos)
         print(format_pipeline_howto100m(results), flush=True)
         return results
     results = run_pipeline(input_pipeline.clip_settings(config), c.corpus_dir or None, c.size, batches=c.batches or 30)

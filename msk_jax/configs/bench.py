@@ -41,8 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loop = ml_collections.ConfigDict(dict(clips=64, queue_len=512, steps=10, repeats=3))
     # pipeline: sizes "demo" (the demo corpus) or "howto100m" (a synthetic corpus at HowTo100M's
     # per-video sizes); batches 0: 30 (demo) or 12 (howto100m); grain: also time grain's workers.
+    # bucket_latency_ms (howto100m): also read the store of the first bucket_videos videos from a
+    # bucket on localhost answering each request after each of these latencies (() skips it).
     config.pipeline = ml_collections.ConfigDict(dict(sizes="demo", corpus_dir="", size="default", videos=300,
-                                                     dtype="float32", batches=0, grain=False))
+                                                     dtype="float32", batches=0, grain=False,
+                                                     bucket_latency_ms=(0, 20, 50), bucket_videos=48))
     # plan: the configs/howto.py step compiled ahead of time per accelerator and mesh;
     # store_videos_per_core 0: not given (bench pipeline --sizes=howto100m measures it).
     config.plan = ml_collections.ConfigDict(dict(targets="v4-8,v5e-16,8xH100", meshes="data,fsdp,fsdp_model2",

@@ -12,6 +12,10 @@ joining their words (each neighbour's words are appended, whichever side it is o
 original); otherwise the clip has no text. With `text_audio_misaligned` the audio window starts
 0.5 * min_time after the text start. Video features of [start, end] at each rate:
 rows int(start * fps) : int(end * fps) + 1.
+
+Sampling is planned first (`plan_clips`: every random draw, and the windows of rows and frames
+each clip reads), then filled from those windows (`fill_clips`), so that a store can read every
+window of a video at once (`feature_store.FeatureStoreSource.sample_videos`).
 """
 
 from __future__ import annotations
@@ -223,16 +227,42 @@ def _window(start, stop, length: int) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-def _audio(video, window: tuple[int, int], settings: ClipSettings, out=None):
-    lo, hi = window
-    return F.audio_features(video.frames(lo, min(hi, lo + settings.num_audio_frames)), settings.num_audio_frames,
-                            out=out)
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClipPlan:
+    """One clip decided before any feature is read: its times, its words and the windows it reads
+    (`windows`). Sampling is planned first and filled from the windows' rows after, so that a
+    store can fetch every window of a video (of several videos) at once."""
+
+    start: float
+    end: float
+    words: list[str]
+    frames: tuple[int, int]      # log-mel frames [lo, hi) read (at most num_audio_frames)
+    rows_2d: tuple[int, int]     # 2D rows [lo, hi) read
+    rows_3d: tuple[int, int]     # 3D rows [lo, hi) read: one per video token
+    pick_2d: np.ndarray | None   # the row of the 2D window each token takes; None when no tokens
+
+    @property
+    def windows(self) -> tuple[tuple[str, int, int], ...]:
+        """(kind, lo, hi) of each read: kind '2d' and '3d' (rows), 'audio' (log-mel frames)."""
+        return ("2d", *self.rows_2d), ("3d", *self.rows_3d), ("audio", *self.frames)
 
 
-def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator,
-                out: dict[str, np.ndarray] | None = None):
-    """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text); with `out`
-    ({'audio', 'audio_mask', 'text', 'text_mask'} of this clip), the arrays are written there."""
+def video_windows(video, settings: ClipSettings, start: float, end: float):
+    """The rows the video tokens of [start, end] use: rows int(start * fps) : int(end * fps) + 1
+    at each rate, of which only those the tokens take are read. Returns the 2D window, the 3D
+    window and the row of the 2D window each token takes (None when the clip has no tokens)."""
+    lo2, hi2 = _window(start * settings.fps_2d, int(end * settings.fps_2d) + 1, video.num_rows_2d)
+    lo3, hi3 = _window(start * settings.fps_3d, int(end * settings.fps_3d) + 1, video.num_rows_3d)
+    n = min(hi3 - lo3, settings.n_video_tokens) if hi2 > lo2 else 0
+    if n == 0:
+        return (lo2, lo2), (lo3, lo3), None
+    index = F.nearest_indices(hi2 - lo2, hi3 - lo3)[:n]
+    return (lo2 + int(index[0]), lo2 + int(index[-1]) + 1), (lo3, lo3 + n), index - index[0]
+
+
+def plan_clip(video, settings: ClipSettings, rng: np.random.Generator) -> ClipPlan:
+    """One random clip (one `rng.random()`): a random start in [0, duration - min_time], the ASR
+    segment there extended to min_time (or no text), and the windows it reads."""
     duration = int(F.frames_to_time(video.num_frames))
     start = rng.random() * max(0, duration - settings.min_time)
     end = start + settings.min_time
@@ -258,26 +288,44 @@ def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: n
             audio_end = audio_start + settings.min_time
         first_frame, last_frame = F.time_to_frames([audio_start, audio_end])
         frames = _window(max(0, first_frame), last_frame, video.num_frames)
-    audio, audio_mask = _audio(video, frames, settings, None if out is None else (out["audio"], out["audio_mask"]))
-    text, text_mask, raw_text = F.text_features(words, word_vectors, settings.max_words,
+    frames = (frames[0], min(frames[1], frames[0] + settings.num_audio_frames))
+    rows_2d, rows_3d, pick_2d = video_windows(video, settings, start, end)
+    return ClipPlan(start, end, words, frames, rows_2d, rows_3d, pick_2d)
+
+
+def plan_clips(video, settings: ClipSettings, rng: np.random.Generator) -> list[ClipPlan]:
+    """The `settings.n_clips` clips of one video, planned (the draws of `sample_clips`)."""
+    return [plan_clip(video, settings, rng) for _ in range(settings.n_clips)]
+
+
+def _fill_video(video, rows_2d: tuple[int, int], rows_3d: tuple[int, int], pick_2d, settings: ClipSettings,
+                out=None):
+    normalized = getattr(video, "rows_normalized", False)
+    tokens_3d = video.rows_3d(*rows_3d)
+    tokens_2d = video.rows_2d(*rows_2d)
+    if pick_2d is not None:
+        tokens_2d = tokens_2d[pick_2d]
+    return F.video_tokens(tokens_2d, tokens_3d, settings.n_video_tokens, out=out, normalized=normalized)
+
+
+def _fill_audio(video, plan: ClipPlan, settings: ClipSettings, out=None):
+    return F.audio_features(video.frames(*plan.frames), settings.num_audio_frames, out=out)
+
+
+def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator,
+                out: dict[str, np.ndarray] | None = None):
+    """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text); with `out`
+    ({'audio', 'audio_mask', 'text', 'text_mask'} of this clip), the arrays are written there."""
+    plan = plan_clip(video, settings, rng)
+    audio, audio_mask = _fill_audio(video, plan, settings, None if out is None else (out["audio"], out["audio_mask"]))
+    text, text_mask, raw_text = F.text_features(plan.words, word_vectors, settings.max_words,
                                                 None if out is None else (out["text"], out["text_mask"]))
-    return start, end, audio, audio_mask, text, text_mask, raw_text
+    return plan.start, plan.end, audio, audio_mask, text, text_mask, raw_text
 
 
 def clip_video(video, settings: ClipSettings, start: float, end: float, out=None):
-    """The video tokens of [start, end]: rows int(start * fps) : int(end * fps) + 1 at each rate,
-    of which only those the tokens use are read (written into `out` = (video, mask) if given)."""
-    lo2, hi2 = _window(start * settings.fps_2d, int(end * settings.fps_2d) + 1, video.num_rows_2d)
-    lo3, hi3 = _window(start * settings.fps_3d, int(end * settings.fps_3d) + 1, video.num_rows_3d)
-    n = min(hi3 - lo3, settings.n_video_tokens) if hi2 > lo2 else 0
-    normalized = getattr(video, "rows_normalized", False)
-    if n == 0:
-        return F.video_tokens(video.rows_2d(lo2, lo2), video.rows_3d(lo3, lo3), settings.n_video_tokens, out=out,
-                              normalized=normalized)
-    index = F.nearest_indices(hi2 - lo2, hi3 - lo3)[:n]
-    rows_2d = video.rows_2d(lo2 + index[0], lo2 + index[-1] + 1)[index - index[0]]
-    return F.video_tokens(rows_2d, video.rows_3d(lo3, lo3 + n), settings.n_video_tokens, out=out,
-                          normalized=normalized)
+    """The video tokens of [start, end] (`video_windows`), written into `out` = (video, mask) if given."""
+    return _fill_video(video, *video_windows(video, settings, start, end), settings, out=out)
 
 
 CLIP_ARRAYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
@@ -291,24 +339,34 @@ def clip_shapes(settings: ClipSettings, video_dim: int, word_dim: int) -> dict[s
             "text": (n, settings.max_words, word_dim), "text_mask": (n, settings.max_words)}
 
 
+def fill_clips(video, path: str, plans: list[ClipPlan], word_vectors: WordVectors, settings: ClipSettings,
+               out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The clips of `plans` (`plan_clips`) cut from `video`, which is read only at the plans'
+    windows (`ClipPlan.windows`): the arrays and fields of `sample_clips`."""
+    if out is None:
+        video_dim = video.rows_2d(0, 0).shape[1] + video.rows_3d(0, 0).shape[1]
+        out = {k: np.empty(shape, np.float32)
+               for k, shape in clip_shapes(settings, video_dim, word_vectors.dim).items()}
+    raw_texts = []
+    for c, plan in enumerate(plans):
+        _fill_audio(video, plan, settings, out=(out["audio"][c], out["audio_mask"][c]))
+        raw_texts.append(F.text_features(plan.words, word_vectors, settings.max_words,
+                                         (out["text"][c], out["text_mask"][c]))[2])
+        _fill_video(video, plan.rows_2d, plan.rows_3d, plan.pick_2d, settings,
+                    out=(out["video"][c], out["video_mask"][c]))
+    return {
+        **{k: out[k] for k in CLIP_ARRAYS},
+        "start": np.array([p.start for p in plans]), "end": np.array([p.end for p in plans]),
+        "raw_text": np.array(raw_texts, dtype=object),
+        "id": np.array([f"{path}{p.start}" for p in plans], dtype=object),
+    }
+
+
 def sample_clips(video, path: str, word_vectors: WordVectors, settings: ClipSettings,
                  rng: np.random.Generator, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """`settings.n_clips` clips of one video (a `Video`, or anything with its window methods),
     stacked: video (n, tokens, D2 + D3), audio (n, bins, frames), text (n, words, dim), their
     masks (`CLIP_ARRAYS`, written into `out` when given, e.g. shared memory), and `start`,
-    `end`, `raw_text`, `id`."""
-    if out is None:
-        video_dim = video.rows_2d(0, 0).shape[1] + video.rows_3d(0, 0).shape[1]
-        out = {k: np.empty(shape, np.float32)
-               for k, shape in clip_shapes(settings, video_dim, word_vectors.dim).items()}
-    clips = []
-    for c in range(settings.n_clips):
-        clip = sample_clip(video, word_vectors, settings, rng, out={k: out[k][c] for k in CLIP_ARRAYS[2:]})
-        clip_video(video, settings, clip[0], clip[1], out=(out["video"][c], out["video_mask"][c]))
-        clips.append(clip)
-    return {
-        **{k: out[k] for k in CLIP_ARRAYS},
-        "start": np.array([c[0] for c in clips]), "end": np.array([c[1] for c in clips]),
-        "raw_text": np.array([c[6] for c in clips], dtype=object),
-        "id": np.array([f"{path}{c[0]}" for c in clips], dtype=object),
-    }
+    `end`, `raw_text`, `id`. Planned first (`plan_clips`, every draw of `rng`), then filled
+    from the windows (`fill_clips`)."""
+    return fill_clips(video, path, plan_clips(video, settings, rng), word_vectors, settings, out=out)
