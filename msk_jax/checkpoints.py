@@ -39,7 +39,7 @@ from msk_jax.train_step import TrainState
 RESUMABLE_CHANGES = (
     "variant", "num_train_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "eval_every_steps", "profile_steps", "profile_first_step", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
-    "model.dtype", "objective.matmul_precision", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
+    "model.dtype", "model.remat", "objective.matmul_precision", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
     "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
     "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
     "data.eval_video_tokens", "data.eval_audio_frames", "objective.sinkhorn.problems_at_once",

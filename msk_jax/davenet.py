@@ -54,6 +54,7 @@ class DAVEnet(nn.Module):
     widths: Sequence[int] = (128, 128, 256, 512, 1024, 2048, 4096)
     kernel: int = 9
     dtype: Dtype = jnp.float32
+    remat_blocks: bool = False  # recompute each residual block in the backward pass (model.remat)
 
     @nn.compact
     def __call__(self, log_mel, train: bool):
@@ -66,9 +67,10 @@ class DAVEnet(nn.Module):
         x = nn.Dense(self.widths[0], use_bias=False, kernel_init=conv1_init, dtype=self.dtype,
                      name="conv1")(log_mel)
         x = jax.nn.relu(BatchNorm(self.dtype, name="bn1")(x, train))
+        block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat_blocks else ResidualBlock
         for stage, (blocks, width) in enumerate(zip(self.layers, self.widths[1:]), start=1):
             for b in range(blocks):
-                x = ResidualBlock(width, self.kernel, 2 if b == 0 else 1, self.dtype,
+                x = block(width, self.kernel, 2 if b == 0 else 1, self.dtype,
                                   name=f"layer{stage}_{b}")(x, train)
         return x
 

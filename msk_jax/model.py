@@ -135,6 +135,14 @@ def pool_audio_mask(mask: jax.Array, num_tokens: int) -> jax.Array:
     return mask[:, : num_tokens * window].reshape(mask.shape[0], num_tokens, window).max(axis=-1)
 
 
+# config.model.remat: what the backward pass recomputes instead of keeping from the forward pass.
+#   "none":  nothing (fastest, most memory);
+#   "block": each transformer block and DAVEnet residual block (keeps only the blocks' inputs);
+#   "full":  DAVEnet and each modality's transformer whole (keeps only their inputs and outputs).
+# The parameters, their names and the computed values are the same in every setting.
+REMAT = ("none", "block", "full")
+
+
 class ModalityTransformer(nn.Module):
     """`depth` transformer blocks; output is the masked mean of the tokens."""
 
@@ -142,11 +150,13 @@ class ModalityTransformer(nn.Module):
     num_heads: int
     mlp_ratio: float
     dtype: Dtype = jnp.float32
+    remat_blocks: bool = False  # recompute each block in the backward pass (model.remat)
 
     @nn.compact
     def __call__(self, tokens, mask):
+        block = nn.remat(TransformerBlock) if self.remat_blocks else TransformerBlock
         for i in range(self.depth):
-            tokens = TransformerBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(tokens, mask)
+            tokens = block(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(tokens, mask)
         return masked_mean(tokens, mask)
 
 
@@ -169,6 +179,13 @@ class MultiSKModel(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
     # Of the anchor similarities (Multi-SK's input): config.objective.matmul_precision.
     similarity_precision: str = "highest"
+    remat: str = "none"  # REMAT: what the backward pass recomputes
+
+    def _encoder(self, module_class, static_argnums=()):
+        """`module_class`, recomputed whole in the backward pass when remat is "full"."""
+        if self.remat not in REMAT:
+            raise ValueError(f"model.remat must be one of {REMAT}, got {self.remat!r}")
+        return nn.remat(module_class, static_argnums=static_argnums) if self.remat == "full" else module_class
 
     def _tokens(self, name: str, features, mask, masking_token):
         """Token projection + LayerNorm, then the masking token for empty clips."""
@@ -197,7 +214,9 @@ class MultiSKModel(nn.Module):
         """batch: video (B, Tv, video_dim) + video_mask (B, Tv); text (B, Tt, text_dim) +
         text_mask (B, Tt); audio (B, bins, frames) log-mel + audio_mask (B, frames)."""
         masking_token = self.param("masking_token", VIT_INIT, (self.embed_dim,))
-        davenet = DAVEnet(self.davenet_layers, self.davenet_widths, self.davenet_kernel, self.dtype, name="davenet")
+        blocks = self.remat == "block"
+        davenet = self._encoder(DAVEnet, static_argnums=(2,))(
+            self.davenet_layers, self.davenet_widths, self.davenet_kernel, self.dtype, blocks, name="davenet")
         audio = davenet(jnp.swapaxes(jnp.asarray(batch["audio"], self.dtype), 1, 2), train)
         inputs = {
             "text": (batch["text"], batch["text_mask"]),
@@ -209,8 +228,8 @@ class MultiSKModel(nn.Module):
             features, mask = inputs[m]
             tokens, mask, nonempty = self._tokens(m, jnp.asarray(features, self.dtype),
                                                   jnp.asarray(mask, jnp.float32), masking_token)
-            pooled = ModalityTransformer(self.depth, self.num_heads, self.mlp_ratio, self.dtype,
-                                         name=f"{m}_transformer")(tokens, mask)
+            pooled = self._encoder(ModalityTransformer)(self.depth, self.num_heads, self.mlp_ratio, self.dtype,
+                                                        blocks, name=f"{m}_transformer")(tokens, mask)
             joint = GatedEmbeddingUnit(self.projection_dim, self.dtype, name=f"{m}_proj")(pooled)
             joint = joint.astype(jnp.float32)  # the objective runs in float32
             encoded[m] = dict(input_embedding=l2_normalize(masked_mean(tokens, mask).astype(jnp.float32)),

@@ -44,3 +44,12 @@ def test_mesh_and_rules():
     shardings = sharding.tree_shardings(tree, mesh, [(r".*fc/kernel$", (None, "model"))])
     assert shardings["params"]["text_proj"]["fc"]["kernel"].spec == jax.sharding.PartitionSpec(None, "model")
     assert shardings["params"]["bias"].spec == jax.sharding.PartitionSpec()
+    # FSDP: matrices split on their first dimension, DAVEnet's (width, in, out) convolution
+    # kernels on their input channels, vectors replicated.
+    mesh = sharding.create_mesh([("fsdp", -1)])
+    tree = {"proj": {"kernel": np.zeros((4, 6))}, "davenet": {"conv2": {"kernel": np.zeros((9, 4, 8))}},
+            "bn": {"scale": np.zeros(8)}}
+    shardings = sharding.tree_shardings(tree, mesh, sharding.FSDP_RULES)
+    assert shardings["proj"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert shardings["davenet"]["conv2"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert shardings["bn"]["scale"].spec == jax.sharding.PartitionSpec()

@@ -97,3 +97,30 @@ def test_the_objectives_similarity_matmuls_follow_the_precision_policy():
     assert solver > 0
     assert sum(highest) - solver == 3 + 12 + 12 + 2 * (3 + 12)
     assert sum(highest) < len(highest)  # not every dot: the layers' matmuls are not forced
+
+
+def test_remat_recomputes_the_same_step():
+    """config.model.remat: "block" and "full" give the step of "none" (same parameter names and
+    values after two steps, the second with the consistency loss on), with the recomputed parts marked in the
+    step (one `remat` per DAVEnet residual block and transformer block, or one per DAVEnet
+    and per modality transformer)."""
+    objective = paper_objective(queue_len=6, sinkhorn_iters=3)
+    batch = tiny_batch(3)
+    results = {}
+    for remat in ("none", "block", "full"):
+        model = MultiSKModel(**TINY_MODEL, remat=remat)
+        state = jax.jit(lambda rng, b: train_step.create_train_state(rng, model, objective, train_step.adam(3e-3), b)
+                        )(jax.random.PRNGKey(0), batch)
+        jaxpr = str(jax.make_jaxpr(train_step.train_step)(state, batch))
+        step = jax.jit(train_step.train_step)
+        for _ in range(2):  # the first fills the queues, the second has the consistency loss
+            state, metrics = step(state, batch)
+        results[remat] = (len(re.findall(r"= remat2?\[", jaxpr)), float(metrics["consistency"]), jax.device_get(state.params))
+    blocks = sum(TINY_MODEL["davenet_layers"]) + 3 * TINY_MODEL["depth"]
+    assert results["none"][0] == 0 and results["block"][0] == blocks and results["full"][0] == 1 + 3
+    assert results["none"][1] > 0
+    for remat in ("block", "full"):
+        assert jax.tree_util.tree_structure(results[remat][2]) == jax.tree_util.tree_structure(results["none"][2])
+        np.testing.assert_allclose(results[remat][1], results["none"][1], rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(results[remat][2]), jax.tree_util.tree_leaves(results["none"][2])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

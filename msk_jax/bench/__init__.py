@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m msk_jax.bench {sk,step,pipeline,loop,plan,all} [--config=configs/bench.py] [--json=OUT]``.
+"""Benchmarks: ``python -m msk_jax.bench {sk,step,pipeline,loop,plan,fed,all} [--config=configs/bench.py] [--json=OUT]``.
 
 Their shapes are the config file's (``configs/bench.py:cpu_bench``, one section per command;
 override a field with e.g. ``--config.step.repeats=7``). One module per benchmark:
@@ -18,8 +18,10 @@ override a field with e.g. ``--config.step.repeats=7``). One module per benchmar
 ``pipeline`` -- the training input pipeline on the demo corpus (clips/s), or at HowTo100M's
            per-video sizes (``--config.pipeline.sizes=howto100m``).
 ``loop`` -- the train loop's time per step against the bare jitted step.
-``plan`` -- the configs/howto.py step compiled ahead of time per accelerator and mesh.
-``all`` -- every benchmark but ``plan``, one after the other.
+``plan`` -- the configs/howto.py step compiled ahead of time per accelerator, mesh and remat setting.
+``fed`` -- the paper-width step on this host's accelerators, fed by worker processes from a
+           synthetic feature store at HowTo100M's sizes: step time, clips/s, MFU, peak memory.
+``all`` -- every benchmark but ``plan`` and ``fed``, one after the other.
 
 ``common`` holds what they share (timing, compilation, memory analysis, the machine's copy
 bandwidth and matmul peak); ``__main__`` is the command line.
@@ -39,7 +41,7 @@ from __future__ import annotations
 from typing import Callable
 
 from msk_jax import configs
-from msk_jax.bench import loop, pipeline, plan, sk, step
+from msk_jax.bench import fed, loop, pipeline, plan, sk, step
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], str]] = {
     "sk": (sk.cli, "Multi-SK solver at the production size"),
@@ -47,14 +49,16 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], str]] = {
     "pipeline": (pipeline.cli, "input pipeline clips/s (demo corpus, or HowTo100M sizes)"),
     "loop": (loop.cli, "the train loop's time per step against the bare jitted step"),
     "plan": (plan.cli, "the paper step compiled ahead of time per accelerator: memory, FLOPs"),
+    "fed": (fed.cli, "the paper-width step on this host's accelerators, fed from a synthetic store"),
 }
+NOT_IN_ALL = ("plan", "fed")  # minutes of compilation per target; an accelerator's memory
 CONFIG = configs.path("bench")
 
 
 def run(command: str, config) -> dict:
-    """Runs benchmark `command` (or "all": every one but plan) with `config` (configs/bench.py)."""
-    if command == "all":  # plan: minutes of compilation per target, run it by name
-        return {name: cli(config) for name, (cli, _) in BENCHMARKS.items() if name != "plan"}
+    """Runs benchmark `command` (or "all": every one but plan and fed) with `config` (configs/bench.py)."""
+    if command == "all":  # run those of NOT_IN_ALL by name
+        return {name: cli(config) for name, (cli, _) in BENCHMARKS.items() if name not in NOT_IN_ALL}
     if command not in BENCHMARKS:
         raise ValueError(f"unknown benchmark '{command}'; choose from {sorted(BENCHMARKS) + ['all']}.")
     return BENCHMARKS[command][0](config)

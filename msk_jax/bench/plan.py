@@ -29,14 +29,17 @@ def _plan_mesh(kind: str, devices: int) -> list:
             "fsdp_model2": [("fsdp", devices // 2), ("model", 2)]}[kind]
 
 
-def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
-    """AOT-compiles the train step of configs/howto.py[:config_arg] over all local devices with the
-    given mesh, without allocating it: per-device memory_analysis and cost_analysis FLOPs."""
+def compile_paper_step(mesh_kind: str, config_arg: str = "", remat: str = "") -> dict:
+    """AOT-compiles the train step of configs/howto.py[:config_arg] (with model.remat=`remat`
+    unless empty) over all local devices with the given mesh, without allocating it: per-device
+    memory_analysis and cost_analysis FLOPs."""
     from msk_jax import input_pipeline, sharding, train, train_step
     from msk_jax.loss import ObjectiveConfig
     from msk_jax.model import MultiSKModel
 
     config = configs.get_config("howto", config_arg)
+    if remat:
+        config.model.remat = remat
     devices = jax.device_count()
     mesh = sharding.create_mesh(_plan_mesh(mesh_kind, devices))
     rules = sharding.rules_for(mesh, [])
@@ -61,7 +64,7 @@ def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     parameters = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
-    return {"mesh": dict(mesh.shape), "devices": devices, "clips_per_step": int(batch["video"].shape[0]),
+    return {"mesh": dict(mesh.shape), "devices": devices, "remat": config.model.remat, "clips_per_step": int(batch["video"].shape[0]),
             "clips_per_device": int(batch["video"].shape[0]) // devices, "parameters": int(parameters),
             "compile_seconds": time.perf_counter() - start,
             "flops_per_device": float(cost.get("flops", 0.0)),
@@ -72,45 +75,49 @@ def compile_paper_step(mesh_kind: str, config_arg: str = "") -> dict:
 
 
 def run_plan(targets: tuple[str, ...] = tuple(ACCELERATORS), meshes: tuple[str, ...] = PLAN_MESHES,
-             config_arg: str = "", store_videos_per_core: float | None = None, timeout: int = 1800) -> dict:
-    """Each accelerator's device count forced on the CPU (one subprocess per target and mesh), the
-    paper step compiled, and the input rate it needs at 40 % MFU."""
+             config_arg: str = "", store_videos_per_core: float | None = None, timeout: int = 1800,
+             remats: tuple[str, ...] = ("",)) -> dict:
+    """Each accelerator's device count forced on the CPU (one subprocess per target, mesh and
+    remat setting), the paper step compiled, and the input rate it needs at 40 % MFU. Results
+    are keyed "target/mesh" ("target/mesh/remat" when remat settings are given)."""
     import subprocess
 
     results = {}
-    for target in targets:
+    for target, mesh_kind, remat in ((t, m, r) for t in targets for m in meshes for r in remats):
         spec = ACCELERATORS[target]
-        for mesh_kind in meshes:
-            env = dict(os.environ, MSK_JAX_NATIVE="0", MSK_JAX_TCMALLOC="0", JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={spec['devices']}")
-            code = ("import json, sys; from msk_jax.bench import plan; "
-                    f"print('PLAN ' + json.dumps(plan.compile_paper_step({mesh_kind!r}, {config_arg!r})))")
-            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("PLAN ")]
-            if proc.returncode or not lines:
-                results[f"{target}/{mesh_kind}"] = {"error": (proc.stderr or proc.stdout)[-800:]}
-                print(f"plan {target} {mesh_kind}: failed", flush=True)
-                continue
-            r = json.loads(lines[-1][5:])
-            flops = r["flops_per_device"] * r["devices"]
-            step_seconds = flops / (spec["devices"] * spec["peak_tflops"] * 1e12 * 0.4)
-            videos = r["clips_per_step"] / 10
-            r.update({"target": target, "memory_gib": spec["memory_gib"], "flops_per_step": flops,
-                      "fits": r["peak_bytes"] <= spec["memory_gib"] * 2**30,
-                      "step_seconds_at_40pct_mfu": step_seconds,
-                      "videos_per_second_needed": videos / step_seconds,
-                      "videos_per_second_needed_per_host": videos / step_seconds / spec["hosts"]})
-            if store_videos_per_core:
-                r["input_cores_per_host"] = r["videos_per_second_needed_per_host"] / store_videos_per_core
-            results[f"{target}/{mesh_kind}"] = r
-            print(format_plan_row(r), flush=True)
+        key = f"{target}/{mesh_kind}" + (f"/{remat}" if remat else "")
+        env = dict(os.environ, MSK_JAX_NATIVE="0", MSK_JAX_TCMALLOC="0", JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={spec['devices']}")
+        code = ("import json, sys; from msk_jax.bench import plan; "
+                f"print('PLAN ' + json.dumps(plan.compile_paper_step({mesh_kind!r}, {config_arg!r}, {remat!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("PLAN ")]
+        if proc.returncode or not lines:
+            results[key] = {"error": (proc.stderr or proc.stdout)[-800:]}
+            print(f"plan {key}: failed", flush=True)
+            continue
+        r = json.loads(lines[-1][5:])
+        flops = r["flops_per_device"] * r["devices"]
+        step_seconds = flops / (spec["devices"] * spec["peak_tflops"] * 1e12 * 0.4)
+        videos = r["clips_per_step"] / 10
+        r.update({"target": target, "memory_gib": spec["memory_gib"], "flops_per_step": flops,
+                  "fits": r["peak_bytes"] <= spec["memory_gib"] * 2**30,
+                  "headroom": 1 - r["peak_bytes"] / (spec["memory_gib"] * 2**30),
+                  "step_seconds_at_40pct_mfu": step_seconds,
+                  "videos_per_second_needed": videos / step_seconds,
+                  "videos_per_second_needed_per_host": videos / step_seconds / spec["hosts"]})
+        if store_videos_per_core:
+            r["input_cores_per_host"] = r["videos_per_second_needed_per_host"] / store_videos_per_core
+        results[key] = r
+        print(format_plan_row(r), flush=True)
     return results
 
 
 def format_plan_row(r: dict) -> str:
     cores = f", {r['input_cores_per_host']:.1f} input cores/host" if "input_cores_per_host" in r else ""
-    return (f"{r['target']:7s} mesh {r['mesh']}: {r['clips_per_device']} clips/device, "
-            f"peak {r['peak_bytes'] / 2**30:.1f} GiB of {r['memory_gib']} ({'fits' if r['fits'] else 'does NOT fit'}; "
+    return (f"{r['target']:7s} mesh {r['mesh']}, remat {r.get('remat', 'none')}: {r['clips_per_device']} clips/device, "
+            f"peak {r['peak_bytes'] / 2**30:.1f} GiB of {r['memory_gib']} ({'fits' if r['fits'] else 'does NOT fit'}, "
+            f"{100 * r['headroom']:.0f}% headroom; "
             f"args {r['argument_bytes'] / 2**30:.1f}, temp {r['temp_bytes'] / 2**30:.1f}), "
             f"{r['flops_per_step'] / 1e12:.0f} TFLOP/step, {r['step_seconds_at_40pct_mfu']:.2f} s/step at 40% MFU, "
             f"{r['videos_per_second_needed_per_host']:.0f} videos/s per host{cores}")
@@ -118,4 +125,5 @@ def format_plan_row(r: dict) -> str:
 
 def cli(config) -> dict:
     c = config.plan
-    return run_plan(tuple(c.targets.split(",")), tuple(c.meshes.split(",")), c.howto, c.store_videos_per_core or None)
+    return run_plan(tuple(c.targets.split(",")), tuple(c.meshes.split(",")), c.howto, c.store_videos_per_core or None,
+                    remats=tuple(c.get("remats", "").split(",")))

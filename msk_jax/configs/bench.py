@@ -46,8 +46,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pipeline = ml_collections.ConfigDict(dict(sizes="demo", corpus_dir="", size="default", videos=300,
                                                      dtype="float32", batches=0, grain=False,
                                                      bucket_latency_ms=(0, 20, 50), bucket_videos=48))
-    # plan: the configs/howto.py step compiled ahead of time per accelerator and mesh;
-    # store_videos_per_core 0: not given (bench pipeline --sizes=howto100m measures it).
+    # plan: the configs/howto.py step compiled ahead of time per accelerator, mesh and remat
+    # setting (model.remat; "" keeps the config's); store_videos_per_core 0: not given (bench
+    # pipeline --sizes=howto100m measures it).
     config.plan = ml_collections.ConfigDict(dict(targets="v4-8,v5e-16,8xH100", meshes="data,fsdp,fsdp_model2",
-                                                 howto="", store_videos_per_core=0.0))
+                                                 remats="", howto="", store_videos_per_core=0.0))
+    # fed: the paper-width step (configs/howto.py widths, `dtype` compute, `remat` "" keeps the
+    # config's) on this host's accelerators, fed by `workers` processes from a store of
+    # `store_videos` synthetic HowTo100M-size videos; queue_len 0 keeps the paper's 5,500.
+    config.fed = ml_collections.ConfigDict(dict(videos_per_batch=27, steps=10, workers=8, store_videos=120,
+                                                store_dtype="float16", remat="", dtype="bfloat16", queue_len=0,
+                                                corpus_dir=""))
     return config

@@ -32,6 +32,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.projection_dim = 6144
     model.num_anchors = 64        # per modality, in the input space and in the joint space
     model.dtype = "bfloat16"      # compute dtype (mixed precision); parameters stay float32
+    # What the backward pass recomputes (msk_jax.model.REMAT: "none", "block", "full"): memory
+    # for FLOPs; the values are the same. BENCHMARKS.md "Paper config planned per device".
+    model.remat = "none"
     return model
 
 
