@@ -109,16 +109,33 @@ class StepMetrics:
 class DeviceBatches:
     """The pipeline's batches as global device arrays, `ahead` of the step that uses them: the
     host reads and transfers the next batches while the devices run the current step. Each
-    comes with the pipeline's position after it (what a checkpoint of that step must store)."""
+    comes with the pipeline's position after it (what a checkpoint of that step must store).
+
+    A pipeline that lends its batches (`TrainingPipeline.lends_batches`: views of buffers it
+    overwrites once `keep_batches` more batches have been returned) is kept to that: on CPU,
+    where a device array may alias the host memory it was made from, each batch is copied first;
+    elsewhere, before the pipeline may overwrite a batch, its transfer is waited for (long done
+    when `keep_batches` >= `ahead`)."""
 
     def __init__(self, pipeline: TrainingPipeline, batch_sharding, ahead: int = 2):
         self.pipeline, self.batch_sharding, self.ahead = pipeline, batch_sharding, max(1, ahead)
         self._queue: collections.deque = collections.deque()
+        self._lent = bool(getattr(pipeline, "lends_batches", False))
+        self._copy = self._lent and any(d.platform == "cpu" for d in batch_sharding.device_set)
+        self._transfers: collections.deque = collections.deque()  # device batches of lent buffers
 
     def fill(self) -> None:
         while len(self._queue) < self.ahead:
+            if self._lent and not self._copy:
+                while len(self._transfers) > self.pipeline.keep_batches:  # its buffer may be reused now
+                    jax.block_until_ready(self._transfers.popleft())
             local = next(self.pipeline)
-            self._queue.append((global_batch(local, self.batch_sharding), self.pipeline.state()))
+            if self._copy:
+                local = {k: np.array(v) for k, v in local.items()}
+            batch = global_batch(local, self.batch_sharding)
+            if self._lent and not self._copy:
+                self._transfers.append(batch)
+            self._queue.append((batch, self.pipeline.state()))
 
     def pop(self):
         """(global batch, input position after it)."""
@@ -211,7 +228,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pipeline = TrainingPipeline(source, config.videos_per_batch, seed=config.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 workers=config.data.workers, prefetch=config.data.prefetch,
-                                processes=config.data.worker_processes)
+                                processes=config.data.worker_processes, batch_tasks=True,
+                                keep_batches=max(1, config.data.prefetch))
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         resumed = checkpointer.restore_latest(state, json.loads(config.to_json()))

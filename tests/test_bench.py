@@ -61,12 +61,19 @@ def test_step_and_pipeline_benchmarks_report_their_figures(tiny_corpus):
 
 def test_pipeline_at_howto100m_layout_reports_old_and_new_paths(tmp_path):
     r = pipeline.run_pipeline_howto100m(paper_clip_settings(), str(tmp_path), videos=12, videos_per_batch=4, batches=1, seconds=200, dim=16)
-    for name in ("old", "store_threads", "new"):
+    for name in ("old", "store_threads", "store_slots", "new"):
         assert set(r[name]["workers"]) == {"1", "2"} and r[name]["videos_per_second"] > 0
         assert r[name]["scaling_1_to_2"] > 0
+        for row in r[name]["workers"].values():
+            assert row["main_ms_per_video"] > 0 and row["videos_per_second_ceiling"] == 1e3 / row["main_ms_per_video"]
+            assert row["cpu_ms_per_video"] == pytest.approx(row["main_ms_per_video"] + row["worker_ms_per_video"])
     assert r["old"]["read_per_used"] > r["new"]["read_per_used"] > 0  # whole files against windows
+    assert r["store_threads"]["workers"]["1"]["worker_ms_per_video"] == 0  # threads: this process's time
+    assert r["new"]["workers"]["1"]["worker_ms_per_video"] > 0
     assert r["videos_per_second"] == r["new"]["videos_per_second"] and r["cpu_ms_per_video"] > 0
-    assert "store, processes" in pipeline.format_pipeline_howto100m(r)
+    assert r["main_ms_per_video"] == r["new"]["main_ms_per_video"] and r["videos_per_second_ceiling"] > 0
+    table = pipeline.format_pipeline_howto100m(r)
+    assert "store, processes, slots" in table and "store, processes, batches" in table and "main ms/video" in table
     json.dumps(r)
 
 

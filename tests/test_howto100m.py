@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from msk_jax.data import features as F
-from msk_jax.data.howto100m import HowTo100MReader, sample_clip, sample_clips
+from msk_jax.data.howto100m import HowTo100MReader, load_captions, sample_clip, sample_clips
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
 from tests.paper_config import paper_clip_settings
@@ -151,3 +151,65 @@ def test_csv_without_path_column(tmp_path):
     (tmp_path / "bad.csv").write_text("video\nx\n")
     with pytest.raises(F.DataError, match="'path' column"):
         HowTo100MReader(str(tmp_path / "bad.csv"), "", "", "", None, features_3d="")
+
+
+@pytest.fixture(scope="module")
+def large_vocabulary(howto, tmp_path_factory):
+    """A word2vec binary of 300,000 words of dimension 4 (the captions' words among them, with
+    the vectors of the corpus's file) and a cache folder for caption vocabularies."""
+    from msk_jax.data.word2vec import save_word2vec_binary
+    from tests.data_fixtures import word_vectors
+
+    folder = tmp_path_factory.mktemp("large_vocabulary")
+    rng = np.random.default_rng(1)
+    filler = rng.standard_normal((300_000, 4)).astype(np.float32)
+    vectors = {f"filler{i}": filler[i] for i in range(300_000 - len(word_vectors()))}
+    vectors.update({w: v[:4] for w, v in word_vectors().items()})
+    path = str(folder / "word2vec.bin")
+    save_word2vec_binary(path, vectors)
+    return path, str(folder / "cache")
+
+
+def test_a_reader_pickles_as_paths_and_its_caption_vocabulary(howto, large_vocabulary, monkeypatch):
+    """Pickled (as for a worker process), a reader is its paths, settings and the folder of its
+    captions' word vectors: under 1 MB with a 300,000-word vocabulary (the vectors alone pickle
+    to ~9 MB), built once; unpickled, it gives the same clips."""
+    import pickle
+
+    from msk_jax.data.word2vec import load_word2vec_binary
+
+    path, cache = large_vocabulary
+    monkeypatch.setenv("MSK_JAX_CACHE_DIR", cache)
+    words = load_word2vec_binary(path)
+    r = HowTo100MReader(os.path.join(howto, "howto_train.csv"), os.path.join(howto, "caption.pickle"),
+                        os.path.join(howto, "features_2d"), os.path.join(howto, "audio"), words,
+                        features_3d=os.path.join(howto, "features_3d"), settings=paper_clip_settings(n_clips=3),
+                        dim_2d=DIM_2D, dim_3d=DIM_3D)
+    assert len(words) == 300_000 and len(pickle.dumps(words)) > 5 << 20
+    data = pickle.dumps(r)
+    assert len(data) < 1 << 20
+    assert os.listdir(os.path.join(cache, "caption_words")) == [os.path.basename(r.caption_words())]
+    worker = pickle.loads(data)
+    # The caption words the vocabulary knows: a b c d e (vc's "s" too; p q r s of vb).
+    assert sorted(worker.word_vectors.index) == ["a", "b", "c", "d", "e", "p", "q", "r", "s"]
+    for i in range(len(r)):
+        try:
+            want = r.sample_clips(i, np.random.default_rng(i))
+        except F.DataError as err:
+            with pytest.raises(F.DataError) as again:
+                worker.sample_clips(i, np.random.default_rng(i))
+            assert (again.value.reason, str(again.value)) == (err.reason, str(err))
+            continue
+        got = worker.sample_clips(i, np.random.default_rng(i))
+        for key in ("video", "video_mask", "audio", "audio_mask", "text", "text_mask", "raw_text"):
+            np.testing.assert_array_equal(got[key], want[key])
+    # Built once: another reader of the same files finds it; other captions make another.
+    again = HowTo100MReader(r.csv_path, r.caption_path, r.root_2d, r.root_audio, words, features_3d=r.root_3d,
+                            settings=r.settings)
+    assert again.caption_words() == r.caption_words()
+    r.caption_path = os.path.join(cache, "caption.pickle")
+    with open(r.caption_path, "wb") as f:
+        pickle.dump({"va": {"start": [0.0], "end": [1.0], "text": ["a zz"]}}, f)
+    r.captions, r._caption_words = load_captions(r.caption_path), None
+    assert r.caption_words() != again.caption_words()
+    assert pickle.loads(pickle.dumps(r)).word_vectors.index == {"a": 0}

@@ -1,6 +1,10 @@
-"""The training pipeline: determinism, resumption, process shards, skipping bad videos; TFDS."""
+"""The training pipeline: determinism, resumption, process shards, skipping bad videos; worker
+processes (per-video slots and batch tasks) against threads, the lifetime of lent batches,
+workers' signals; TFDS."""
 
 import os
+import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -9,9 +13,18 @@ from msk_jax.data.pipeline import InputPositionError, TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import segments, write_howto
 from tests.paper_config import paper_clip_settings
-from tests.test_howto100m import reader
+from tests.test_howto100m import howto, large_vocabulary, reader  # noqa: F401 (fixtures)
 
 SETTINGS = dict(n_clips=2, num_audio_frames=256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """The caption vocabularies' word vectors of this module's sources go to a folder of its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = str(tmp_path_factory.mktemp("cache"))
+        patch.setenv("MSK_JAX_CACHE_DIR", folder)
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +132,7 @@ def test_bad_videos_are_skipped_and_counted(corpus):
     assert "skipped" in summary and "gone_spec.npz" in summary and "no ASR segments" in summary
 
 
-def test_tfds_builder_round_trip(corpus, tmp_path):
+def test_tfds_builder_round_trip(corpus, tmp_path, large_vocabulary):
     tfds_builders = pytest.importorskip("msk_jax.data.tfds_builders")
     import tensorflow_datasets as tfds
 
@@ -138,3 +151,119 @@ def test_tfds_builder_round_trip(corpus, tmp_path):
             np.testing.assert_array_equal(got[key], want[key])
     batches = _take(TrainingPipeline(source, 4, seed=0), 2)
     assert batches[1]["audio"].shape == (8, 40, 256)
+    # Pickled for a worker: the dataset's place and the vectors of the words the build recorded.
+    assert source.vocabulary == ["a", "b", "c", "d"]
+    large = tfds_builders.TFDSVideoSource.load(str(tmp_path), load_word2vec_binary(large_vocabulary[0]),
+                                               paper_clip_settings(**SETTINGS))
+    data = pickle.dumps(large)
+    assert len(data) < 1 << 20 and len(large.word_vectors) == 300_000
+    worker = pickle.loads(data)
+    assert sorted(worker.word_vectors.index) == ["a", "b", "c", "d"] and len(worker) == len(large)
+    for i in range(len(large)):
+        got, want = (s.sample_clips(i, np.random.default_rng(i)) for s in (worker, large))
+        assert all(np.array_equal(got[k], want[k]) for k in ("video", "audio", "text", "text_mask", "raw_text"))
+
+
+def _counts(pipeline):
+    return dict(pipeline.skipped), dict(pipeline.skipped_examples)
+
+
+def test_worker_processes_and_batch_tasks_give_the_batches_of_threads(corpus):
+    """Threads, worker processes filling one slot per video and worker processes assembling the
+    batches (tasks of 3 and 1 videos) give the same bits, the same skip counts and examples (the
+    two unreadable videos replaced inside their tasks), across epochs and a restore; the workers
+    ignore SIGTERM and SIGINT."""
+    threads = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=2)
+    want = _take(threads, 7)  # 21 slots over 12 videos, 2 epochs
+    assert sum(threads.skipped.values()) >= 2
+    slots = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=2, workers=2, processes=True)
+    tasks = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=2, workers=2, processes=True, batch_tasks=True,
+                             videos_per_task=3, keep_batches=7)
+    try:
+        assert not slots.lends_batches and tasks.lends_batches
+        assert _same(_take(slots, 7), want) and _counts(slots) == _counts(threads)
+        got = _take(tasks, 3)
+        for worker in tasks._executor._processes:  # a job's stop signals are the training process's
+            os.kill(worker, signal.SIGTERM)
+            os.kill(worker, signal.SIGINT)
+        tasks.restore(tasks.state())  # drops the batches in flight, continues at the same place
+        got += _take(tasks, 4)
+        assert _same(got, want) and _counts(tasks) == _counts(threads)
+        assert tasks.worker_cpu_seconds > 0 and tasks.clips_served == 7 * 4 * 2
+        assert len(tasks._pending[0][3]) == 2  # a batch's tasks: videos 0-2 and 3
+    finally:
+        slots.close()
+        tasks.close()
+    assert _same(got, want)  # the batches outlive the pipeline
+
+
+def test_batch_tasks_resume_on_another_process_count_with_sample_videos(corpus, tmp_path):
+    """The second of two hosts, resumed from a position saved on one, in one worker process
+    through a source with `sample_videos` (the feature store of the same videos)."""
+    from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
+
+    build_feature_store(reader(corpus, **SETTINGS), str(tmp_path / "store"), progress=False)
+    source = FeatureStoreSource(str(tmp_path / "store"), reader(corpus, **SETTINGS).settings)
+    assert hasattr(source, "sample_videos")
+    host = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=7, process_index=1, process_count=2)
+    want = _take(host, 6)
+    one = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=7)
+    _take(one, 2)
+    resumed = TrainingPipeline(source, 4, seed=7, process_index=1, process_count=2, processes=True, workers=1,
+                               batch_tasks=True, keep_batches=4)
+    try:
+        resumed.restore(one.state())
+        assert _same([{k: np.copy(v) for k, v in b.items()} for b in _take(resumed, 4)], want[2:])
+        assert sum(resumed.skipped.values()) >= 1
+    finally:
+        resumed.close()
+
+
+def test_a_lent_batch_stays_intact_for_keep_batches_calls(corpus):
+    """A batch of batch tasks is views of a buffer that stays unchanged while `keep_batches`
+    more batches are returned (across a restore too); the ring of buffers is no larger than
+    that needs (prefetch + 1 + keep_batches), so the contract is what it says."""
+    want = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=4), 9)
+    pipeline = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=4, workers=2, processes=True, batch_tasks=True,
+                                prefetch=1, keep_batches=1)
+    try:
+        first = next(pipeline)
+        second = next(pipeline)  # keep_batches = 1 later: the first is intact
+        assert _same([first, second], want[:2])
+        third = next(pipeline)   # may overwrite the first
+        pipeline.restore(pipeline.state())  # drops the batch in flight; the last returned stays
+        fourth = next(pipeline)
+        assert _same([third, fourth], want[2:4])
+        assert np.shares_memory(fourth["video"], first["video"])  # 3 buffers in turn, not more
+        for i in range(5, 9):
+            batch = next(pipeline)
+            assert _same([fourth, batch], [want[i - 2], want[i - 1]])
+            fourth = batch
+    finally:
+        pipeline.close()
+
+
+def test_device_batches_keep_to_the_lifetime_of_lent_batches(corpus):
+    """The training loop's device batches of a lending pipeline: on CPU, copies (a device array
+    may alias host memory), so a batch queued on the device stays right while the pipeline
+    reuses its buffer."""
+    import jax
+
+    from msk_jax import sharding
+    from msk_jax.train import DeviceBatches
+
+    want = _take(TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=8), 6)
+    pipeline = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=8, workers=1, processes=True, batch_tasks=True,
+                                prefetch=0, keep_batches=0)
+    mesh = sharding.create_mesh([("data", -1)])
+    batches = DeviceBatches(pipeline, sharding.batch_sharding(mesh), ahead=3)
+    try:
+        got = []
+        for _ in range(6):
+            batch, position = batches.pop()
+            batches.fill()
+            got.append(batch)
+        assert _same([{k: np.asarray(jax.device_get(v)) for k, v in b.items()} for b in got], want)
+        assert position == {"epoch": 1, "position": 12, "seed": 8, "videos_per_batch": 4}  # after 2 epochs
+    finally:
+        pipeline.close()

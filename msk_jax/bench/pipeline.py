@@ -1,6 +1,7 @@
 """``pipeline``: the training input pipeline's clips/s on the demo corpus per worker count, or at
 HowTo100M's per-video sizes (``--config.pipeline.sizes=howto100m``): npz files read by threads
-against the feature store read by window (threads, then worker processes), and optionally grain.
+against the feature store read by window (threads, then worker processes filling a slot per video,
+then worker processes assembling the batches), and optionally grain.
 """
 
 from __future__ import annotations
@@ -43,17 +44,24 @@ def _batch_bytes(batch: dict[str, np.ndarray]) -> int:
 
 
 def _time_pipeline(make, videos_per_batch: int, batches: int) -> dict:
-    """Times `batches` batches of a pipeline after two warm-up batches (worker start-up)."""
+    """Times `batches` batches of a pipeline after two warm-up batches (worker start-up). CPU
+    time: this process's (`main_ms_per_video`: with threads, their work too) and the worker
+    processes' (`worker_ms_per_video`); `videos_per_second_ceiling`: what this process could
+    hand out at most, 1000 / main_ms_per_video."""
     pipeline = make()
     try:
         for _ in range(2):
             next(pipeline)
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, main = time.perf_counter(), time.process_time()
         worker_cpu, worker_read = pipeline.worker_cpu_seconds, pipeline.worker_bytes_read
         used = sum(_batch_bytes(next(pipeline)) for _ in range(batches))
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu + pipeline.worker_cpu_seconds - worker_cpu
+        wall, main = time.perf_counter() - wall, time.process_time() - main
+        workers = pipeline.worker_cpu_seconds - worker_cpu
         videos = batches * videos_per_batch + sum(pipeline.skipped.values())
-        return {"videos_per_second": videos / wall, "clips_per_second": batches * videos_per_batch * 10 / wall, "cpu_ms_per_video": 1e3 * cpu / videos,
+        main_ms = 1e3 * main / videos
+        return {"videos_per_second": videos / wall, "clips_per_second": batches * videos_per_batch * 10 / wall,
+                "cpu_ms_per_video": main_ms + 1e3 * workers / videos, "main_ms_per_video": main_ms,
+                "worker_ms_per_video": 1e3 * workers / videos, "videos_per_second_ceiling": 1e3 / max(main_ms, 1e-9),
                 "used_bytes_per_video": used / videos, "worker_bytes_read": int(pipeline.worker_bytes_read - worker_read),
                 "videos": videos}
     finally:
@@ -123,7 +131,9 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
                            bucket_latency_ms: tuple = (), bucket_videos: int = 48) -> dict:
     """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
     cache: today's npz files read whole by threads, against the feature store read by window
-    (threads, then worker processes), with 1 and 2 workers, in the same run; with `grain`, also
+    (threads; worker processes filling a slot per video that this process concatenates; worker
+    processes assembling the batches in shared memory, `batch_tasks`), with 1 and 2 workers, in
+    the same run; with `grain`, also
     the store through grain's worker processes (grain installed separately); with
     `bucket_latency_ms`, also the store read from a bucket on localhost at each latency
     (`msk_jax.bench.bucket`)."""
@@ -150,15 +160,18 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
                          for i in range(len(reader))])
     for i in range(len(reader)):  # both formats into the page cache
         reader.video(i)
-    paths_under_test = {"old": ("npz files, threads", reader, False), "store_threads": ("store, threads", store, False),
-                        "new": ("store, processes", store, True)}
+    paths_under_test = {"old": ("npz files, threads", reader, False, False),
+                        "store_threads": ("store, threads", store, False, False),
+                        "store_slots": ("store, processes, slots", store, True, False),
+                        "new": ("store, processes, batches", store, True, True)}
     results = {"videos": videos, "videos_per_batch": videos_per_batch, "npz_bytes_per_video": float(npz_bytes),
                "store_dtype": dtype}
-    for name, (label, source, processes) in paths_under_test.items():
+    for name, (label, source, processes, batch_tasks) in paths_under_test.items():
         rows = {}
         for count in workers:
             row = _time_pipeline(lambda: TrainingPipeline(source, videos_per_batch, seed=0, workers=count,
-                                                          processes=processes), videos_per_batch, batches)
+                                                          processes=processes, batch_tasks=batch_tasks),
+                                 videos_per_batch, batches)
             if name == "old":
                 row["read_per_used"] = npz_bytes / row["used_bytes_per_video"]
             elif processes:
@@ -168,11 +181,14 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
         results[name] = {"label": label, "workers": {str(k): v for k, v in rows.items()},
                          "videos_per_second": best["videos_per_second"], "clips_per_second": best["clips_per_second"],
                          "cpu_ms_per_video": rows[min(rows)]["cpu_ms_per_video"],
+                         "main_ms_per_video": rows[min(rows)]["main_ms_per_video"],
+                         "videos_per_second_ceiling": rows[min(rows)]["videos_per_second_ceiling"],
                          "read_per_used": best.get("read_per_used"),
                          "scaling_1_to_2": (rows[2]["videos_per_second"] / rows[1]["videos_per_second"]
                                             if 1 in rows and 2 in rows else None)}
     results.update({k: results["new"][k] for k in ("videos_per_second", "cpu_ms_per_video", "read_per_used",
-                                                    "scaling_1_to_2")})
+                                                    "scaling_1_to_2", "main_ms_per_video",
+                                                    "videos_per_second_ceiling")})
     if grain:
         rows = {count: _time_grain(store, videos_per_batch, batches, count) for count in workers}
         results["grain"] = {"label": "store, grain processes", "workers": {str(k): v for k, v in rows.items()},
@@ -190,17 +206,21 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
 def format_pipeline_howto100m(r: dict) -> str:
     lines = [f"input path at HowTo100M sizes: {r['videos']} videos, {r['npz_bytes_per_video'] / 1e6:.1f} MB of npz "
              f"each, {r['videos_per_batch']} videos (x 10 clips) per batch, page cache; {machine()}",
-             f"{'path':22s} {'workers':>7s} {'videos/s':>9s} {'clips/s':>8s} {'CPU-ms/video':>13s} {'read/used':>10s}"]
-    for name in ("old", "store_threads", "new", "grain"):
+             f"{'path':26s} {'workers':>7s} {'videos/s':>9s} {'clips/s':>8s} {'CPU-ms/video':>13s} "
+             f"{'main ms/video':>14s} {'ceiling videos/s':>17s} {'read/used':>10s}"]
+    for name in ("old", "store_threads", "store_slots", "new", "grain"):
         if name not in r:
             continue
         for count, row in r[name]["workers"].items():
-            read = row.get("read_per_used")
-            lines.append(f"{r[name]['label']:22s} {count:>7s} {row['videos_per_second']:9.0f} "
+            read, main, ceiling = (row.get(k) for k in ("read_per_used", "main_ms_per_video",
+                                                         "videos_per_second_ceiling"))
+            lines.append(f"{r[name]['label']:26s} {count:>7s} {row['videos_per_second']:9.0f} "
                          f"{row['clips_per_second']:8.0f} {row['cpu_ms_per_video']:13.2f} "
+                         f"{'' if main is None else f'{main:.3f}':>14s} "
+                         f"{'' if ceiling is None else f'{ceiling:.0f}':>17s} "
                          f"{'' if read is None else f'{read:.2f}x':>10s}")
         if r[name]["scaling_1_to_2"]:
-            lines.append(f"{'':22s} 1 -> 2 workers: {r[name]['scaling_1_to_2']:.2f}x")
+            lines.append(f"{'':26s} 1 -> 2 workers: {r[name]['scaling_1_to_2']:.2f}x")
     if "bucket" in r:
         from msk_jax.bench.bucket import format_bucket
 

@@ -147,7 +147,12 @@ def _load_npz(path: str, key: str) -> np.ndarray:
 
 
 class HowTo100MReader:
-    """Random access to HowTo100M-format videos: `reader.video(i)`, `reader.sample_clips(i, rng)`."""
+    """Random access to HowTo100M-format videos: `reader.video(i)`, `reader.sample_clips(i, rng)`.
+
+    It pickles as the paths and settings it was made from and the folder of its caption
+    vocabulary's word vectors (`word2vec.caption_vectors`, built on the first pickling and kept
+    in the cache folder), so a worker process opens the csv and captions itself and loads only
+    those vectors, never the whole word2vec file; its clips are the same bits."""
 
     def __init__(self, csv_path: str, caption_path: str, features_2d: str, audio: str,
                  word_vectors: WordVectors, features_3d: str,
@@ -162,6 +167,39 @@ class HowTo100MReader:
         self.root_2d, self.root_3d, self.root_audio = features_2d, features_3d, audio
         self.word_vectors, self.settings = word_vectors, settings
         self.dim_2d, self.dim_3d = dim_2d, dim_3d
+        self._caption_words: str | None = None
+
+    def caption_words(self) -> str | None:
+        """The folder of the vectors of the captions' words (`word2vec.load_vectors`), built once
+        per caption file and word vectors; None without word vectors."""
+        from msk_jax.data import word2vec
+
+        if self.word_vectors is None:
+            return None
+        if self._caption_words is None:
+            self._caption_words = word2vec.caption_vectors(
+                self.word_vectors, word2vec.file_identity(self.caption_path), self.caption_texts)
+        return self._caption_words
+
+    def caption_texts(self):
+        """Every ASR text of the captions (of malformed ones too, as far as they have texts)."""
+        for caption in self.captions.values():
+            if isinstance(caption, Mapping) and "text" in caption:
+                yield from (str(text) for text in caption["text"])
+
+    def __getstate__(self):
+        return {"csv_path": self.csv_path, "caption_path": self.caption_path, "features_2d": self.root_2d,
+                "features_3d": self.root_3d, "audio": self.root_audio, "settings": self.settings,
+                "dim_2d": self.dim_2d, "dim_3d": self.dim_3d, "words": self.caption_words()}
+
+    def __setstate__(self, state):
+        from msk_jax.data.word2vec import load_vectors
+
+        words = state["words"]
+        self.__init__(state["csv_path"], state["caption_path"], state["features_2d"], state["audio"],
+                      None if words is None else load_vectors(words), features_3d=state["features_3d"],
+                      settings=state["settings"], dim_2d=state["dim_2d"], dim_3d=state["dim_3d"])
+        self._caption_words = words
 
     def __len__(self) -> int:
         return len(self.paths)

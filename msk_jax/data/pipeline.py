@@ -16,10 +16,26 @@ every process); `restore(state)` continues from there, on any number of processe
 run sees exactly the batches an uninterrupted one would, even on another host count.
 
 Videos are loaded `prefetch` batches ahead by `workers` threads, or with `processes=True` by
-worker processes (spawned; each unpickles the source once, so a source should pickle small, as
-`FeatureStoreSource` does): Python threads share one interpreter lock and barely scale, processes
-do. A worker process writes a video's clips into a slot of shared memory and returns only its
-status, so the clips are copied once, into the batch. The batches are the same either way.
+worker processes (spawned; each unpickles the source once, so a source pickles as the paths and
+settings it was made from and opens itself in the worker, as every source of this package does):
+Python threads share one interpreter lock and barely scale, processes do. The batches are the
+same either way.
+
+With processes and `batch_tasks=True`, the batches are assembled in shared memory by the
+workers: a task is a run of consecutive videos of one batch (`videos_per_task`; by default the
+batch cut into as few runs as keep every worker busy with the `prefetch + 1` batches in flight),
+whose clips the worker writes straight into their rows of a batch-shaped buffer (with
+`source.sample_videos(requests, outs)` where the source has it, else `sample_clips(index, rng,
+out=...)` per video); a slot whose video cannot be read takes its replacements there too. The
+main process only hands out tasks and counts what was skipped: the batch it returns is views of
+the buffer, no copy. Batch lifetime: the buffers are reused in turn, so a batch returned by
+`next()` stays unchanged until `keep_batches` more batches have been returned (also across
+`restore`); the call after that may overwrite it. Copy what must live longer (`lends_batches`
+says whether this applies: threads, and processes with `batch_tasks=False`, return arrays the
+caller owns); `msk_jax.train.DeviceBatches` keeps to it. With `batch_tasks=False` (the default)
+a worker writes one video's clips into a slot of shared memory and the main process
+concatenates the slots into the batch.
+
 Spawned workers import the program's main module, so a script that starts a process pipeline
 needs the usual `if __name__ == "__main__":` guard. Workers ignore SIGTERM and SIGINT: a cluster
 signals every process of a job, and the training process decides when to stop (after saving a
@@ -31,6 +47,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import inspect
+import mmap
 import multiprocessing
 import os
 import signal
@@ -53,7 +70,9 @@ MODEL_KEYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
 class VideoSource(Protocol):
     """Random access to videos: `len(source)` and `source.sample_clips(index, rng)`. A source
     whose `sample_clips` also takes `out=` (arrays to write the clips into, as
-    `howto100m.sample_clips` does) lets worker processes write straight into shared memory."""
+    `howto100m.sample_clips` does) lets worker processes write straight into shared memory; one
+    with `sample_videos(requests, outs)` (a list of `(index, rng)` and of such arrays; per video
+    the clips or the DataError) gets a task's videos in one call."""
 
     def __len__(self) -> int: ...
 
@@ -61,8 +80,10 @@ class VideoSource(Protocol):
 
 
 class _SharedSlots:
-    """Shared memory cut into `count` slots, each holding one video's clips (`layout`: key ->
-    (shape, dtype)). Created by the pipeline, attached to by the worker processes."""
+    """Shared memory cut into `count` slots of the same arrays (`layout`: key -> (shape, dtype)):
+    one video's clips each, or one batch each. Created by the pipeline, attached to by the worker
+    processes. The arrays are views of a memory map of its own, which lives as long as any view
+    does: a batch the pipeline returned stays readable after `close` (which frees the name)."""
 
     def __init__(self, layout: dict[str, tuple[tuple[int, ...], str]], count: int, name: str | None = None):
         self.layout, self.count = layout, count
@@ -77,14 +98,33 @@ class _SharedSlots:
             # Spawned workers share the creating process's resource tracker, which unlinks the
             # memory if the pipeline's process dies without `close`.
             self.memory = shared_memory.SharedMemory(name=name)
+        descriptor = getattr(self.memory, "_fd", -1)
+        if descriptor >= 0:  # POSIX: a map of our own, unmapped when its last view goes
+            # Populated up front (Linux): each process then pays its page faults of the whole
+            # memory once, here, instead of inside the clip writes of its first tasks.
+            self.buffer = mmap.mmap(descriptor, max(1, size * count),
+                                    flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            self.memory.close()
+        else:
+            self.buffer = self.memory.buf
 
-    def views(self, slot: int) -> dict[str, np.ndarray]:
-        base = slot * self.slot_bytes
-        return {key: np.ndarray(shape, dtype, self.memory.buf, base + self.offsets[key])
-                for key, (shape, dtype) in self.layout.items()}
+    def views(self, slot: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of `slot`, or rows [lo, hi) of their first axis."""
+        base, views = slot * self.slot_bytes, {}
+        for key, (shape, dtype) in self.layout.items():
+            offset = base + self.offsets[key]
+            if rows is not None:
+                offset += rows[0] * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+                shape = (rows[1] - rows[0], *shape[1:])
+            views[key] = np.ndarray(shape, dtype, self.buffer, offset)
+        return views
 
     def close(self, unlink: bool) -> None:
-        self.memory.close()
+        self.buffer = None
+        try:
+            self.memory.close()
+        except BufferError:  # no map of our own: views still use the memory; it goes with them
+            pass
         if unlink:
             self.memory.unlink()
 
@@ -94,7 +134,7 @@ def video_rng(seed: int, epoch: int, video_index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, int(video_index)])
 
 
-_WORKER: dict = {}  # in a worker process: its source and the attached slots
+_WORKER: dict = {}  # in a worker process: its source, the attached slots and the rows of a video
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -108,14 +148,22 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="msk-data-parent-watch", daemon=True).start()
 
 
-def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: int, parent: int) -> None:
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _start_worker(source: VideoSource, memory_name: str, layout: dict, count: int, parent: int,
+                  rows_per_video: int) -> None:
     # A preemption signals the whole process group: the training process handles it (saves and
     # stops at a step boundary, then shuts the pool down); a worker that died here would break it.
+    # A worker starts with these signals blocked (`TrainingPipeline._submit`), so one that came
+    # while it started is dropped here.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _exit_with_parent(parent)
     _WORKER["source"] = source
     _WORKER["slots"] = _SharedSlots(layout, count, name=memory_name)
+    _WORKER["rows_per_video"] = rows_per_video
     # Sources that take `out=` (the readers of this package) write the clips into the slot itself.
     _WORKER["writes_out"] = "out" in inspect.signature(source.sample_clips).parameters
 
@@ -125,11 +173,13 @@ def slot_candidate(seed: int, epoch: int, slot: int, attempt: int, num_videos: i
     return int(np.random.default_rng([seed, epoch, slot, attempt]).integers(num_videos))
 
 
-def _sample_slot(source, seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, out=None):
+def _sample_slot(source, seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, out=None,
+                 first_attempt: int = 0):
     """The clips of one slot: its video, or the first readable replacement. Returns (clips or
-    None when `max_attempts` candidates failed, [DataError fields of each failure])."""
+    None when `max_attempts` candidates failed, [DataError fields of each failure]); from
+    `first_attempt` on (those before it failed already)."""
     errors, video = [], first_video
-    for attempt in range(max_attempts):
+    for attempt in range(first_attempt, max_attempts):
         if attempt:
             video = slot_candidate(seed, epoch, slot, attempt, len(source))
         rng = video_rng(seed, epoch, video)
@@ -142,6 +192,19 @@ def _sample_slot(source, seed: int, epoch: int, slot: int, first_video: int, max
     return None, errors
 
 
+def _write(clips: dict, views: dict[str, np.ndarray], slot: int) -> None:
+    """Copies into `views` the arrays of `clips` that the source did not write there itself."""
+    for key, view in views.items():
+        value = clips[key]
+        if value is view or (value.shape == view.shape and value.strides == view.strides
+                             and value.__array_interface__["data"][0] == view.__array_interface__["data"][0]):
+            continue
+        if value.shape != view.shape:
+            raise ValueError(f"TrainingPipeline: slot {slot} gave '{key}' of shape {value.shape}, "
+                             f"the first video {view.shape}; worker processes need fixed clip shapes.")
+        view[...] = value
+
+
 def _load_into_slot(seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, memory_slot: int):
     """In a worker process: one slot's clips into shared-memory slot `memory_slot`. Returns
     (whether it was filled, [DataError fields], CPU seconds, bytes the source read)."""
@@ -151,22 +214,59 @@ def _load_into_slot(seed: int, epoch: int, slot: int, first_video: int, max_atte
     clips, errors = _sample_slot(source, seed, epoch, slot, first_video, max_attempts,
                                  out=views if _WORKER["writes_out"] else None)
     if clips is not None:
-        for key, view in views.items():
-            if clips[key] is view:
-                continue
-            if clips[key].shape != view.shape:
-                raise ValueError(f"TrainingPipeline: slot {slot} gave '{key}' of shape {clips[key].shape}, "
-                                 f"the first video {view.shape}; worker processes need fixed clip shapes.")
-            view[...] = clips[key]
+        _write(clips, views, slot)
     return clips is not None, errors, time.process_time() - cpu, getattr(source, "bytes_read", 0) - read
 
 
+def _fill_rows(seed: int, epoch: int, buffer: int, position: int, slots: list[tuple[int, int]], max_attempts: int):
+    """In a worker process: the clips of consecutive slots of one batch ((global slot, first-choice
+    video) each, the first at video `position` of the batch), written into their rows of batch
+    buffer `buffer`; a slot whose video cannot be read takes its replacements here. Returns
+    ([(whether the slot was filled, [DataError fields]) per slot], CPU seconds, bytes read)."""
+    cpu, source = time.process_time(), _WORKER["source"]
+    read = getattr(source, "bytes_read", 0)
+    n = _WORKER["rows_per_video"]
+    rows = _WORKER["slots"].views(buffer, (position * n, (position + len(slots)) * n))
+    outs = [{key: view[i * n:(i + 1) * n] for key, view in rows.items()} for i in range(len(slots))]
+    requests = [(video, video_rng(seed, epoch, video)) for _, video in slots]
+    if hasattr(source, "sample_videos"):
+        first = source.sample_videos(requests, outs)
+    else:
+        first = []
+        for (video, rng), out in zip(requests, outs):
+            try:
+                first.append(source.sample_clips(video, rng, out=out) if _WORKER["writes_out"]
+                             else source.sample_clips(video, rng))
+            except DataError as err:
+                first.append(err)
+    done = []
+    for (slot, video), out, clips in zip(slots, outs, first):
+        errors = []
+        if isinstance(clips, DataError):
+            errors.append((clips.path, clips.problem, clips.reason))
+            clips, more = _sample_slot(source, seed, epoch, slot, video, max_attempts,
+                                       out=out if _WORKER["writes_out"] else None, first_attempt=1)
+            errors.extend(more)
+        if clips is not None:
+            _write(clips, out, slot)
+        done.append((clips is not None, errors))
+    return done, time.process_time() - cpu, getattr(source, "bytes_read", 0) - read
+
+
 class TrainingPipeline:
-    """Batches of training clips; iterate it, save `state()`, `restore()` it."""
+    """Batches of training clips; iterate it, save `state()`, `restore()` it.
+
+    processes: load in worker processes instead of threads. batch_tasks (with processes): the
+    workers assemble the batches in shared memory, in tasks of `videos_per_task` consecutive
+    videos (default: the batch over ceil(workers / (prefetch + 1)) tasks), and a returned batch is
+    views of a buffer that stays unchanged until `keep_batches` more batches have been returned
+    (`lends_batches`); False: one video per task, concatenated here into arrays the caller owns.
+    The batches are the same bits either way."""
 
     def __init__(self, source: VideoSource, videos_per_batch: int, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2, workers: int = 2,
-                 processes: bool = False, keys: tuple[str, ...] = MODEL_KEYS, max_attempts: int = 1000):
+                 processes: bool = False, keys: tuple[str, ...] = MODEL_KEYS, max_attempts: int = 1000,
+                 batch_tasks: bool = False, videos_per_task: int | None = None, keep_batches: int = 2):
         if len(source) == 0:
             raise ValueError("TrainingPipeline: the video source is empty.")
         if videos_per_batch % process_count:
@@ -184,12 +284,22 @@ class TrainingPipeline:
         self.batches_per_epoch = len(source) // videos_per_batch
         self.prefetch, self.max_attempts = prefetch, max_attempts
         self.workers, self.processes = max(1, workers), processes
+        self.batch_tasks = processes and batch_tasks
+        # By default a batch is cut into as few tasks as keep every worker busy with the batches in
+        # flight (prefetch + 1): whole batches when there are no more workers than those.
+        tasks_per_batch = -(-self.workers // (prefetch + 1))
+        self.videos_per_task = max(1, min(self.local_videos,
+                                          videos_per_task or -(-self.local_videos // tasks_per_batch)))
+        self.keep_batches = max(0, keep_batches)
         self._executor = None if processes else concurrent.futures.ThreadPoolExecutor(
             self.workers, thread_name_prefix="msk-data")
         self._slots: _SharedSlots | None = None
         self._free_slots: collections.deque = collections.deque()
         self._epoch, self._batch = 0, 0          # stream position after the last returned batch
-        self._pending: collections.deque = collections.deque()  # (epoch, slot, memory slot, future)
+        # Per slot (epoch, slot, memory slot, future); with batch tasks per batch (epoch, batch,
+        # buffer, [(slots, future) per task]).
+        self._pending: collections.deque = collections.deque()
+        self._turn, self._returned_turn = 0, -1  # batch buffers are used in turns: turn % count
         self._next = (0, 0)                      # (epoch, local index) of the next slot to submit
         self._cached_epoch, self._cached_order = -1, np.empty(0, int)
         self.skipped: collections.Counter = collections.Counter()
@@ -222,18 +332,87 @@ class TrainingPipeline:
         clips, errors = _sample_slot(self.source, self.seed, epoch, slot, first_video, self.max_attempts)
         return (None if clips is None else {k: clips[k] for k in self.keys}), errors
 
+    @property
+    def lends_batches(self) -> bool:
+        """Whether the returned batches are views of buffers the pipeline reuses (they stay
+        unchanged until `keep_batches` more batches have been returned)."""
+        return self.batch_tasks
+
     def _start_processes(self, epoch: int, slot: int) -> None:
         """Learns the clip shapes from the first readable video, then starts the workers."""
         example, errors = self._load(epoch, slot, int(self._order(epoch)[slot]))
         if example is None:
             raise RuntimeError(f"TrainingPipeline: none of {len(errors)} videos could be read (e.g. "
                                f"{DataError(*errors[-1])}).")
-        count = self.local_videos * (2 + self.prefetch)
-        self._slots = _SharedSlots({k: (v.shape, v.dtype.str) for k, v in example.items()}, count)
-        self._free_slots.extend(range(count))
+        rows_per_video = len(example[self.keys[0]])
+        if self.batch_tasks:
+            # A buffer per batch in flight, the one returned and the `keep_batches` before it.
+            count = self.prefetch + 1 + self.keep_batches
+            layout = {k: ((self.local_videos * len(v), *v.shape[1:]), v.dtype.str) for k, v in example.items()}
+        else:
+            count = self.local_videos * (2 + self.prefetch)
+            layout = {k: (v.shape, v.dtype.str) for k, v in example.items()}
+            self._free_slots.extend(range(count))
+        self._slots = _SharedSlots(layout, count)
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(self.source, self._slots.memory.name, self._slots.layout, count, os.getpid()))
+            initargs=(self.source, self._slots.memory.name, self._slots.layout, count, os.getpid(), rows_per_video))
+
+    def _submit(self, fn, *args) -> concurrent.futures.Future:
+        """A task for the worker processes. A submit may start a worker, which inherits the signal
+        mask: SIGTERM and SIGINT are blocked meanwhile, so a worker cannot die of one before it
+        ignores them (here they wait, undelivered, for the moment the mask is restored)."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return self._executor.submit(fn, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _submit_batches(self, count: int) -> None:
+        """Hands out the tasks of the next batches until `count` batches are in flight."""
+        while len(self._pending) < count:
+            epoch, local_index = self._next
+            if local_index >= self.batches_per_epoch * self.local_videos:
+                self._next = (epoch + 1, 0)
+                continue
+            if self._executor is None:
+                self._start_processes(epoch, self._slot(local_index))
+            order, buffer = self._order(epoch), self._turn % self._slots.count
+            tasks = []
+            for position in range(0, self.local_videos, self.videos_per_task):
+                slots = [(slot, int(order[slot])) for slot in
+                         map(self._slot, range(local_index + position,
+                                               local_index + min(self.local_videos, position + self.videos_per_task)))]
+                tasks.append((slots, self._submit(_fill_rows, self.seed, epoch, buffer, position, slots,
+                                                  self.max_attempts)))
+            self._pending.append((epoch, local_index // self.local_videos, self._turn, tasks))
+            self._turn += 1
+            self._next = (epoch, local_index + self.local_videos)
+
+    def _next_assembled(self) -> dict[str, np.ndarray]:
+        """The next batch of batch tasks: views of its buffer, once its tasks are done."""
+        self._submit_batches(1 + self.prefetch)
+        epoch, batch, turn, tasks = self._pending.popleft()
+        self._returned_turn = turn
+        for slots, future in tasks:
+            done, cpu, read = future.result()
+            self.worker_cpu_seconds += cpu
+            self.worker_bytes_read += read
+            for (filled, errors) in done:
+                self._count(errors)
+                if not filled:
+                    raise RuntimeError(f"TrainingPipeline: {len(errors)} videos in a row could not be read. "
+                                       + self.summary())
+        self._epoch, self._batch = epoch, batch + 1
+        views = self._slots.views(turn % self._slots.count)
+        self.clips_served += len(views[self.keys[0]])
+        return {k: views[k] for k in self.keys}
+
+    def _count(self, errors) -> None:
+        for fields in errors:
+            error = DataError(*fields)
+            self.skipped[error.reason] += 1
+            self.skipped_examples.setdefault(error.reason, str(error))
 
     def _submit_until(self, count: int) -> None:
         while len(self._pending) < count:
@@ -247,8 +426,8 @@ class TrainingPipeline:
                 if self._executor is None:
                     self._start_processes(epoch, slot)
                 memory_slot = self._free_slots.popleft()
-                future = self._executor.submit(_load_into_slot, self.seed, epoch, slot, first_video,
-                                               self.max_attempts, memory_slot)
+                future = self._submit(_load_into_slot, self.seed, epoch, slot, first_video, self.max_attempts,
+                                      memory_slot)
             else:
                 memory_slot, future = None, self._executor.submit(self._load, epoch, slot, first_video)
             self._pending.append((epoch, slot, memory_slot, future))
@@ -271,16 +450,15 @@ class TrainingPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.batch_tasks:
+            return self._next_assembled()
         videos, held = [], []
         lookahead = self.local_videos * (1 + self.prefetch)
         for _ in range(self.local_videos):
             self._submit_until(lookahead)
             epoch, slot, memory_slot, future = self._pending.popleft()
             clips, errors = self._result(memory_slot, future)
-            for fields in errors:
-                error = DataError(*fields)
-                self.skipped[error.reason] += 1
-                self.skipped_examples.setdefault(error.reason, str(error))
+            self._count(errors)
             if clips is None:
                 raise RuntimeError(f"TrainingPipeline: {len(errors)} videos in a row could not be read. "
                                    + self.summary())
@@ -333,6 +511,13 @@ class TrainingPipeline:
 
     def _drain(self) -> None:
         """Drops the loads in flight (a worker process may still be writing its slot: wait for it)."""
+        if self.batch_tasks:
+            for _, _, _, tasks in self._pending:
+                running = [future for _, future in tasks if not future.cancel()]
+                concurrent.futures.wait(running)
+            self._pending.clear()
+            self._turn = self._returned_turn + 1  # the dropped batches' buffers are free again
+            return
         for _, _, memory_slot, future in self._pending:
             if not future.cancel() and memory_slot is not None:
                 concurrent.futures.wait([future])

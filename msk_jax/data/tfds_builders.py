@@ -10,7 +10,9 @@ Build once, then train from array_record shards:
 - `howto100m_features`: one example per video (2D/3D features, log-mel, ASR segments); clips are
   still sampled at training time, as in the original. manual_dir holds `howto_train.csv`,
   `caption.pickle`, `features_2d/`, `features_3d/` and `audio/` (symlinks are fine).
-  Videos that cannot be read are skipped, counted and listed at the end of the build.
+  Videos that cannot be read are skipped, counted and listed at the end of the build. The
+  metadata's `caption_words` lists the words of the captions (what the word vectors of a
+  training run are restricted to).
 - `msrvtt_retrieval` / `youcook2_retrieval`: the evaluation pickles (`msrvtt_jsfusion_test.pkl`,
   `youcook_val.pkl` in manual_dir), one example per entry.
 
@@ -26,8 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from msk_jax import storage
-from msk_jax.data import eval_sets, howto100m
-from msk_jax.data.features import DataError
+from msk_jax.data import eval_sets, howto100m, word2vec
+from msk_jax.data.features import DataError, tokenize
 from msk_jax.data.word2vec import WordVectors
 
 _MATRIX = dict(shape=(None, None), dtype=np.float32, encoding="bytes")
@@ -57,7 +59,8 @@ class Howto100mFeatures(tfds.core.GeneratorBasedBuilder):
         "<path>/<id>_3d.npz, <path>/<id>_spec.npz).")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(features=_video_features(), supervised_keys=None)
+        return self.dataset_info_from_configs(features=_video_features(), supervised_keys=None,
+                                              metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(str(dl_manager.manual_dir))}
@@ -67,13 +70,14 @@ class Howto100mFeatures(tfds.core.GeneratorBasedBuilder):
             storage.join(root, "howto_train.csv"), storage.join(root, "caption.pickle"),
             storage.join(root, "features_2d"), storage.join(root, "audio"), word_vectors=None,
             features_3d=storage.join(root, "features_3d"))
-        skipped = []
+        skipped, words = [], set()
         for index in range(len(reader)):
             try:
                 video = reader.video(index)
             except DataError as err:
                 skipped.append(str(err))
                 continue
+            words.update(w for text in video.caption["text"] for w in tokenize(text))
             yield video.id, {
                 "id": video.id, "path": reader.paths[index],
                 "features_2d": video.features_2d.astype(np.float32),
@@ -82,6 +86,7 @@ class Howto100mFeatures(tfds.core.GeneratorBasedBuilder):
                 "caption_start": video.caption["start"], "caption_end": video.caption["end"],
                 "caption_text": [str(t) for t in video.caption["text"]],
             }
+        self.info.metadata["caption_words"] = sorted(words)  # written with the dataset's info, after this
         if skipped:
             logging.warning("howto100m_features: skipped %d of %d videos:\n  %s", len(skipped), len(reader),
                             "\n  ".join(skipped))
@@ -136,17 +141,68 @@ def _text(value) -> str:
 
 
 class TFDSVideoSource:
-    """A built `howto100m_features` split as a pipeline VideoSource (random access)."""
+    """A built `howto100m_features` split as a pipeline VideoSource (random access).
 
-    def __init__(self, data_source, word_vectors: WordVectors,
-                 settings: howto100m.ClipSettings):
+    Made by `load`, it pickles as the dataset's folder, name and split, its settings and the
+    folder of its caption vocabulary's word vectors (`word2vec.caption_vectors`: the words the
+    build recorded, or for a dataset built without them those of one pass over its captions;
+    built on the first pickling and kept in the cache folder), so a worker process opens the
+    dataset itself and loads only those vectors. Made from a data source object, it pickles that
+    object and the vectors of the captions' words."""
+
+    def __init__(self, data_source, word_vectors: WordVectors, settings: howto100m.ClipSettings, *,
+                 location: tuple[str, str, str] | None = None, info_path: str | None = None,
+                 caption_words: list[str] | None = None):
+        """location: (data_dir, name, split) that `load` opened; info_path: the dataset's
+        dataset_info.json (what identifies the build); caption_words: the build's vocabulary."""
         self.data, self.word_vectors, self.settings = data_source, word_vectors, settings
+        self.location, self.info_path, self.vocabulary = location, info_path, caption_words
+        self._caption_words: str | None = None
 
     @classmethod
     def load(cls, data_dir: str, word_vectors: WordVectors, settings: howto100m.ClipSettings,
              name: str = "howto100m_features", split: str = "train") -> "TFDSVideoSource":
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        return cls(builder.as_data_source(split=split), word_vectors, settings)
+        metadata = builder.info.metadata
+        words = metadata["caption_words"] if metadata is not None and "caption_words" in metadata.keys() else None
+        return cls(builder.as_data_source(split=split), word_vectors, settings, location=(data_dir, name, split),
+                   info_path=storage.join(str(builder.data_dir), "dataset_info.json"), caption_words=words)
+
+    def caption_texts(self):
+        """The caption texts whose words clips can use: the build's vocabulary, else every
+        example's captions (one pass over the split)."""
+        if self.vocabulary is not None:
+            yield from self.vocabulary
+            return
+        logging.warning("TFDSVideoSource: this build of %s records no caption words (built before they were); "
+                        "reading every example's captions once (cached)", self.location or "a data source")
+        for index in range(len(self.data)):
+            yield from (_text(t) for t in self.data[index]["caption_text"])
+
+    def caption_words(self) -> str | None:
+        """The folder of the vectors of the captions' words (`word2vec.load_vectors`), built once."""
+        if self.word_vectors is None:
+            return None
+        if self._caption_words is None:
+            key = None if self.info_path is None else [word2vec.file_identity(self.info_path), self.location[2]]
+            self._caption_words = word2vec.caption_vectors(self.word_vectors, key, self.caption_texts)
+        return self._caption_words
+
+    def __getstate__(self):
+        state = {"settings": self.settings, "words": self.caption_words(), "location": self.location}
+        if self.location is None:
+            state["data"] = self.data
+        return state
+
+    def __setstate__(self, state):
+        words = None if state["words"] is None else word2vec.load_vectors(state["words"])
+        if state["location"] is not None:
+            data_dir, name, split = state["location"]
+            self.__init__(tfds.builder(name, data_dir=data_dir, file_format="array_record").as_data_source(split=split),
+                          words, state["settings"], location=state["location"])
+        else:
+            self.__init__(state["data"], words, state["settings"])
+        self._caption_words = state["words"]
 
     def __len__(self) -> int:
         return len(self.data)

@@ -2,24 +2,36 @@
 
 The format: a header line "<vocab size> <dim>\n", then per word "<word> " followed by `dim`
 little-endian float32 values (and an optional "\n"). A short reader suffices; no gensim.
+
+A training source needs only the vectors of its captions' words (GoogleNews holds 3 M words,
+3.6 GB): `caption_vectors` restricts the vectors to a caption vocabulary once and keeps the result
+(`words.txt`, `words.npy`, the layout of a feature store's vectors) in a cache folder keyed by the
+inputs, so that worker processes load only that (`load_vectors`, memory-mapped).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from msk_jax import storage
+from msk_jax import environment, storage
 
 
 class WordVectors:
-    """word -> vector lookup, as the original's `we[words]`."""
+    """word -> vector lookup, as the original's `we[words]`. `origin`: the file and word limit it
+    was read from (`load_word2vec_binary`), which names it in cache keys; None when built in memory."""
 
-    def __init__(self, words: list[str], vectors: np.ndarray):
+    def __init__(self, words: list[str], vectors: np.ndarray, origin: tuple[str, int | None] | None = None):
         self.vectors = np.asarray(vectors, np.float32)
         self.index = {w: i for i, w in enumerate(words)}
         self.dim = self.vectors.shape[1]
+        self.origin = origin
 
     def __contains__(self, word: str) -> bool:
         return word in self.index
@@ -29,6 +41,23 @@ class WordVectors:
 
     def lookup(self, words: Iterable[str]) -> np.ndarray:
         return self.vectors[[self.index[w] for w in words]].reshape(-1, self.dim)
+
+    def restricted(self, words: Iterable[str]) -> "WordVectors":
+        """The vectors of those of `words` in the vocabulary (sorted, each once): every lookup of
+        one of them gives the bits this object gives."""
+        kept = sorted({w for w in words if w in self.index})
+        vectors = self.vectors[[self.index[w] for w in kept]].reshape(len(kept), self.dim)
+        return WordVectors(kept, vectors)
+
+    def fingerprint(self) -> str:
+        """What identifies these vectors in a cache key: the file they were read from (its path,
+        size and modification time, and the word limit), else a digest of the words and vectors."""
+        if self.origin is not None:
+            path, limit = self.origin
+            return json.dumps({"file": file_identity(path), "limit": limit})
+        digest = hashlib.sha256("\n".join(self.index).encode("utf-8"))
+        digest.update(np.ascontiguousarray(self.vectors).data)
+        return digest.hexdigest()
 
 
 def load_word2vec_binary(path: str, limit: int | None = None) -> WordVectors:
@@ -59,7 +88,7 @@ def load_word2vec_binary(path: str, limit: int | None = None) -> WordVectors:
                 raise ValueError(f"word vectors: '{path}' is truncated in the vector of word {i} of {vocab}.")
             words.append(word.decode("utf-8", errors="replace"))
             vectors[i] = np.frombuffer(data, "<f4")
-    return WordVectors(words, vectors)
+    return WordVectors(words, vectors, origin=(path, limit))
 
 
 def save_word2vec_binary(path: str, vectors: Mapping[str, np.ndarray]) -> None:
@@ -75,3 +104,69 @@ def save_word2vec_binary(path: str, vectors: Mapping[str, np.ndarray]) -> None:
             if vec.shape != (dim,):
                 raise ValueError(f"word vectors: '{word}' has shape {vec.shape}, expected ({dim},).")
             f.write(word.encode("utf-8") + b" " + vec.tobytes() + b"\n")
+
+
+def file_identity(path: str) -> list:
+    """[path, size, modification time] of a file (local or in a bucket, as far as it tells):
+    what names its contents in a cache key without reading it."""
+    if not storage.is_remote(path):
+        stat = os.stat(path)
+        return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    try:
+        stat = storage.path(path).stat()
+        return [path, getattr(stat, "length", None), str(getattr(stat, "mtime", ""))]
+    except Exception:  # a store without metadata: the name alone
+        return [path]
+
+
+def save_vectors(folder: str, vectors: WordVectors) -> None:
+    """Writes `words.txt` (one word a line, in vector order) and `words.npy` (float32) into `folder`."""
+    words = sorted(vectors.index, key=vectors.index.get)
+    if len(words) != len(vectors.vectors):  # repeated words: only the vectors lookups give
+        vectors = vectors.restricted(words)
+        words = sorted(vectors.index, key=vectors.index.get)
+    with open(os.path.join(folder, "words.txt"), "w", encoding="utf-8", newline="") as f:
+        f.write("".join(w + "\n" for w in words))
+    np.save(os.path.join(folder, "words.npy"), vectors.vectors)
+
+
+def load_vectors(folder: str) -> WordVectors:
+    """The vectors `save_vectors` wrote (memory-mapped: a process reads only the rows it uses)."""
+    with open(os.path.join(folder, "words.txt"), encoding="utf-8", newline="") as f:
+        words = f.read().split("\n")[:-1]
+    return WordVectors(words, np.load(os.path.join(folder, "words.npy"), mmap_mode="r"))
+
+
+def caption_vectors(word_vectors: WordVectors, captions_key, texts: Callable[[], Iterable[str]],
+                    cache_dir: str | None = None) -> str:
+    """The folder of the vectors of the words of a set of captions (`load_vectors` reads it),
+    built once: restricted from `word_vectors` to the tokens of `texts()` (each caption text,
+    tokenised as clips tokenise it) and kept in `<cache_dir>/caption_words/<key>` (default cache
+    dir: `msk_jax.environment.cache_dir()`), the key a digest of `word_vectors.fingerprint()`
+    and `captions_key` (what identifies the captions, e.g. `file_identity` of their file; None:
+    the vocabulary itself, computed each time)."""
+    from msk_jax.data.features import tokenize
+
+    vocabulary = None
+    if captions_key is None:
+        vocabulary = sorted({w for text in texts() for w in tokenize(text) if w in word_vectors})
+        captions_key = hashlib.sha256("\n".join(vocabulary).encode("utf-8")).hexdigest()
+    key = hashlib.sha256(json.dumps([word_vectors.fingerprint(), captions_key], default=str).encode()).hexdigest()
+    root = os.path.join(cache_dir or str(environment.cache_dir()), "caption_words")
+    folder = os.path.join(root, key[:32])
+    if os.path.exists(os.path.join(folder, "words.npy")):
+        return folder
+    if vocabulary is None:
+        vocabulary = {w for text in texts() for w in tokenize(text) if w in word_vectors}
+    os.makedirs(root, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=root)
+    try:
+        save_vectors(partial, word_vectors.restricted(vocabulary))
+        try:
+            os.rename(partial, folder)  # whole or not at all; another process may have won
+        except OSError:
+            if not os.path.exists(os.path.join(folder, "words.npy")):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
