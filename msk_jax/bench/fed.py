@@ -1,5 +1,5 @@
 """``fed``: the paper-width train step on this host's devices, fed by the training input pipeline
-(worker processes) from a feature store of synthetic videos at HowTo100M's per-video sizes.
+(worker processes assembling batches, as training does) from a feature store of synthetic videos at HowTo100M's per-video sizes.
 
 What an accelerator run needs to know before a long job: the step's time and clips/s once the
 queues are full (Multi-SK on), its model FLOP utilisation against the chip's peak, the devices'
@@ -88,7 +88,8 @@ def run_fed(videos_per_batch: int = 27, steps: int = 10, workers: int = 8, store
     model = MultiSKModel.from_config(config)
     objective = ObjectiveConfig.from_config(config.objective)
     tx = train_step.adam(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)
-    pipeline = TrainingPipeline(source, videos_per_batch, seed=0, workers=workers, processes=True, prefetch=2)
+    pipeline = TrainingPipeline(source, videos_per_batch, seed=0, workers=workers, processes=True, prefetch=2,
+                                batch_tasks=True, keep_batches=2)  # as training reads it
     try:
         first = {k: np.array(v) for k, v in next(pipeline).items()}
         state, state_sharding = train.create_sharded_state(
