@@ -176,9 +176,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError as err:
         raise ImportError(f"Reading '{path}' needs PyTorch: pip install torch (CPU build is enough), "
                           "or pass a name -> array mapping to convert_state_dict.") from err
-    from msk_jax import storage
+    from msk_jax import safe_load
 
-    checkpoint = torch.load(storage.local_or_buffer(path), map_location="cpu", weights_only=False)
+    checkpoint = safe_load.load_torch_checkpoint(path)  # tensors and plain data only, never code
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     return {k.removeprefix("module."): v.detach().cpu().numpy() for k, v in state.items()}
 

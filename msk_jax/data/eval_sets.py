@@ -14,7 +14,7 @@ import pickle
 
 import numpy as np
 
-from msk_jax import storage
+from msk_jax import safe_load, storage
 from msk_jax.data import features as F
 from msk_jax.data.word2vec import WordVectors
 
@@ -59,7 +59,7 @@ def load_eval_entries(path: str, fmt: EvalFormat) -> tuple[list[dict], int]:
         raise FileNotFoundError(f"{fmt.name} evaluation pickle '{path}' does not exist.")
     try:
         with storage.open_read(path) as f:
-            entries = pickle.load(f)
+            entries = safe_load.load(f, path)  # only data types, never code
     except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ImportError) as err:
         raise F.DataError(path, f"cannot be unpickled ({type(err).__name__}: {err}); truncated?", "unreadable")
     if not isinstance(entries, list):

@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from msk_jax import storage
+from msk_jax import safe_load, storage
 from msk_jax.data import features as F
 from msk_jax.data import howto100m
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
@@ -234,8 +234,9 @@ class FeatureStoreSource:
             self.paths = [str(p) for p in index["paths"]]
             self.shard, self.offset, self.rows = index["shard"], index["offset"], index["rows"]
             self.reason, self.where, self.problem = index["reason"], index["where"], index["problem"]
-        with storage.open_read(storage.join(directory, "captions.pickle")) as f:
-            self.captions = pickle.load(f)
+        captions_path = storage.join(directory, "captions.pickle")
+        with storage.open_read(captions_path) as f:
+            self.captions = safe_load.load(f, captions_path)  # a copied store: only data types, never code
         self.word_vectors = self._load_words()
         self.shard_paths = [storage.join(directory, name) for name in self.meta["shards"]]
         self.row_bytes = [self.meta[k] * self.dtype.itemsize for k in ("dim_2d", "dim_3d", "audio_bins")]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import pickle
 import sys
 import threading
 import zipfile
@@ -31,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from msk_jax import storage
+from msk_jax import safe_load, storage
 from msk_jax.data import features as F
 from msk_jax.data.word2vec import WordVectors
 
@@ -102,7 +101,7 @@ def load_captions(path: str) -> dict:
     if not storage.exists(path):
         raise FileNotFoundError(f"caption file '{path}' does not exist.")
     with storage.open_read(path) as f:
-        return pickle.load(f)
+        return safe_load.load(f, path)  # a downloaded file: only data types, never code
 
 
 def check_caption(source: str, video_id: str, caption: Any) -> dict:
