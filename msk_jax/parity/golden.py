@@ -18,6 +18,8 @@ class Output:
     value: np.ndarray
     atol: float | None = None  # pass if max |got - expected| <= atol
     rtol: float | None = None  # pass if max |got - expected| / |expected| <= rtol
+    # pass if max |got - expected| <= max_rtol * max |expected| (a tolerance relative to the array's scale)
+    max_rtol: float | None = None
 
 
 class GoldenInputs:
