@@ -1,0 +1,84 @@
+"""Raw videos -> HowTo100M-compatible features (`msk_jax.extract.extractor`).
+
+    python -m msk_jax.extract --videos=DIR_OR_CSV --output=DIR|gs://... \\
+        --weights_2d=resnet152.pth --weights_3d=resnext101.pth [--backbone=real|demo] \\
+        [--dtype=float32|bfloat16] [--batch=64] [--captions=CSV_OR_PICKLE] \\
+        [--store=DIR_OR_URL --word_vectors=word2vec.bin] \\
+        [--eval_csv=clips.csv --eval_format=msrvtt|youcook2 --eval_output=test.pkl]
+
+The demo corpus end to end (`msk_jax.data.demo_videos` writes the mp4 files and captions.csv):
+
+    python -m msk_jax.data.demo_videos --out=/tmp/demo_videos --count=8
+    python -m msk_jax.extract --videos=/tmp/demo_videos --output=/tmp/demo_features --backbone=demo \\
+        --captions=/tmp/demo_videos/captions.csv --eval_csv=/tmp/demo_videos/captions.csv \\
+        --eval_output=/tmp/demo_features/msrvtt_test.pkl
+
+A run resumes where it stopped (videos whose files exist are skipped), shards the videos over
+processes (--process_index/--process_count, default JAX's), names every video it cannot decode
+and goes on; its exit code is 0 unless no video has features.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("videos", None, "Folder of videos (searched recursively) or a csv with a 'video' column "
+                    "(and optionally 'path', where the features go).")
+flags.DEFINE_string("output", None, "Root of the features (<output>/<path>/<id>_2d.npz, ...), a folder or gs:// URL.")
+flags.DEFINE_enum("backbone", "real", ["real", "demo"], "ResNet-152 + ResNeXt-101, or the demo corpus's frame features.")
+flags.DEFINE_string("weights_2d", "", "ResNet-152 weights (what msk_jax.extract.backbones.load_backbone_weights reads).")
+flags.DEFINE_string("weights_3d", "", "ResNeXt-101 weights (what msk_jax.extract.backbones.load_backbone_weights reads).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the backbones.")
+flags.DEFINE_integer("batch", 64, "2D frames per backbone call (3D: batch // 16 clips of 16 frames).")
+flags.DEFINE_string("captions", "", "ASR captions: a caption.pickle, or a csv with video, start, end, caption.")
+flags.DEFINE_string("store", "", "Also build a feature store here (msk_jax.data.feature_store).")
+flags.DEFINE_string("word_vectors", "", "word2vec binary file, for --store.")
+flags.DEFINE_enum("store_dtype", "float16", ["float32", "float16", "bfloat16"], "Row dtype of the store.")
+flags.DEFINE_string("eval_csv", "", "Evaluation clips: a csv with video, start, end, caption.")
+flags.DEFINE_enum("eval_format", "msrvtt", ["msrvtt", "youcook2"], "Format of the evaluation pickle.")
+flags.DEFINE_string("eval_output", "", "Where the evaluation pickle goes.")
+flags.DEFINE_integer("process_index", None, "This process's share of the videos (default: jax.process_index()).")
+flags.DEFINE_integer("process_count", None, "Number of processes sharing the videos (default: jax.process_count()).")
+flags.DEFINE_integer("demo_seed", 0, "--backbone=demo: the demo corpus's seed.")
+flags.DEFINE_integer("demo_feature_dim", 128, "--backbone=demo: the demo corpus's feature width.")
+flags.DEFINE_float("progress_seconds", 10.0, "Seconds between progress lines.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from msk_jax.data.features import DataError
+    from msk_jax.extract.extractor import InputError, Options, run
+
+    for name in ("videos", "output"):
+        if not getattr(FLAGS, name):
+            print(f"error: --{name} is required", file=sys.stderr, flush=True)
+            sys.exit(2)
+    index, count = FLAGS.process_index, FLAGS.process_count
+    if index is None or count is None:
+        import jax
+
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+    opts = Options(videos=FLAGS.videos, output=FLAGS.output, backbone=FLAGS.backbone, weights_2d=FLAGS.weights_2d,
+                   weights_3d=FLAGS.weights_3d, dtype=FLAGS.dtype, batch=FLAGS.batch, captions=FLAGS.captions,
+                   store=FLAGS.store, word_vectors=FLAGS.word_vectors, store_dtype=FLAGS.store_dtype,
+                   eval_csv=FLAGS.eval_csv, eval_format=FLAGS.eval_format, eval_output=FLAGS.eval_output,
+                   process_index=index, process_count=count, demo_seed=FLAGS.demo_seed,
+                   demo_feature_dim=FLAGS.demo_feature_dim, progress_seconds=FLAGS.progress_seconds)
+    try:
+        summary = run(opts)
+    except (InputError, DataError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    extracted = summary["extracted_now"] + summary["skipped_done"]
+    if extracted == 0:
+        print("error: no video could be extracted", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
