@@ -16,7 +16,7 @@ def test_golden_parity(golden_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert code == 0, printed
-    for name in ("multisk.npz", "retrieval.npz", "model_forward.npz", "train_steps.npz"):
+    for name in ("multisk.npz", "retrieval.npz", "model_forward.npz", "train_steps.npz", "backbones.npz"):
         assert results[name]["pass"] is True, printed
         assert results[name]["max_abs_err"] <= 1e-4
         assert f"{name}" in printed and "PASS" in printed

@@ -21,7 +21,10 @@ override a field with e.g. ``--config.step.repeats=7``). One module per benchmar
 ``plan`` -- the configs/howto.py step compiled ahead of time per accelerator, mesh and remat setting.
 ``fed`` -- the paper-width step on this host's accelerators, fed by worker processes from a
            synthetic feature store at HowTo100M's sizes: step time, clips/s, MFU, peak memory.
-``all`` -- every benchmark but ``plan`` and ``fed``, one after the other.
+``extract`` -- the feature extractor's backbones (msk_jax.extract.backbones) at batch 64: frames/s
+           of ResNet-152 on 224 x 398 frames and clips/s of ResNeXt-101 on 16 x 112 x 112
+           clips, float32 and bfloat16 compute.
+``all`` -- every benchmark but ``plan``, ``fed`` and ``extract``, one after the other.
 
 ``common`` holds what they share (timing, compilation, memory analysis, the machine's copy
 bandwidth and matmul peak); ``__main__`` is the command line.
@@ -41,7 +44,7 @@ from __future__ import annotations
 from typing import Callable
 
 from msk_jax import configs
-from msk_jax.bench import fed, loop, pipeline, plan, sk, step
+from msk_jax.bench import extract, fed, loop, pipeline, plan, sk, step
 
 BENCHMARKS: dict[str, tuple[Callable[..., dict], str]] = {
     "sk": (sk.cli, "Multi-SK solver at the production size"),
@@ -50,13 +53,15 @@ BENCHMARKS: dict[str, tuple[Callable[..., dict], str]] = {
     "loop": (loop.cli, "the train loop's time per step against the bare jitted step"),
     "plan": (plan.cli, "the paper step compiled ahead of time per accelerator: memory, FLOPs"),
     "fed": (fed.cli, "the paper-width step on this host's accelerators, fed from a synthetic store"),
+    "extract": (extract.cli, "the feature extractor's backbones: frames/s of ResNet-152 and ResNeXt-101"),
 }
-NOT_IN_ALL = ("plan", "fed")  # minutes of compilation per target; an accelerator's memory
+# minutes of compilation per target; an accelerator's memory; minutes of CPU per extractor batch
+NOT_IN_ALL = ("plan", "fed", "extract")
 CONFIG = configs.path("bench")
 
 
 def run(command: str, config) -> dict:
-    """Runs benchmark `command` (or "all": every one but plan and fed) with `config` (configs/bench.py)."""
+    """Runs benchmark `command` (or "all": every one but those of NOT_IN_ALL) with `config` (configs/bench.py)."""
     if command == "all":  # run those of NOT_IN_ALL by name
         return {name: cli(config) for name, (cli, _) in BENCHMARKS.items() if name not in NOT_IN_ALL}
     if command not in BENCHMARKS:

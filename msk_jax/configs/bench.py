@@ -57,4 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.fed = ml_collections.ConfigDict(dict(videos_per_batch=27, steps=10, workers=8, store_videos=120,
                                                 store_dtype="float16", remat="", dtype="bfloat16", queue_len=0,
                                                 corpus_dir=""))
+    # extract: the feature extractor's backbones (ResNet-152 on 2D frames of frame_size, what a 16:9
+    # video gives with its shorter side at 224; ResNeXt-101 on clips of clip_frames x clip_size^2),
+    # `batch` frames or clips per call, in each compute dtype; a ResNet-152 batch of 64 takes tens
+    # of seconds on a few CPU cores, hence few repeats.
+    config.extract = ml_collections.ConfigDict(dict(batch=64, frame_size=(224, 398), clip_frames=16, clip_size=112,
+                                                    kinds=("2d", "3d"), dtypes=("float32", "bfloat16"), repeats=2))
     return config

@@ -54,6 +54,7 @@ CLIP_SIZE = 112   # the 3D model's frame size
 
 # Names of the state dicts that the backbones never apply (the classifiers, BatchNorm counters).
 UNUSED_TORCH_NAMES = (r"fc\..*", r".*num_batches_tracked")
+MAX_LISTED = 25  # entries listed per kind of problem in an import error
 
 Precision = jax.lax.Precision
 
@@ -304,11 +305,15 @@ def variables_from_state_dict(state: Mapping[str, Any], kind: str) -> dict:
     unused = [re.compile(p) for p in UNUSED_TORCH_NAMES]
     leftover = sorted(n for n in state if n not in used and not any(p.fullmatch(n) for p in unused))
     if missing or mismatched or leftover:
-        lines = [f"  {title}: {item}" for title, items in
-                 (("missing", missing), ("shape mismatch", mismatched), ("left over", leftover)) for item in items]
+        lines = []
+        for title, items in (("missing", missing), ("shape mismatch", mismatched), ("left over", leftover)):
+            lines += [f"  {title}: {item}" for item in items[:MAX_LISTED]]
+            if len(items) > MAX_LISTED:
+                lines.append(f"  ... and {len(items) - MAX_LISTED} more {title}")
         model = "ResNet-152 (2d)" if kind == "2d" else "ResNeXt-101 (3d)"
-        raise ConversionError(f"The torch state dict does not fit the {model} backbone "
-                              f"({len(lines)} problems):\n" + "\n".join(lines))
+        count = len(missing) + len(mismatched) + len(leftover)
+        raise ConversionError(f"The torch state dict does not fit the {model} backbone ({count} problems):\n"
+                              + "\n".join(lines))
     return converted
 
 

@@ -13,6 +13,8 @@ Modules:
   retrieval -- retrieval.npz: the retrieval metrics.
   model     -- model_forward.npz and train_steps.npz: the forward pass and training steps on the
                converted golden weights.
+  backbones -- backbones.npz: the feature extractor's ResNet-152 and ResNeXt-101
+               (msk_jax.extract.backbones) on weights rebuilt from the golden's recipe.
   checker   -- the known golden files (`GOLDEN_FILES`), the comparison and the report (`run`).
   __main__  -- the command line above.
 """
