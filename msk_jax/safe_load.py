@@ -16,9 +16,8 @@ Anything else (a pandas object, a function, a class of another program) stops th
 reads needs pandas: captions are dicts of numpy arrays and lists of strings, evaluation pickles
 lists of dicts of numpy arrays and strings.
 
-`load_torch_checkpoint` reads a `.pth` file with `torch.load(weights_only=True)` (tensors and
-plain containers only), mapping the configuration object that the original's training script
-saves next to the weights to an inert record.
+`load_torch_checkpoint` reads a `.pth` file with `torch.load(weights_only=True)`: tensors and
+plain containers, and numpy's arrays, scalars and dtypes.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ class UnsafePickleError(DataError):
 
 def _numpy_attribute(module: str, name: str):
     """numpy's `module.name`, whichever of numpy.core (1.x) / numpy._core (2.x) holds it."""
-    for candidate in (module, module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
+    for candidate in (module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
         try:
             return getattr(importlib.import_module(candidate), name)
         except (ImportError, AttributeError):
@@ -124,40 +123,31 @@ def load_path(path: str) -> Any:
         return load(f, path)
 
 
-class OriginalConfig(dict):
-    """What remains of a configuration object pickled in an original checkpoint (the training
-    script's `ConfigParser`): its attributes as a dict, never executed."""
-
-    def __setstate__(self, state):
-        self.update(state if isinstance(state, dict) else {"state": state})
-
-
-class InertPath(str):
-    """A `pathlib` path of an original checkpoint, kept as its text."""
-
-    def __new__(cls, *parts):
-        return super().__new__(cls, "/".join(str(p) for p in parts))
-
-
-# Globals an original checkpoint holds besides tensors: its configuration object (with paths).
-TORCH_INERT_GLOBALS = {"parse_config.ConfigParser": OriginalConfig, "pathlib.PosixPath": InertPath,
-                       "pathlib.WindowsPath": InertPath, "pathlib.Path": InertPath}
+def _torch_numpy_globals() -> list:
+    """numpy's array, scalar and dtype globals for torch's allow-list, under the names numpy 1.x
+    and 2.x pickle them with (a checkpoint's metrics, e.g. `monitor_best`, may be numpy scalars)."""
+    entries: list = [np.ndarray, np.dtype]
+    for core, module, name in _NUMPY_GLOBALS:
+        entries.append((_numpy_attribute(f"{core}.{module}", name), f"{core}.{module}.{name}"))
+    entries += sorted({type(np.dtype(code)) for code in "?bhilqpBHILQPefdgFDGSUVOMm"}, key=lambda t: t.__name__)
+    return entries
 
 
 def load_torch_checkpoint(path: str):
     """A PyTorch checkpoint read with `torch.load(map_location="cpu", weights_only=True)`:
-    tensors, plain containers and numbers, plus the original's configuration object as an
-    inert `OriginalConfig`. Any other type raises `UnsafePickleError` naming the file and it."""
+    tensors, plain containers and numbers (torch's own allow-list) and numpy arrays, scalars and
+    dtypes; EAO's `model_best.pth` holds those only ('state_dict', 'optimizer', 'config' as a
+    dict, 'epoch', 'step', 'monitor_best'). Any other type raises `UnsafePickleError` naming the
+    file and the type."""
     import torch
 
     from msk_jax import storage
 
-    safe = [(inert, name) for name, inert in TORCH_INERT_GLOBALS.items()]
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(_torch_numpy_globals()):
             return torch.load(storage.local_or_buffer(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"[Uu]nsupported class ([\w.]+)", str(err))
         if found:
             raise UnsafePickleError(path, found.group(1)) from None
         raise

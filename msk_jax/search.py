@@ -199,15 +199,19 @@ def _embedder(config, model, variables):
 
 
 def load_weights(config, checkpoint: str, weights: str = "ema", step: int | None = None):
-    """(model, variables, checkpoints folder, step) of a run's checkpoint (a workdir, its
-    checkpoints/ folder or a step folder; `step` picks one of the folder's)."""
+    """(model, variables, checkpoints folder, step) of a run's checkpoint: a workdir, its
+    checkpoints/ folder or a step folder, or with `step`, that step of the checkpoints folder
+    `checkpoint` (as an index records it)."""
     from msk_jax import evaluate
     from msk_jax.model import MultiSKModel
 
     model = MultiSKModel.from_config(config)
-    _, folder, found = evaluate.locate(checkpoint)
+    if step is None:
+        _, folder, step = evaluate.locate(checkpoint)
+    else:
+        folder = checkpoint
     template = evaluate.model_template(model, config, config.model.text_dim)
-    variables, step = evaluate.load_msk_checkpoint(folder, found if step is None else step, template, weights)
+    variables, step = evaluate.load_msk_checkpoint(folder, step, template, weights)
     return model, variables, folder, step
 
 

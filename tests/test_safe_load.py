@@ -6,7 +6,6 @@ captions.pickle with one line naming the file and the type, writing nothing; the
 import collections
 import os
 import pickle
-import shutil
 
 import numpy as np
 import pytest
@@ -131,13 +130,16 @@ def test_data_types_load_in_every_protocol(protocol):
     assert repr(loaded) == repr(value)
 
 
-def test_torch_checkpoints_load_weights_only(tmp_path, monkeypatch):
+def test_torch_checkpoints_load_weights_only(tmp_path):
     """.pth files go through torch.load(weights_only=True), never the unrestricted unpickler."""
     torch = pytest.importorskip("torch")
     from msk_jax import convert
 
     path = str(tmp_path / "model_best.pth")
-    torch.save({"epoch": 3, "state_dict": {"module.w": torch.ones(2)}}, path)
+    # EAO's layout: weights, optimiser state, the configuration as a dict, numpy metrics.
+    torch.save({"arch": "FusionModel", "epoch": 3, "step": 10, "state_dict": {"module.w": torch.ones(2)},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+                "monitor_best": np.float64(0.5), "config": {"arch": {"type": "FusionModel"}}}, path)
     assert list(convert.load_torch_state_dict(path)) == ["w"]
     target = str(tmp_path / "written")
     torch.save({"state_dict": {"w": torch.ones(2)}, "hook": SystemCall(target)}, path)
@@ -145,4 +147,3 @@ def test_torch_checkpoints_load_weights_only(tmp_path, monkeypatch):
         convert.load_torch_state_dict(path)
     assert "system" in err.value.name and path in str(err.value)
     assert not os.path.exists(target)
-    shutil.rmtree(tmp_path)
