@@ -378,7 +378,10 @@ def run(opts: Options) -> dict:
         summary.update(write_index(opts.output, items, merged, captions))
         summary["complete"] = True
         if opts.store and summary["usable"]:
-            build_store(opts)
+            if storage.exists(storage.join(opts.store, "meta.json")):
+                opts.log(f"feature store {opts.store} already built; delete it to rebuild with the new videos")
+            else:
+                build_store(opts)
         if opts.eval_csv:
             summary["eval_entries"] = write_eval_pickle(opts, items, eval_rows)
     failed_total = summary.get("failed_total", len(failures))
