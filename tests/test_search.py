@@ -79,38 +79,47 @@ def test_index_holds_every_window_and_names_the_unreadable_video(index, trained_
 
 
 def test_digit_strings_find_their_windows_far_above_chance(index, trained_run):
-    """Every digit string of the training videos as a query: the first window (of the top 1 and
-    the top 10) that holds at least half of a segment where the string is said, against chance
-    (random rankings of the same windows)."""
+    """Every digit string of the training videos as a query, against the windows that hold at
+    least half of a segment where it is said: how often the top window and the top 10 hold one,
+    and the AUC of the whole ranking (the fraction of relevant-irrelevant pairs ranked right),
+    each against random rankings of the same windows. (The demo run is narrow and brief: t2v R@10
+    25 against 10 on its 100-clip test set; here, measured 2026-12-04 with fused v+a: top-1 1.7 %
+    against 0.64 %, top-10 13.7 % against 6.3 %, AUC 0.67 against 0.5, 233 queries of 377
+    windows. Top-1 is reported, not asserted: 4 hits.)"""
     out, _, _ = index
     config = trained_run[0]
     segments = segments_with_digits(corpus_paths(config.data.demo_dir).caption)
     queries = sorted({digits for *_, digits in segments if digits})
     searcher = search.Searcher(out)
-    c, n = searcher.index.columns, len(searcher.index)
+    c, n, q = searcher.index.columns, len(searcher.index), len(queries)
     report = {}
     for embedding in ("v+a", "v"):
         hits1 = hits10 = chance1 = chance10 = 0.0
-        for result in searcher.search(queries, k=10, embedding=embedding):
+        aucs = []
+        for result in searcher.search(queries, k=n, embedding=embedding):
             relevant = np.zeros(n, bool)
             for vid, start, end, digits in segments:
                 if f" {result.query} " in f" {digits} ":
                     overlap = np.minimum(c["end"], end) - np.maximum(c["start"], start)
                     relevant |= (c["video_id"] == vid) & (overlap >= 0.5 * (end - start))
             r = int(relevant.sum())
-            assert r > 0, result.query
+            assert 0 < r < n, result.query
             found = {(str(c["video_id"][i]), float(c["start"][i])) for i in np.flatnonzero(relevant)}
-            ranks = [h["rank"] for h in result.hits if (h["video"], h["start"]) in found]
-            hits1 += bool(ranks) and ranks[0] == 1
-            hits10 += bool(ranks)
+            ranks = np.array([h["rank"] for h in result.hits if (h["video"], h["start"]) in found])
+            assert len(ranks) == r
+            hits1 += ranks[0] == 1
+            hits10 += ranks[0] <= 10
             chance1 += r / n
             chance10 += 1 - math.comb(n - r, 10) / math.comb(n, 10)
-        q = len(queries)
-        report[embedding] = (hits1 / q, chance1 / q, hits10 / q, chance10 / q)
-        # Far above chance: hits beyond 4 standard deviations of the hits of random rankings.
-        assert hits10 > chance10 + 4 * math.sqrt(chance10 * (1 - chance10 / q)), (embedding, report)
-        assert hits10 / chance10 > 1.8 and hits1 > chance1, (embedding, report)
-    print("top-1, chance, top-10, chance:", report)
+            aucs.append(1 - (ranks - np.arange(1, r + 1)).sum() / (r * (n - r)))
+        auc, auc_error = float(np.mean(aucs)), float(np.std(aucs) / math.sqrt(q))
+        report[embedding] = {"top1": hits1 / q, "top1 chance": chance1 / q, "top10": hits10 / q,
+                             "top10 chance": chance10 / q, "AUC": auc, "windows": n, "queries": q}
+        # Far above chance: the top-10 hits beyond 3 standard deviations of random rankings' and
+        # twice their rate, the AUC beyond 0.5 by more than 5 standard errors.
+        assert hits10 > chance10 + 3 * math.sqrt(chance10 * (1 - chance10 / q)), report
+        assert hits10 > 1.8 * chance10 and auc > max(0.6, 0.5 + 5 * auc_error), report
+    print("search hit rates:", json.dumps(report))
 
 
 def _cli(*args, timeout=120):
