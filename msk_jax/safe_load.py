@@ -42,8 +42,8 @@ class UnsafePickleError(DataError):
     which type, and nothing of it has been run."""
 
     def __init__(self, path: str, name: str):
-        super().__init__(str(path), f"holds a '{name}', which is not loaded from a file: only {ALLOWED_SUMMARY} "
-                                    "are (unpickling other types can run code)", "disallowed type")
+        super().__init__(str(path), f"holds a '{name}', refused: unpickling it could run code (a pickle may hold "
+                                    f"only {ALLOWED_SUMMARY})", "disallowed type")
         self.name = name
 
 
