@@ -176,5 +176,6 @@ def test_extract_benchmark_reports_frames_per_second():
     for name in ("2d_float32", "2d_bfloat16", "3d_float32", "3d_bfloat16"):
         assert results[f"{name}_seconds_per_batch"] > 0 and results[f"{name}_frames_per_second"] > 0
     assert results["3d_float32_frames_per_second"] == pytest.approx(16 * results["3d_float32_clips_per_second"])
+    assert results["2d_float32_flops_per_batch"] > 1e8 and results["3d_float32_flops_per_second"] > 0
     table = extract.format_extract(results)
     assert "ResNet-152" in table and "ResNeXt-101" in table and "clips/s" in table

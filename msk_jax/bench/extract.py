@@ -1,9 +1,10 @@
 """``extract``: throughput of the HowTo100M feature extractor's backbones (msk_jax.extract.backbones)
 on this host: ResNet-152 on batches of 2D frames (224 x 398, what a 16:9 video gives with its
 shorter side resized to 224) and ResNeXt-101 on batches of 3D clips (16 x 112 x 112), each in
-float32 and bfloat16 compute. Reports seconds per batch, frames/s, and for 3D clips/s
-(frames/s = 16 x clips/s). Weights follow the golden recipe (realistic activation scales); the
-inputs are random pixels, preprocessed outside the timed call.
+float32 and bfloat16 compute. Reports seconds per batch, frames/s, for 3D clips/s (frames/s =
+16 x clips/s), and the FLOP rate by XLA's count of the compiled call. Weights follow the golden
+recipe (realistic activation scales); the inputs are random pixels, preprocessed outside the timed
+call.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def run_extract(batch: int = 64, frame_size: tuple[int, int] = (224, 398), clip_
             start = time.perf_counter()
             compiled = jax.jit(model.apply).lower(variables, x).compile()
             results[f"{kind}_{dtype}_compile_seconds"] = time.perf_counter() - start
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            results[f"{kind}_{dtype}_flops_per_batch"] = float((cost or {}).get("flops", 0.0))
             calls[f"{kind}_{dtype}"] = lambda compiled=compiled, variables=variables, x=x: compiled(variables, x)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -64,6 +68,7 @@ def run_extract(batch: int = 64, frame_size: tuple[int, int] = (224, 398), clip_
     for name, t in times.items():
         seconds = float(np.median(t))
         results[f"{name}_seconds_per_batch"] = seconds
+        results[f"{name}_flops_per_second"] = results[f"{name}_flops_per_batch"] / seconds
         if name.startswith("2d"):
             results[f"{name}_frames_per_second"] = batch / seconds
         else:
@@ -83,7 +88,9 @@ def format_extract(r: dict) -> str:
         line = (f"  {what}  {dtype:<9} {r[key]:8.2f} s/batch  {r[f'{name}_frames_per_second']:8.2f} frames/s")
         if kind == "3d":
             line += f"  ({r[f'{name}_clips_per_second']:.2f} clips/s)"
-        lines.append(line + f"  compile {r[f'{name}_compile_seconds']:.1f} s")
+        lines.append(line + f"  {r[f'{name}_flops_per_second'] / 1e9:6.1f} GFLOP/s (XLA's count: "
+                     f"{r[f'{name}_flops_per_batch'] / r['batch'] / 1e9:.1f} GFLOP per {kind.upper()} input)"
+                     f"  compile {r[f'{name}_compile_seconds']:.1f} s")
     return "\n".join(lines)
 
 
