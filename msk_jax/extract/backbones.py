@@ -142,7 +142,10 @@ class Bottleneck(nn.Module):
 
 class _ResNet(nn.Module):
     """Stem (conv 7, BatchNorm, ReLU, max-pool 3 stride 2) and four stages of bottlenecks, then the
-    mean over every position. Subclasses fix the architecture."""
+    mean over every position. Subclasses fix the architecture.
+
+    Fields: ``dtype`` the compute dtype (the variables stay float32; bfloat16 for throughput),
+    ``precision`` that of the convolutions (HIGHEST reproduces the reference's float32 features)."""
 
     dtype: Any = jnp.float32
     precision: Any = Precision.HIGHEST
