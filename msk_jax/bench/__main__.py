@@ -16,7 +16,7 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: python -m msk_jax.bench COMMAND [--config=configs/bench.py] [--json=OUT]; "
                              "COMMAND: " + ", ".join(f"{n} ({h})" for n, (_, h) in BENCHMARKS.items())
-                             + ", all (every one but plan and fed)")
+                             + ", all (every one but plan, fed and extract)")
     try:
         results = run(argv[1], FLAGS.config)
     except ValueError as err:
