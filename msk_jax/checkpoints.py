@@ -138,21 +138,25 @@ def _warn(message: str) -> None:
 
 
 class _FailedReadEchoes(logging.Filter):
-    """The echoes of a checkpoint read that failed, dropped for the rest of the process.
+    """The echoes of a checkpoint read that failed, dropped.
 
     When one array of a checkpoint cannot be read, Orbax's other pending reads of that
-    checkpoint still finish (in TensorStore's threads), some long after the restore gave up, and
-    each reports to a closed event loop: asyncio logs "Task exception was never retrieved" (with
-    a traceback) when the task is collected, and the coroutines raise "Event loop is closed"
-    through `sys.unraisablehook`. The failure itself is reported once, by `restore_latest`.
+    checkpoint still finish (in TensorStore's threads), some while the failure is still being
+    raised and some long after the restore gave up, and each reports to a closed event loop:
+    asyncio logs "Task exception was never retrieved" (with a traceback) when the task is
+    collected, and callbacks raise "Event loop is closed" through `sys.unraisablehook`. The
+    failure itself is reported once, by `restore_latest`.
 
-    Installed on the first failed read, and narrow: a log record is dropped only when it
-    is such an echo and names a folder whose read failed (or Orbax's own reader), an unraisable
-    only when it is a closed loop's or an Orbax read's. Everything else passes unchanged."""
+    Installed when the first restore attempt starts (`reading`) and kept (late echoes come after
+    the restore), and narrow: a log record is dropped only when it is such an echo and names the
+    folder being read or one whose read failed (or Orbax's own reader); an unraisable only when
+    it is a closed loop's or an Orbax read's, and only during a restore attempt or after a failed
+    read. Everything else passes unchanged."""
 
     def __init__(self):
         super().__init__()
-        self.folders: set[str] = set()
+        self.folders: set[str] = set()  # whose read failed
+        self.active: str | None = None  # being read
         self.previous_hook = None
         self.last_echo = 0.0
 
@@ -165,25 +169,31 @@ class _FailedReadEchoes(logging.Filter):
         if "never retrieved" not in message:
             return True
         text = message + (repr(record.exc_info[1]) if record.exc_info and record.exc_info[1] is not None else "")
-        echo = "reading array index" in text or "orbax" in text or any(f in text for f in self.folders)
+        folders = self.folders | ({self.active} if self.active else set())
+        echo = "reading array index" in text or "orbax" in text or any(f in text for f in folders)
         return not (echo and self._dropped())
 
     def hook(self, unraisable) -> None:
-        if ((isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
-                or "_read_array_index_and_device_put" in repr(unraisable.object)):
+        if ((self.active or self.folders)
+                and ((isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
+                     or "_read_array_index_and_device_put" in repr(unraisable.object))):
             self._dropped()
             return
         self.previous_hook(unraisable)
 
-    def failed(self, folder: str, settle_seconds: float = 0.25, max_wait_seconds: float = 5.0) -> None:
-        """A read of `folder` (a step's folder) failed: from now on its echoes are dropped. Waits
-        until the other pending reads have reported (none for `settle_seconds`, at most
-        `max_wait_seconds`), so that they do not overlap the next read."""
-        self.folders.add(str(folder).rstrip("/"))
+    def reading(self, folder: str | None) -> None:
+        """A restore attempt of `folder` (a step's folder) starts (None: it ended)."""
         if self.previous_hook is None:
             self.previous_hook = sys.unraisablehook
             sys.unraisablehook = self.hook
             logging.getLogger("asyncio").addFilter(self)
+        self.active = None if folder is None else str(folder).rstrip("/")
+
+    def failed(self, folder: str, settle_seconds: float = 0.25, max_wait_seconds: float = 5.0) -> None:
+        """A read of `folder` failed: from now on its echoes are dropped. Waits until the other
+        pending reads have reported (none for `settle_seconds`, at most `max_wait_seconds`), so
+        that they do not overlap the next read."""
+        self.folders.add(str(folder).rstrip("/"))
         self.last_echo = start = time.monotonic()
         while time.monotonic() - start < max_wait_seconds:
             gc.collect()  # pending reads' tasks and coroutines report when collected
@@ -361,8 +371,15 @@ class Checkpointer:
         """(status, result): (_RESTORED, (state, meta)), (_INCOMPATIBLE, the error), or
         (_UNREADABLE / _TRANSIENT, what failed) after the retries."""
         folder = storage.join(self.directory, str(step))
+        try:
+            return self._read_with_retries(step, folder, template, config)
+        finally:
+            _ECHOES.reading(None)
+
+    def _read_with_retries(self, step: int, folder: str, template: TrainState, config: dict):
         for attempt in range(1, self.read_attempts + 1):
             what = storage.join(folder, "meta")
+            _ECHOES.reading(folder)
             try:
                 meta = self.read_meta(step)
                 stored = self._check_compatible(step, meta, config, template)
