@@ -3,7 +3,8 @@
 - :func:`multisk_loss`: the full objective, L_con + the 18 weighted consistency terms, with
   the feature queues as explicit state (see :mod:`msk_jax.queues`).
 - :func:`consistency_cost`: the anchor consistency cost, BCE-with-logits of exp(s / 0.1) against
-  a Multi-SK target (the logits are exponentiated, exactly as in the original).
+  a Multi-SK target (the logits are exponentiated, exactly as in the original), or one of the
+  two corrected costs of `CONSISTENCY_COSTS`.
 - :func:`norm_softmax_loss`: the symmetric NormSoftmax (InfoNCE) loss over a cosine similarity
   matrix, restricted to the clips where both modalities are non-empty -- by masking, so every
   shape is static under jit.
@@ -32,18 +33,39 @@ CONTRASTIVE_PAIRS = {"tv": ("text", "video"), "ta": ("text", "audio"), "va": ("v
 _MASKED_LOGIT = -1e9  # finite, so masked rows and their gradients stay finite
 
 
+# config.objective.consistency_cost: how a consistency term compares the similarities s of
+# embeddings to anchors with their Multi-SK target, at temperature tau (consistency_temperature):
+#   "original": BCE-with-logits of exp(s / tau) against the target, as the original code
+#               (`calculate_cost`); its prediction sigmoid(exp(s / tau)) is above 0.5 for every s,
+#               so it cannot represent target entries below 0.5;
+#   "sigmoid":  BCE-with-logits of s / tau against the target (the mean over entries);
+#   "softmax":  cross-entropy between the row-normalised target and softmax(s / tau) over the
+#               anchors (the mean over rows), as SwAV predicts its Sinkhorn codes.
+CONSISTENCY_COSTS = ("original", "sigmoid", "softmax")
+
+
+def _bce_with_logits(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Stable BCE with logits per entry: max(x, 0) - x y + log(1 + exp(-|x|))."""
+    return jnp.maximum(x, 0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
 def consistency_cost(similarity: jax.Array, target: jax.Array,
-                     temperature: float) -> jax.Array:
-    """mean(BCE_with_logits(logits=exp(similarity / temperature), target)) over all entries.
+                     temperature: float, kind: str = "original") -> jax.Array:
+    """One consistency term's cost (CONSISTENCY_COSTS); "original" is
+    mean(BCE_with_logits(logits=exp(similarity / temperature), target)) over all entries.
 
     similarity: (B, K) cosine similarities of embeddings to anchors (carries the gradient).
     target: (B, K) Multi-SK target in [0, 1] (treated as a constant).
     """
-    x = jnp.exp(similarity / temperature)
-    y = jax.lax.stop_gradient(target).astype(x.dtype)
-    # Stable BCE with logits: max(x, 0) - x y + log(1 + exp(-|x|)).
-    per_entry = jnp.maximum(x, 0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return jnp.mean(per_entry)
+    y = jax.lax.stop_gradient(target).astype(similarity.dtype)
+    if kind == "original":
+        return jnp.mean(_bce_with_logits(jnp.exp(similarity / temperature), y))
+    if kind == "sigmoid":
+        return jnp.mean(_bce_with_logits(similarity / temperature, y))
+    if kind == "softmax":
+        rows = y / jnp.maximum(jnp.sum(y, axis=-1, keepdims=True), jnp.finfo(y.dtype).tiny)
+        return jnp.mean(-jnp.sum(rows * jax.nn.log_softmax(similarity / temperature, axis=-1), axis=-1))
+    raise ValueError(f"objective.consistency_cost must be one of {CONSISTENCY_COSTS}, got {kind!r}")
 
 
 def cosine_similarity_matrix(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS,
@@ -143,7 +165,7 @@ class ObjectiveConfig:
     contrastive_temperature: float
     consistency: bool  # False: the EAO per-modality baseline (contrastive only)
     consistency_weights: tuple[tuple[str, float], ...]
-    consistency_temperature: float
+    consistency_temperature: float  # tau of the consistency cost
     queue_len: int
     sinkhorn_eps: float
     sinkhorn_iters: int
@@ -154,6 +176,7 @@ class ObjectiveConfig:
     # Of the similarity matmuls (contrastive logits, queue-anchor similarities): "highest" keeps
     # them float32 on accelerators (model.matmul_precision).
     matmul_precision: str = "highest"
+    consistency_cost: str = "original"  # CONSISTENCY_COSTS
 
     @classmethod
     def from_config(cls, objective: Any) -> "ObjectiveConfig":
@@ -171,7 +194,8 @@ class ObjectiveConfig:
             sinkhorn_problems_at_once=objective.sinkhorn.problems_at_once,
             contrastive_scale=objective.contrastive_scale,
             consistency_scale=objective.consistency_scale,
-            matmul_precision=objective.get("matmul_precision", "highest"))
+            matmul_precision=objective.get("matmul_precision", "highest"),
+            consistency_cost=objective.get("consistency_cost", "original"))
 
 
 def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: FeatureQueues,
@@ -220,7 +244,8 @@ def consistency_terms(outputs: ModelOutputs, targets: Mapping[tuple, jax.Array],
                      (3 + i, ("joint", mi, mj), ("input", mj, mj)))
             for row, guided, target in pairs:
                 weight = weights.get(f"c_loss_{row}_{j}", 0.0)
-                cost = consistency_cost(similarity(outputs, guided), targets[target], config.consistency_temperature)
+                cost = consistency_cost(similarity(outputs, guided), targets[target], config.consistency_temperature,
+                                        config.consistency_cost)
                 terms[f"loss_pair_{row}_{j}"] = weight * cost
     return dict(sorted(terms.items()))
 

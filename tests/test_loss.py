@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from msk_jax import loss
@@ -38,6 +39,70 @@ def test_consistency_cost_gradient_only_through_similarity():
     grad_p = jax.grad(lambda p: loss.consistency_cost(s, p, T_CONSISTENCY))(p)
     np.testing.assert_array_equal(grad_p, 0.0)
     assert np.all(np.asarray(jax.grad(lambda s: loss.consistency_cost(s, p, T_CONSISTENCY))(s)) != 0)
+
+
+def _reference_costs(s, p, tau=T_CONSISTENCY):
+    """Each consistency cost and its gradient with respect to s, in float64 numpy."""
+    s, p = np.asarray(s, np.float64), np.asarray(p, np.float64)
+
+    def bce(x):  # value per entry and d/dx
+        sig = 1 / (1 + np.exp(-x))
+        return -(p * np.log(sig) + (1 - p) * np.log(1 - sig)), sig - p
+
+    n = s.size
+    x = np.exp(s / tau)
+    value, dx = bce(x)
+    original = (value.mean(), dx * x / tau / n)
+    value, dx = bce(s / tau)
+    sigmoid = (value.mean(), dx / tau / n)
+    rows = p / p.sum(1, keepdims=True)
+    log_q = _log_softmax(s / tau, 1)
+    softmax = ((-(rows * log_q).sum(1)).mean(), (np.exp(log_q) * rows.sum(1, keepdims=True) - rows) / tau / len(s))
+    return {"original": original, "sigmoid": sigmoid, "softmax": softmax}
+
+
+def test_each_consistency_cost_and_its_gradient_against_numpy():
+    rng = np.random.default_rng(3)
+    s = rng.uniform(-1, 0.3, size=(6, 4)).astype(np.float32)
+    p = rng.uniform(0.01, 1, size=(6, 4)).astype(np.float32)
+    for kind, (value, grad) in _reference_costs(s, p).items():
+        np.testing.assert_allclose(loss.consistency_cost(s, p, T_CONSISTENCY, kind), value, rtol=1e-5, err_msg=kind)
+        got = jax.grad(lambda x: loss.consistency_cost(x, p, T_CONSISTENCY, kind))(jnp.asarray(s))
+        np.testing.assert_allclose(got, grad, rtol=1e-4, atol=1e-7, err_msg=kind)
+    assert float(loss.consistency_cost(s, np.zeros_like(p), T_CONSISTENCY, "softmax")) == 0.0  # an empty target row
+    with pytest.raises(ValueError, match="consistency_cost"):
+        loss.consistency_cost(s, p, T_CONSISTENCY, "cosine")
+
+
+def test_corrected_costs_represent_targets_below_one_half():
+    """Cosines fitted to a target whose entries lie below 0.5, each cost minimised from the same
+    start: "sigmoid" and "softmax" come within a hair of their floor (the target's own entropy:
+    the prediction equals the target), "original" stays far above its own: its prediction
+    sigmoid(exp(s / tau)) cannot go below 0.5."""
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.02, 0.45, size=(5, 6)).astype(np.float32)
+    q = p / p.sum(1, keepdims=True)
+    floors = {"original": float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p)))),
+              "sigmoid": float(np.mean(-(p * np.log(p) + (1 - p) * np.log(1 - p)))),
+              "softmax": float(np.mean(-(q * np.log(q)).sum(1)))}
+    excess = {}
+    for kind in loss.CONSISTENCY_COSTS:
+        optimizer = optax.adam(0.05)
+
+        @jax.jit
+        def step(u, state, kind=kind):
+            value, grad = jax.value_and_grad(  # cosines in (-1, 1)
+                lambda u: loss.consistency_cost(jnp.tanh(u), p, T_CONSISTENCY, kind))(u)
+            updates, state = optimizer.update(grad, state)
+            return optax.apply_updates(u, updates), state, value
+
+        u = jnp.zeros_like(p)
+        state = optimizer.init(u)
+        for _ in range(600):
+            u, state, value = step(u, state)
+        excess[kind] = float(value) - floors[kind]
+    assert excess["sigmoid"] < 1e-3 and excess["softmax"] < 1e-3, excess
+    assert excess["original"] > 0.1, excess
 
 
 def test_masking_equals_indexing():
@@ -100,3 +165,12 @@ def test_contrastive_objective_skips_zero_weights_and_rejects_all_zero():
     np.testing.assert_allclose(total, losses["tv"])
     with pytest.raises(ValueError, match="non-zero weight"):
         loss.contrastive_objective(emb, nonempty, {"tv": 0.0}, T_CONTRASTIVE)
+
+
+def test_the_configuration_chooses_the_consistency_cost():
+    from msk_jax import configs
+
+    config = configs.get_config("howto", "demo")
+    assert loss.ObjectiveConfig.from_config(config.objective).consistency_cost == "original"
+    config.objective.consistency_cost = "softmax"
+    assert loss.ObjectiveConfig.from_config(config.objective).consistency_cost == "softmax"

@@ -43,7 +43,10 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
     objective.contrastive_temperature = 0.05
     objective.pair_weights = {"tv": 1.0, "ta": 0.1, "va": 0.1}
     objective.consistency = consistency
-    objective.consistency_temperature = 0.1
+    objective.consistency_temperature = 0.1   # tau of the consistency cost
+    # How a consistency term compares similarities with their Multi-SK target (msk_jax.loss
+    # CONSISTENCY_COSTS): "original" (the original code's BCE of exp(s / tau)), "sigmoid" or "softmax".
+    objective.consistency_cost = "original"
     objective.consistency_weights = consistency_weights(text_video=1.0, audio=0.1)
     objective.contrastive_scale = 1.0   # the original's alpha_closs
     objective.consistency_scale = 1.0   # the original's beta_loss
