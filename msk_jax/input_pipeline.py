@@ -50,7 +50,8 @@ def demo_paths(config):
     """Builds the demo corpus if needed (cached) and returns its paths."""
     from msk_jax.data.demo_corpus import build_demo_corpus, default_root
 
-    root = config.data.demo_dir or default_root()
+    size = config.data.demo_size  # each size cached in a folder of its own (the default's: demo_corpus)
+    root = config.data.demo_dir or default_root("demo_corpus" if size == "default" else f"demo_corpus_{size}")
     if storage.is_remote(root):
         raise DataError("config.data.demo_dir", f"'{root}' is a URL, but the demo corpus is built in a local cache "
                         "folder; to read a copy of it from a bucket, use config.data.source='files' with gs:// "

@@ -241,3 +241,31 @@ def test_missing_voices_stop_with_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_corpus, "SOUNDS_ROOT", str(tmp_path))
     with pytest.raises(RuntimeError, match=r"\['it'\] not found.*sudo apt-get install -y asterisk-core-sounds-en-wav"):
         demo_corpus.ensure_voices(["it"])
+
+
+def test_worker_processes_write_the_same_training_videos(corpus, tmp_path):
+    """The large corpus's build path (training videos rendered by spawned processes) writes the
+    files of the sequential build; the large size keeps the default's test sets and rates and
+    has ten times its training videos (its first 120 are the default's: seeded per video)."""
+    paths, meta = corpus
+    cfg = demo_corpus.SIZES["tiny"]
+    src = demo_corpus.load_sources(0, 128, False)
+    again = demo_corpus.corpus_paths(str(tmp_path / "again"))
+    held_out = set(meta["msrvtt_strings"]) | set(meta["youcook_strings"])
+    sequential = demo_corpus.corpus_paths(str(tmp_path / "sequential"))
+    for target, workers in ((sequential, 0), (again, 2)):
+        os.makedirs(os.path.dirname(target.csv), exist_ok=True)
+        demo_corpus.build_training(target, src, cfg, 0, held_out, False, workers=workers)
+    for folder in ("features_2d", "features_3d", "audio"):
+        for root, _, names in os.walk(getattr(sequential, folder)):
+            for name in names:
+                one = os.path.join(root, name)
+                other = os.path.join(getattr(again, folder), os.path.relpath(one, getattr(sequential, folder)))
+                with open(one, "rb") as a, open(other, "rb") as b:
+                    assert a.read() == b.read(), one
+    with open(sequential.caption, "rb") as a, open(again.caption, "rb") as b:
+        assert a.read() == b.read()
+    large, default = demo_corpus.SIZES["large"], demo_corpus.SIZES["default"]
+    assert large.train_videos == 10 * default.train_videos
+    assert (large.msrvtt_clips, large.youcook_clips, large.train_seconds) == \
+        (default.msrvtt_clips, default.youcook_clips, default.train_seconds)

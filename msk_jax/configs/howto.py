@@ -99,7 +99,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     # source="demo": where the demo corpus is built (default ~/.cache/msk_jax/demo_corpus, or
     # $MSK_JAX_CACHE_DIR/demo_corpus).
     data.demo_dir = ""
-    data.demo_size = "default"     # or "tiny"
+    data.demo_size = "default"     # "tiny", "small", "default" (120 training videos) or "large" (1,200)
     return data
 
 

@@ -85,6 +85,9 @@ SIZES = {
     "tiny": SizeConfig(train_videos=4, train_seconds=(25.0, 35.0), msrvtt_clips=12, youcook_clips=12),
     "small": SizeConfig(train_videos=40, train_seconds=(30.0, 50.0), msrvtt_clips=100, youcook_clips=100),
     "default": SizeConfig(train_videos=120, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200),
+    # Ten times the default's training videos (its 120 first, then new digit strings; the same
+    # voices, handwriting split and test sets), built by worker processes.
+    "large": SizeConfig(train_videos=1200, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200),
 }
 
 
@@ -435,24 +438,58 @@ def caption_entry(clip: Clip) -> dict:
             "text": [s[2] for s in clip.segments]}
 
 
+_TRAINING_WORKER: dict = {}  # in a build worker process: (paths, sources, size, seed, held-out strings)
+
+
+def _start_training_worker(paths: DemoCorpusPaths, cfg: SizeConfig, seed: int, feature_dim: int,
+                           held_out: set[str]) -> None:
+    _TRAINING_WORKER["args"] = (paths, load_sources(seed, feature_dim, False), cfg, seed, held_out)
+
+
+def _training_video(v: int, paths: DemoCorpusPaths | None = None, src: Sources | None = None,
+                    cfg: SizeConfig | None = None, seed: int | None = None, held_out: set[str] | None = None):
+    """Renders and writes training video `v` (seeded by (seed, v): the same in any process);
+    returns (row, id, caption entry, duration, strings, languages)."""
+    if paths is None:
+        paths, src, cfg, seed, held_out = _TRAINING_WORKER["args"]
+    rng = np.random.default_rng([seed, 1, v])
+    events, duration = plan_training_video(rng, cfg.train_seconds, held_out)
+    clip = render(events, duration, src.images, src.pools["train"], src.voices, rng, rng)
+    vid = f"video_{v:04d}"
+    write_training_video(paths, f"demo/{vid}", clip, src.encoder)
+    return f"demo/{vid}", vid, caption_entry(clip), duration, list(clip.strings), list(clip.languages)
+
+
 def build_training(paths: DemoCorpusPaths, src: Sources, cfg: SizeConfig, seed: int, held_out: set[str],
-                   progress: bool) -> dict:
-    """Writes the csv, per-video features/spectrograms and caption.pickle; returns statistics."""
+                   progress: bool, workers: int = 0) -> dict:
+    """Writes the csv, per-video features/spectrograms and caption.pickle; returns statistics.
+    With `workers` > 1 the videos are rendered by that many spawned processes (each loads the
+    sources itself); every video is the same either way."""
     captions, rows, strings, languages, durations = {}, [], [], {}, {}
     step = max(1, cfg.train_videos // 10)
-    for v in range(cfg.train_videos):
-        rng = np.random.default_rng([seed, 1, v])
-        events, duration = plan_training_video(rng, cfg.train_seconds, held_out)
-        clip = render(events, duration, src.images, src.pools["train"], src.voices, rng, rng)
-        vid = f"video_{v:04d}"
-        rows.append(f"demo/{vid}")
-        write_training_video(paths, rows[-1], clip, src.encoder)
-        captions[vid], durations[vid] = caption_entry(clip), duration
-        strings += clip.strings
-        for lang in clip.languages:
-            languages[lang] = languages.get(lang, 0) + 1
-        if (v + 1) % step == 0 or v + 1 == cfg.train_videos:
-            _log(progress, f"training videos {v + 1}/{cfg.train_videos} ({sum(durations.values()):.0f} s so far)")
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_training_worker,
+            initargs=(paths, cfg, seed, src.encoder.proj_2d.shape[1], held_out))
+        videos = pool.map(_training_video, range(cfg.train_videos), chunksize=8)
+    else:
+        pool = None
+        videos = (_training_video(v, paths, src, cfg, seed, held_out) for v in range(cfg.train_videos))
+    try:
+        for v, (row, vid, caption, duration, clip_strings, clip_languages) in enumerate(videos):
+            rows.append(row)
+            captions[vid], durations[vid] = caption, duration
+            strings += clip_strings
+            for lang in clip_languages:
+                languages[lang] = languages.get(lang, 0) + 1
+            if (v + 1) % step == 0 or v + 1 == cfg.train_videos:
+                _log(progress, f"training videos {v + 1}/{cfg.train_videos} ({sum(durations.values()):.0f} s so far)")
+    finally:
+        if pool is not None:
+            pool.shutdown()
     oov_counts = ensure_oov_words(captions)
     with open(paths.csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -615,7 +652,8 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
     youcook_strings = unique_strings(rng, cfg.youcook_clips + NUM_MISSING_YOUCOOK, set(msrvtt_strings))
     held_out = set(msrvtt_strings) | set(youcook_strings)
 
-    train = build_training(paths, src, cfg, seed, held_out, progress)
+    train = build_training(paths, src, cfg, seed, held_out, progress,
+                           workers=min(os.cpu_count() or 1, 8) if cfg.train_videos >= 500 else 0)
     msrvtt, msrvtt_langs = build_test_set("msrvtt", src, msrvtt_strings, TRAIN_LANGUAGES, seed, 2, progress)
     write_msrvtt(paths.msrvtt, msrvtt)
     youcook, youcook_langs = build_test_set("youcook", src, youcook_strings, (HELD_OUT_LANGUAGE,), seed, 3, progress)
