@@ -16,10 +16,7 @@ import fcntl
 import os
 import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 
 import jax
 import numpy as np
@@ -164,34 +161,10 @@ def gcs_bucket():
     CLOUD_STORAGE_EMULATOR_ENDPOINT (google-cloud-cpp, i.e. array_record), and
     GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (gcsfs would first probe a gRPC API the emulator lacks)."""
     pytest.importorskip("gcp_storage_emulator")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tests.gcs_server", "--port", str(port), "--bucket", BUCKET],
-                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=2).read()
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                raise RuntimeError("gcp-storage-emulator did not start")
-            time.sleep(0.2)
-    variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-                 "CLOUD_STORAGE_EMULATOR_ENDPOINT": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    previous = {k: os.environ.get(k) for k in variables}
-    os.environ.update(variables)
-    try:
-        yield f"gs://{BUCKET}"
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        server.wait(timeout=30)
+    from msk_jax.bench.bucket import LocalBucket
+
+    with LocalBucket(BUCKET) as bucket:
+        yield bucket.url
 
 
 # What makes a test slow (README: Tests): a training run of the session, a bucket, the small corpus.

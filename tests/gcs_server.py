@@ -13,7 +13,7 @@ Like the real service, and unlike the emulator alone, it answers requests concur
 per connection) and keeps connections open between reads (HTTP/1.1). For tests and benchmarks of reads against a bucket's latency, each request can
 wait a while before it is answered (`--latency-ms`, or `MSK_GCS_LATENCY_MS`; concurrent requests
 wait together, not in turn), and the server counts the requests it answers. Both through
-`/_msk/` on the same port (`set_latency`, `request_counts`):
+`/_msk/` on the same port (clients: `msk_jax.bench.bucket.set_latency`, `request_counts`):
 
     POST /_msk/latency?ms=20    every request from now on waits 20 ms
     GET  /_msk/counts           {"requests": all requests answered, "ranged_reads": those with a Range header}
@@ -30,7 +30,6 @@ import signal
 import threading
 import time
 import urllib.parse
-import urllib.request
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 
@@ -209,20 +208,6 @@ def serve_concurrently() -> None:
     emulator_server.Router.handle = lambda router, method: _handle(router, method, original)
     emulator_server.APIThread.run = _run_api
     emulator_server._msk_concurrent = True
-
-
-def set_latency(url: str, ms: float) -> None:
-    """Makes the server at `url` (http://host:port) wait `ms` ms before answering each request."""
-    urllib.request.urlopen(urllib.request.Request(f"{url}{CONTROL}latency?ms={ms}", data=b"", method="POST"),
-                           timeout=30).read()
-
-
-def request_counts(url: str, reset: bool = False) -> dict[str, int]:
-    """{"requests", "ranged_reads"} the server at `url` answered (since the last reset); with
-    `reset`, sets them back to 0."""
-    request = urllib.request.Request(f"{url}{CONTROL}counts", data=b"" if reset else None,
-                                     method="POST" if reset else "GET")
-    return json.loads(urllib.request.urlopen(request, timeout=30).read())
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ def test_bucket_server_answers_concurrent_requests_after_its_latency(gcs_bucket)
     server counts what it answered."""
     import time
 
-    from tests.gcs_server import request_counts, set_latency
+    from msk_jax.bench.bucket import request_counts, set_latency
 
     fs, endpoint, latency = _fs(), os.environ["STORAGE_EMULATOR_HOST"], 0.2
     path = f"{gcs_bucket}/latency/blob".removeprefix("gs://")

@@ -196,7 +196,7 @@ def test_store_in_a_bucket(corpus, store, bucket_store):
 
 
 def test_windows_that_overlap_or_nearly_touch_are_read_by_one_request(bucket_store):
-    from tests.gcs_server import request_counts
+    from msk_jax.bench.bucket import request_counts
 
     endpoint, settings = os.environ["STORAGE_EMULATOR_HOST"], paper_clip_settings(**SETTINGS)
     requests, served = {}, {}
@@ -226,7 +226,7 @@ def long_video_store(tmp_path_factory, gcs_bucket):
 
 
 def test_windows_are_read_concurrently_against_the_bucket_latency(long_video_store):
-    from tests.gcs_server import set_latency
+    from msk_jax.bench.bucket import set_latency
 
     endpoint, latency = os.environ["STORAGE_EMULATOR_HOST"], 0.2
     source = FeatureStoreSource(long_video_store, paper_clip_settings(**LONG), max_gap=0)

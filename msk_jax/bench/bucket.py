@@ -49,6 +49,20 @@ def unavailable() -> str | None:
     return None
 
 
+def set_latency(endpoint: str, ms: float) -> None:
+    """Makes the server at `endpoint` (http://host:port) wait `ms` ms before answering each request."""
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/_msk/latency?ms={ms}", data=b"", method="POST"),
+                           timeout=30).read()
+
+
+def request_counts(endpoint: str, reset: bool = False) -> dict[str, int]:
+    """{"requests", "ranged_reads"} the server at `endpoint` answered (since the last reset); with
+    `reset`, sets them back to 0."""
+    request = urllib.request.Request(f"{endpoint}/_msk/counts", data=b"" if reset else None,
+                                     method="POST" if reset else "GET")
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
 class LocalBucket:
     """`gs://NAME` on tests/gcs_server.py, started on a free localhost port; while open, the
     clients' environment variables (this process's and the processes it starts) point at it.
@@ -92,18 +106,13 @@ class LocalBucket:
         self._server.terminate()
         self._server.wait(timeout=30)
 
-    def _control(self, what: str, post: bool = False) -> dict:
-        request = urllib.request.Request(f"{self.endpoint}/_msk/{what}", data=b"" if post else None,
-                                         method="POST" if post else "GET")
-        return json.loads(urllib.request.urlopen(request, timeout=30).read())
-
     def set_latency(self, ms: float) -> None:
         """Every request from now on waits `ms` ms before it is answered."""
-        self._control(f"latency?ms={ms}", post=True)
+        set_latency(self.endpoint, ms)
 
     def requests(self) -> int:
         """The requests the server answered so far."""
-        return self._control("counts")["requests"]
+        return request_counts(self.endpoint)["requests"]
 
     def cpu_seconds(self) -> float:
         """The server process's CPU time so far."""
@@ -217,17 +226,9 @@ def _reads_per_video(source, bucket: LocalBucket, videos: int = 16) -> dict:
             "bytes_per_video": (source.bytes_read - read) / videos}
 
 
-def _pipeline_modes() -> dict[str, dict]:
-    """The pipeline's ways of handing out work: a video per task, and (where the pipeline has
-    them) tasks of several videos of a batch, which a source reads with `sample_videos`."""
-    import inspect
-
-    from msk_jax.data.pipeline import TrainingPipeline
-
-    modes = {"video_tasks": {}}
-    if "batch_tasks" in inspect.signature(TrainingPipeline).parameters:
-        modes["batch_tasks"] = {"batch_tasks": True}
-    return modes
+# The pipeline's ways of handing out work: a video per task, and tasks of several videos of a
+# batch (which a source reads with `sample_videos`).
+PIPELINE_MODES = {"video_tasks": {}, "batch_tasks": {"batch_tasks": True}}
 
 
 def run_bucket(settings, paths: dict, root: str, latencies: tuple, *, videos: int = 48, videos_per_batch: int = 16,
@@ -247,7 +248,7 @@ def run_bucket(settings, paths: dict, root: str, latencies: tuple, *, videos: in
         with open(os.path.join(store_dir, name), "rb") as f:
             while f.read(64 << 20):
                 pass
-    modes = _pipeline_modes()
+    modes = PIPELINE_MODES
 
     def timed(source, count, mode, bucket=None, latency=0):
         def make():
@@ -267,9 +268,8 @@ def run_bucket(settings, paths: dict, root: str, latencies: tuple, *, videos: in
         sources = {"one_at_a_time": FeatureStoreSource(url, settings, concurrent_reads=False),
                    "concurrent": FeatureStoreSource(url, settings)}
         results["reads"] = {name: _reads_per_video(source, bucket) for name, source in sources.items()}
-        variants = {"one_at_a_time": ("one_at_a_time", "video_tasks"), "concurrent": ("concurrent", "video_tasks")}
-        if "batch_tasks" in modes:
-            variants["concurrent_batch_tasks"] = ("concurrent", "batch_tasks")
+        variants = {"one_at_a_time": ("one_at_a_time", "video_tasks"), "concurrent": ("concurrent", "video_tasks"),
+                    "concurrent_batch_tasks": ("concurrent", "batch_tasks")}
         for latency in latencies:
             row = {}
             for variant, (name, mode) in variants.items():
