@@ -95,30 +95,15 @@ class FeatureLayout:
         return cls(csv, features_2d, root("features_3d", features_2d), root("audio", folder), captions)
 
 
-def _feature_path(root: str, path: str, video_id: str, suffix: str) -> str:
-    """`<root>/<path>/<id><suffix>`, or `<root>/<path><suffix>` where only that exists (the
-    original's fallback, as `HowTo100MReader` reads it)."""
-    candidate = storage.join(root, path, f"{video_id}{suffix}")
-    if not storage.exists(candidate):
-        alternative = storage.join(root, f"{path}{suffix}")
-        if storage.exists(alternative):
-            return alternative
-    return candidate
-
-
 def read_video(layout: FeatureLayout, path: str, dim_2d: int | None, dim_3d: int | None, audio_bins: int,
                captions: dict | None = None):
     """One video of the layout as a `howto100m.Video` (its ASR segments where `captions` has
     them, else none); a DataError names the file that cannot be used."""
-    from msk_jax.data.howto100m import Video, _load_npz, check_caption
+    from msk_jax.data.howto100m import Video, check_caption, read_features
 
     video_id = path.split("/")[-1]
-    p2d = _feature_path(layout.features_2d, path, video_id, "_2d.npz")
-    p3d = _feature_path(layout.features_3d, path, video_id, "_3d.npz")
-    paudio = storage.join(layout.audio, path, f"{video_id}_spec.npz")
-    f2d = F.check_features(p2d, _load_npz(p2d, "features"), dim_2d, "2D features")
-    f3d = F.check_features(p3d, _load_npz(p3d, "features"), dim_3d, "3D features")
-    log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), audio_bins)
+    f2d, f3d, log_mel = read_features(layout.features_2d, layout.features_3d, layout.audio, path, dim_2d, dim_3d,
+                                      audio_bins)
     caption = {"start": np.zeros(0), "end": np.zeros(0), "text": []}
     if captions and video_id in captions:
         try:

@@ -145,6 +145,29 @@ def _load_npz(path: str, key: str) -> np.ndarray:
         raise F.DataError(path, f"cannot be read ({type(err).__name__}: {err}); truncated?", "unreadable") from err
 
 
+def _feature_path(root: str, path: str, video_id: str, suffix: str) -> str:
+    candidate = storage.join(root, path, f"{video_id}{suffix}")
+    if not storage.exists(candidate):  # the original's fallback layouts
+        alternative = storage.join(root, f"{path}{suffix}")
+        if storage.exists(alternative):
+            return alternative
+    return candidate
+
+
+def read_features(root_2d: str, root_3d: str, root_audio: str, path: str, dim_2d: int | None, dim_3d: int | None,
+                  audio_bins: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(2D features, 3D features, log-mel) of the video at csv `path` under the three roots, each
+    checked (dimensions where given); a DataError names the file on bad input."""
+    video_id = path.split("/")[-1]
+    p2d = _feature_path(root_2d, path, video_id, "_2d.npz")
+    p3d = _feature_path(root_3d, path, video_id, "_3d.npz")
+    paudio = storage.join(root_audio, path, f"{video_id}_spec.npz")
+    f2d = F.check_features(p2d, _load_npz(p2d, "features"), dim_2d, "2D features")
+    f3d = F.check_features(p3d, _load_npz(p3d, "features"), dim_3d, "3D features")
+    log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), audio_bins)
+    return f2d, f3d, log_mel
+
+
 class HowTo100MReader:
     """Random access to HowTo100M-format videos: `reader.video(i)`, `reader.sample_clips(i, rng)`.
 
@@ -206,23 +229,11 @@ class HowTo100MReader:
     def video_id(self, index: int) -> str:
         return self.paths[index].split("/")[-1]
 
-    def _feature_path(self, root: str, path: str, video_id: str, suffix: str) -> str:
-        candidate = storage.join(root, path, f"{video_id}{suffix}")
-        if not storage.exists(candidate):  # the original's fallback layouts
-            alternative = storage.join(root, f"{path}{suffix}")
-            if storage.exists(alternative):
-                return alternative
-        return candidate
-
     def video(self, index: int) -> Video:
         """Loads and validates one video; raises DataError naming the file on bad input."""
         path, video_id = self.paths[index], self.video_id(index)
-        p2d = self._feature_path(self.root_2d, path, video_id, "_2d.npz")
-        p3d = self._feature_path(self.root_3d, path, video_id, "_3d.npz")
-        paudio = storage.join(self.root_audio, path, f"{video_id}_spec.npz")
-        f2d = F.check_features(p2d, _load_npz(p2d, "features"), self.dim_2d, "2D features")
-        f3d = F.check_features(p3d, _load_npz(p3d, "features"), self.dim_3d, "3D features")
-        log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), self.settings.audio_bins if self.settings else None)
+        f2d, f3d, log_mel = read_features(self.root_2d, self.root_3d, self.root_audio, path, self.dim_2d, self.dim_3d,
+                                          self.settings.audio_bins if self.settings else None)
         caption = check_caption(self.caption_path, video_id, self.captions.get(video_id))
         return Video(video_id, f2d, f3d, log_mel, caption)
 

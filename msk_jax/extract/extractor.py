@@ -38,6 +38,7 @@ import numpy as np
 
 from msk_jax import storage
 from msk_jax.data.features import DataError
+from msk_jax.data.howto100m import _load_npz
 from msk_jax.extract import video as V
 
 Backbone = Callable[[np.ndarray], np.ndarray]
@@ -394,14 +395,9 @@ def run(opts: Options) -> dict:
 
 def _record_from_files(output: str, item: VideoItem) -> dict:
     files = feature_files(output, item)
-    arrays = {k: _load(files[k], "arr_0" if k == "audio" else "features") for k in files}
+    arrays = {k: _load_npz(files[k], "arr_0" if k == "audio" else "features") for k in files}
     return {"rows_2d": len(arrays["2d"]), "rows_3d": len(arrays["3d"]), "audio_frames": int(arrays["audio"].shape[1]),
             "seconds": round(arrays["audio"].shape[1] / 100.0, 3), "frames": 0}
-
-
-def _load(path: str, key: str) -> np.ndarray:
-    with np.load(storage.local_or_buffer(path)) as data:
-        return data[key]
 
 
 def write_index(output: str, items: Sequence[VideoItem], records: dict, captions: dict) -> dict:
@@ -480,7 +476,7 @@ def write_eval_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict
         start, end = _float(row["start"], where, "start"), _float(row["end"], where, "end")
         caption = (row.get("caption", row.get("text")) or "").strip()
         files = feature_files(opts.output, item)
-        f2d, f3d = _load(files["2d"], "features"), _load(files["3d"], "features")
+        f2d, f3d = _load_npz(files["2d"], "features"), _load_npz(files["3d"], "features")
         if item.path not in waveforms:
             waveforms = {item.path: V.decode_audio(item.file)}
         wave = waveforms[item.path]
