@@ -113,7 +113,9 @@ def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: 
 
 def _stored_items(state_dir) -> set[str]:
     """The top-level items of a saved state (`params`, `ema_params`, `opt_state`, ...), from its
-    tree metadata file alone."""
+    tree metadata file alone: Orbax's `metadata()` (`checkpoints.Checkpointer._stored_tree`)
+    also reads every array's own metadata, the optimiser's and the queues' included, which
+    evaluation must not need."""
     try:
         tree = json.loads((state_dir / "_METADATA").read_text())["tree_metadata"]
     except (OSError, ValueError, KeyError) as err:
