@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -150,12 +150,14 @@ class _ResNet(nn.Module):
     dtype: Any = jnp.float32
     precision: Any = Precision.HIGHEST
 
-    ndim = 2
-    stem_strides = (2, 2)
-    blocks = (3, 8, 36, 3)
-    inner = (64, 128, 256, 512)
-    out = (256, 512, 1024, 2048)
-    groups = 1
+    # Set by each subclass: the spatial rank, the stem's strides, blocks per stage, the stages'
+    # inner and output widths, the groups of the 3x3 convolutions.
+    ndim: ClassVar[int]
+    stem_strides: ClassVar[tuple]
+    blocks: ClassVar[tuple]
+    inner: ClassVar[tuple]
+    out: ClassVar[tuple]
+    groups: ClassVar[int]
 
     @nn.compact
     def __call__(self, x, return_stages: bool = False):
