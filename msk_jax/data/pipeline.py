@@ -368,13 +368,18 @@ class TrainingPipeline:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
+    def _next_position(self) -> tuple[int, int]:
+        """(epoch, local index) of the next slot to hand out: past an epoch's last batch, the
+        next epoch's first."""
+        epoch, local_index = self._next
+        if local_index >= self.batches_per_epoch * self.local_videos:
+            self._next = (epoch + 1, 0)
+        return self._next
+
     def _submit_batches(self, count: int) -> None:
         """Hands out the tasks of the next batches until `count` batches are in flight."""
         while len(self._pending) < count:
-            epoch, local_index = self._next
-            if local_index >= self.batches_per_epoch * self.local_videos:
-                self._next = (epoch + 1, 0)
-                continue
+            epoch, local_index = self._next_position()
             if self._executor is None:
                 self._start_processes(epoch, self._slot(local_index))
             order, buffer = self._order(epoch), self._turn % self._slots.count
@@ -416,10 +421,7 @@ class TrainingPipeline:
 
     def _submit_until(self, count: int) -> None:
         while len(self._pending) < count:
-            epoch, local_index = self._next
-            if local_index >= self.batches_per_epoch * self.local_videos:
-                self._next = (epoch + 1, 0)
-                continue
+            epoch, local_index = self._next_position()
             slot = self._slot(local_index)
             first_video = int(self._order(epoch)[slot])
             if self.processes:
