@@ -44,7 +44,7 @@ from msk_jax import safe_load, storage
 from msk_jax.data import features as F
 from msk_jax.data import howto100m
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
-from msk_jax.data.word2vec import WordVectors
+from msk_jax.data.word2vec import load_vectors, save_vectors
 
 FORMAT = "msk_jax.feature_store/1"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -138,10 +138,8 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
     if not usable:
         raise F.DataError(output, f"none of the {n} videos could be read (e.g. {where[0]}: {problems[0]})",
                           "no usable video")
-    words = sorted(vocabulary)
-    vectors = reader.word_vectors.lookup(words) if words else np.zeros((0, reader.word_vectors.dim), np.float32)
-    storage.write_atomic(storage.join(output, "words.txt"), "".join(w + "\n" for w in words))
-    storage.write_atomic(storage.join(output, "words.npy"), _npy_bytes(vectors))
+    vectors = reader.word_vectors.restricted(vocabulary)  # sorted
+    save_vectors(output, vectors)
     storage.write_atomic(storage.join(output, "captions.pickle"), pickle.dumps(captions, protocol=4))
     buffer = io.BytesIO()
     np.savez(buffer, paths=np.array(reader.paths, dtype=str), shard=shards, offset=offsets, rows=rows,
@@ -153,20 +151,14 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
     meta = {"format": FORMAT, "dtype": dtype, "video_rows": "l2-normalised", "dim_2d": dims["2d"], "dim_3d": dims["3d"],
-            "audio_bins": dims["audio"], "word_dim": int(vectors.shape[1]), "videos": n, "usable": usable,
-            "skipped": skipped, "bytes": written, "shards": writer.names, "words": len(words),
+            "audio_bins": dims["audio"], "word_dim": int(vectors.dim), "videos": n, "usable": usable,
+            "skipped": skipped, "bytes": written, "shards": writer.names, "words": len(vectors),
             "built_from": {"csv": reader.csv_path, "caption": reader.caption_path}}
     storage.write_atomic(meta_path, json.dumps(meta, indent=1))
     if progress:
         print(f"feature store: {usable} of {n} videos in {output} ({written / 2**30:.2f} GiB, {dtype}); "
               f"skipped: {skipped or 'none'}", flush=True)
     return meta
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 class _StoredVideo:
@@ -237,17 +229,11 @@ class FeatureStoreSource:
         captions_path = storage.join(directory, "captions.pickle")
         with storage.open_read(captions_path) as f:
             self.captions = safe_load.load(f, captions_path)  # a copied store: only data types, never code
-        self.word_vectors = self._load_words()
+        self.word_vectors = load_vectors(self.directory)
         self.shard_paths = [storage.join(directory, name) for name in self.meta["shards"]]
         self.row_bytes = [self.meta[k] * self.dtype.itemsize for k in ("dim_2d", "dim_3d", "audio_bins")]
         self.reader = storage.RangeReader(max_gap=max_gap)
 
-    def _load_words(self) -> WordVectors:
-        words = storage.read_bytes(storage.join(self.directory, "words.txt")).decode("utf-8").split("\n")[:-1]
-        npy = storage.join(self.directory, "words.npy")
-        vectors = (np.load(npy, mmap_mode="r") if not storage.is_remote(npy)
-                   else np.load(io.BytesIO(storage.read_bytes(npy))))
-        return WordVectors(words, vectors)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -12,6 +12,7 @@ inputs, so that worker processes load only that (`load_vectors`, memory-mapped).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -120,21 +121,26 @@ def file_identity(path: str) -> list:
 
 
 def save_vectors(folder: str, vectors: WordVectors) -> None:
-    """Writes `words.txt` (one word a line, in vector order) and `words.npy` (float32) into `folder`."""
+    """Writes `words.txt` (one word a line, in vector order) and `words.npy` (float32) into
+    `folder` (local or a URL), each atomically."""
     words = sorted(vectors.index, key=vectors.index.get)
     if len(words) != len(vectors.vectors):  # repeated words: only the vectors lookups give
         vectors = vectors.restricted(words)
         words = sorted(vectors.index, key=vectors.index.get)
-    with open(os.path.join(folder, "words.txt"), "w", encoding="utf-8", newline="") as f:
-        f.write("".join(w + "\n" for w in words))
-    np.save(os.path.join(folder, "words.npy"), vectors.vectors)
+    storage.write_atomic(storage.join(folder, "words.txt"), "".join(w + "\n" for w in words))
+    buffer = io.BytesIO()
+    np.save(buffer, vectors.vectors)
+    storage.write_atomic(storage.join(folder, "words.npy"), buffer.getvalue())
 
 
 def load_vectors(folder: str) -> WordVectors:
-    """The vectors `save_vectors` wrote (memory-mapped: a process reads only the rows it uses)."""
-    with open(os.path.join(folder, "words.txt"), encoding="utf-8", newline="") as f:
-        words = f.read().split("\n")[:-1]
-    return WordVectors(words, np.load(os.path.join(folder, "words.npy"), mmap_mode="r"))
+    """The vectors `save_vectors` wrote (a feature store holds its vocabulary's so too); on disk
+    memory-mapped, so a process reads only the rows it uses."""
+    words = storage.read_bytes(storage.join(folder, "words.txt")).decode("utf-8").split("\n")[:-1]
+    npy = storage.join(folder, "words.npy")
+    vectors = (np.load(npy, mmap_mode="r") if not storage.is_remote(npy)
+               else np.load(io.BytesIO(storage.read_bytes(npy))))
+    return WordVectors(words, vectors)
 
 
 def caption_vectors(word_vectors: WordVectors, captions_key, texts: Callable[[], Iterable[str]],
