@@ -4,7 +4,8 @@
   the feature queues as explicit state (see :mod:`msk_jax.queues`).
 - :func:`consistency_cost`: the anchor consistency cost, BCE-with-logits of exp(s / 0.1) against
   a Multi-SK target (the logits are exponentiated, exactly as in the original), or one of the
-  two corrected costs of `CONSISTENCY_COSTS`.
+  two corrected costs of `CONSISTENCY_COSTS`; :func:`consistency_floor` is the least value it
+  can take for a target.
 - :func:`norm_softmax_loss`: the symmetric NormSoftmax (InfoNCE) loss over a cosine similarity
   matrix, restricted to the clips where both modalities are non-empty -- by masking, so every
   shape is static under jit.
@@ -65,6 +66,33 @@ def consistency_cost(similarity: jax.Array, target: jax.Array,
     if kind == "softmax":
         rows = y / jnp.maximum(jnp.sum(y, axis=-1, keepdims=True), jnp.finfo(y.dtype).tiny)
         return jnp.mean(-jnp.sum(rows * jax.nn.log_softmax(similarity / temperature, axis=-1), axis=-1))
+    raise ValueError(f"objective.consistency_cost must be one of {CONSISTENCY_COSTS}, got {kind!r}")
+
+
+def consistency_floor(similarity: jax.Array | None, target: jax.Array, temperature: float,
+                      kind: str = "original") -> jax.Array:
+    """The least value `consistency_cost` can take for this target with every similarity free in
+    [-1, 1] (entry by entry): what no model can get under. `similarity` is unused (the signature
+    is `consistency_cost`'s, so `consistency_terms` can weigh floors as it weighs costs).
+
+    "original": each entry's best prediction is its target clipped to what sigmoid(exp(s / tau))
+    reaches, [sigmoid(exp(-1 / tau)), sigmoid(exp(1 / tau))], whose lower end is just above 0.5;
+    "sigmoid": the same with sigmoid(s / tau), [sigmoid(-1 / tau), sigmoid(1 / tau)];
+    "softmax": the entropy of the row-normalised target (a lower bound, reached where the row's
+    log-ratios fit in 2 / tau).
+    """
+    del similarity
+    y = jax.lax.stop_gradient(target).astype(jnp.float32)
+    if kind in ("original", "sigmoid"):
+        logit = jnp.log(y) - jnp.log1p(-y)  # the unconstrained best logit (+-inf at 0 and 1)
+        if kind == "original":
+            best = jnp.clip(logit, jnp.exp(-1.0 / temperature), jnp.exp(1.0 / temperature))
+        else:
+            best = jnp.clip(logit, -1.0 / temperature, 1.0 / temperature)
+        return jnp.mean(_bce_with_logits(best, y))
+    if kind == "softmax":
+        rows = y / jnp.maximum(jnp.sum(y, axis=-1, keepdims=True), jnp.finfo(y.dtype).tiny)
+        return jnp.mean(-jnp.sum(jnp.where(rows > 0, rows * jnp.log(jnp.where(rows > 0, rows, 1.0)), 0.0), axis=-1))
     raise ValueError(f"objective.consistency_cost must be one of {CONSISTENCY_COSTS}, got {kind!r}")
 
 
@@ -230,11 +258,13 @@ def multisk_targets(outputs: ModelOutputs, params: Mapping[str, Any], queues: Fe
 
 
 def consistency_terms(outputs: ModelOutputs, targets: Mapping[tuple, jax.Array],
-                      config: ObjectiveConfig) -> dict[str, jax.Array]:
+                      config: ObjectiveConfig, cost=consistency_cost) -> dict[str, jax.Array]:
     """The 18 weighted consistency terms `loss_pair_i_j` (1 text, 2 video, 3 audio):
 
     i <= 3: L(sim(x_i, Z_i), P(sim(y^_j, Z^_i)))      -- input space guided by the joint space
     i > 3:  L(sim(y^_i', Z^_j), P(sim(x_j, Z_j)))     -- joint space guided by the input space
+
+    `cost` is L (`consistency_floor` gives each term's floor instead).
     """
     weights = dict(config.consistency_weights)
     terms = {}
@@ -244,9 +274,9 @@ def consistency_terms(outputs: ModelOutputs, targets: Mapping[tuple, jax.Array],
                      (3 + i, ("joint", mi, mj), ("input", mj, mj)))
             for row, guided, target in pairs:
                 weight = weights.get(f"c_loss_{row}_{j}", 0.0)
-                cost = consistency_cost(similarity(outputs, guided), targets[target], config.consistency_temperature,
-                                        config.consistency_cost)
-                terms[f"loss_pair_{row}_{j}"] = weight * cost
+                value = cost(similarity(outputs, guided), targets[target], config.consistency_temperature,
+                             config.consistency_cost)
+                terms[f"loss_pair_{row}_{j}"] = weight * value
     return dict(sorted(terms.items()))
 
 

@@ -52,6 +52,46 @@ def test_runs_are_resumable_and_summarised(tmp_path):
     assert "| objective.consistency_scale=1 | 3 | 61.0 (1.0) ±2.5 |" in table
 
 
+def _run(overrides, seed, in_domain, out_of_domain):
+    return {"overrides": overrides, "seed": seed,
+            "metrics": {"MSRVTT": {"t2v": {"R1": 0.0, "R5": 0.0, "R10": in_domain}},
+                        "YouCook2": {"t2v": {"R1": 0.0, "R5": 0.0, "R10": out_of_domain}}}}
+
+
+def test_paired_differences_and_the_comparison_command(tmp_path, capsys):
+    """Settings against a baseline seed by seed: the differences, their t interval, whether it
+    excludes zero; and the command that merges two grids' summaries and plots a series."""
+    base = {"objective.consistency_scale": 0}
+    runs = [_run(base, s, 70 + 5 * s, 60 + 5 * s) for s in range(3)]  # large seed-to-seed spread
+    good = {"objective.consistency_cost": "sigmoid", "objective.consistency_scale": 0.1}
+    runs += [_run(good, s, 70 + 5 * s + d, 60 + 5 * s - 1) for s, d in zip(range(3), (2.0, 3.0, 4.0))]
+    paired = experiments.paired_differences(runs, base, "MSRVTT", "t2v")
+    (d,) = paired.values()
+    assert d["seeds"] == [0, 1, 2] and d["differences"] == [2.0, 3.0, 4.0] and d["mean"] == 3.0
+    assert d["low"] == pytest.approx(3 - 4.303 / np.sqrt(3), rel=1e-3) and d["low"] > 0  # above zero
+    # The means' intervals overlap (seed spread 5), the paired one does not: that is the point.
+    assert experiments.interval([r["metrics"]["MSRVTT"]["t2v"]["R10"] for r in runs[:3]])[2] > 2
+    table = experiments.summarise_paired(runs, base, ["t2v"])
+    assert "| +2.0, +3.0, +4.0 | +3.0 [+0.5, +5.5] | above 0 |" in table
+    assert "| -1.0, -1.0, -1.0 | -1.0 [-1.0, -1.0] | below 0 |" in table  # no spread: a zero-width interval
+    with pytest.raises(ValueError, match="baseline"):
+        experiments.paired_differences(runs[3:], base, "MSRVTT", "t2v")
+
+    from msk_jax.experiments import report
+
+    (tmp_path / "a.json").write_text(json.dumps({"runs": runs[3:]}))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": runs[:3]}))
+    argv = [f"--runs={tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--baseline=objective.consistency_scale=0",
+            "--directions=t2v", "--field=objective.consistency_scale", "--series=objective.consistency_cost",
+            f"--plot={tmp_path / 'plot.png'}", f"--out={tmp_path / 'merged'}"]
+    assert report.main(argv) == 0
+    assert "above 0" in capsys.readouterr().out
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == 6
+    assert report.main(argv[:1] + ["--baseline=objective.consistency_scale=3"]) == 2
+    assert "no run has the baseline's overrides" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, num_train_steps=3, checkpoint_every_steps=2)
@@ -79,6 +119,7 @@ def test_a_real_run_on_the_tiny_corpus_with_its_analysis(tiny_corpus, tmp_path):
         0.5 * d["consistency_grad_encoders"] / d["contrastive_grad_encoders"])
     assert -1 <= d["encoder_grad_cosine"] <= 1 and 0 < d["target_entropy"] <= 1
     assert 1 <= d["anchors_per_clip"] <= 4  # Multi-SK: about R = K/2 anchors per clip
+    assert d["consistency_value"] > d["consistency_floor"] > 0  # (the original cost: log 2 per entry below 0.5)
     # The end-of-training losses, from metrics.jsonl (steps 1-3 are logged; the consistency loss
     # is on at step 3 only, after the warm-up).
     t = run["training"]

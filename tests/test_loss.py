@@ -105,6 +105,38 @@ def test_corrected_costs_represent_targets_below_one_half():
     assert excess["original"] > 0.1, excess
 
 
+def test_consistency_floor_is_the_least_cost_over_cosines():
+    """Each cost's floor: below its value at any cosines, equal to the brute-force least value
+    entry by entry for the BCE costs (a fine grid of s in [-1, 1]), and reached by softmax at the
+    cosines whose softmax is the target; the original's floor is log 2 on entries below 0.5."""
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0.05, 0.95, size=(4, 6))
+    p[0, :2], p[1, :2] = 0.0, 1.0  # entries the BCE costs can only approach
+    grid = np.linspace(-1, 1, 4001)[:, None, None]
+    for kind in ("original", "sigmoid"):
+        floor = float(loss.consistency_floor(None, p.astype(np.float32), T_CONSISTENCY, kind))
+        x = np.exp(grid / T_CONSISTENCY) if kind == "original" else grid / T_CONSISTENCY
+        sig = np.clip(1 / (1 + np.exp(-x)), 1e-300, 1 - 1e-16)
+        brute = np.mean(np.min(-(p * np.log(sig) + (1 - p) * np.log1p(-sig)), axis=0))
+        np.testing.assert_allclose(floor, brute, rtol=1e-4, err_msg=kind)
+    below = rng.uniform(0.01, 0.49, size=(3, 5)).astype(np.float32)
+    np.testing.assert_allclose(loss.consistency_floor(None, below, T_CONSISTENCY, "original"), np.log(2), rtol=1e-3)
+    rows = p / p.sum(1, keepdims=True)
+    q = rng.uniform(0.2, 1, size=(4, 6))  # a reachable target: log-ratios within 2 / tau
+    s = T_CONSISTENCY * np.log(q / q.sum(1, keepdims=True))
+    s = s - s.max(1, keepdims=True) + 1  # the same softmax, cosines in [-1, 1]
+    np.testing.assert_allclose(loss.consistency_floor(None, q.astype(np.float32), T_CONSISTENCY, "softmax"),
+                               loss.consistency_cost(s.astype(np.float32), q.astype(np.float32), T_CONSISTENCY,
+                                                     "softmax"), rtol=1e-5)
+    for kind in loss.CONSISTENCY_COSTS:
+        floor = float(loss.consistency_floor(None, p.astype(np.float32), T_CONSISTENCY, kind))
+        for _ in range(5):
+            cos = rng.uniform(-1, 1, size=p.shape).astype(np.float32)
+            assert floor <= float(loss.consistency_cost(cos, p.astype(np.float32), T_CONSISTENCY, kind)) + 1e-6
+    assert float(loss.consistency_floor(None, p.astype(np.float32), T_CONSISTENCY, "softmax")) == pytest.approx(
+        float(np.mean(-(np.where(rows > 0, rows * np.log(np.where(rows > 0, rows, 1)), 0)).sum(1))), rel=1e-5)
+
+
 def test_masking_equals_indexing():
     rng = np.random.default_rng(2)
     sims = rng.uniform(-1, 1, size=(9, 9)).astype(np.float32)

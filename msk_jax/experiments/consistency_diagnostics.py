@@ -10,8 +10,10 @@ feature queues) and on the batch the run would have trained on next, this measur
 - the Multi-SK targets: the mean entropy of a clip's target row (normalised to a distribution)
   over log K (1: uniform, no information), and the mean number of anchors a clip is assigned to
   (target > 0.5);
-- the consistency cost's prediction `sigmoid(exp(s / T))`, which is above 0.5 for every
-  similarity s: the share of target entries below 0.5 that it can therefore never fit;
+- the consistency loss's value (at scale 1) against its floor (`loss.consistency_floor`: the
+  least value any similarities in [-1, 1] could give these targets), and the share of target
+  entries below 0.5, which the original cost's prediction `sigmoid(exp(s / T))`, above 0.5 for
+  every similarity s, can never fit;
 - the queue: how many steps a clip stays in it and how many of the corpus's videos it holds;
 - `embedding_geometry` (EMA weights, evaluation sets): the effective rank of each modality's
   joint embeddings and their mean pairwise cosine similarity, i.e. how much of the space the
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax.loss import ObjectiveConfig, multisk_loss, multisk_targets
+from msk_jax.loss import ObjectiveConfig, consistency_floor, consistency_terms, multisk_loss, multisk_targets
 
 
 def _is_anchor(path) -> bool:
@@ -75,8 +77,10 @@ def _measure(model, objective: ObjectiveConfig, params, batch_stats, queues, bat
         entropy.append(jnp.mean(-jnp.sum(dist * jnp.log(jnp.maximum(dist, 1e-12)), -1)) / jnp.log(k))
         strong.append(jnp.mean(jnp.sum(target > 0.5, -1)))
         unfit.append(jnp.mean(target < 0.5))
+    floor = sum(consistency_terms(outputs, targets, objective, cost=consistency_floor).values())
     c, s = _norms(contrastive), _norms(consistency)
-    return {"contrastive_grad_encoders": c["encoders"], "consistency_grad_encoders": s["encoders"],
+    return {"consistency_value": losses[1], "consistency_floor": floor,
+            "contrastive_grad_encoders": c["encoders"], "consistency_grad_encoders": s["encoders"],
             "consistency_grad_anchors": s["anchors"], "encoder_grad_cosine": _encoder_cosine(contrastive, consistency),
             "target_entropy": jnp.mean(jnp.stack(entropy)), "anchors_per_clip": jnp.mean(jnp.stack(strong)),
             "targets_below_half": jnp.mean(jnp.stack(unfit))}

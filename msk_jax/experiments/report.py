@@ -4,6 +4,13 @@
 R@1/R@5/R@10 per evaluation set and direction, then (where the runs were analysed) the
 end-of-training losses, the anchors' semantics, the embeddings' geometry and the consistency
 diagnostics. A run is {'overrides', 'seed', 'metrics', ...} as `runner.run_grid` returns it.
+
+Runs of several grids (several `summary.json`) are compared with a baseline among them, seed by
+seed, from the command line:
+
+    python -m msk_jax.experiments.report --runs=/tmp/costs/summary.json,/tmp/base/summary.json \
+        --baseline=objective.consistency_scale=0 --field=objective.consistency_scale \
+        --series=objective.consistency_cost --plot=/tmp/costs.png
 """
 
 from __future__ import annotations
@@ -129,19 +136,65 @@ def summarise_training(runs: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-DIAGNOSTICS = ("consistency_to_contrastive_encoders", "encoder_grad_cosine", "target_entropy", "anchors_per_clip",
-               "targets_below_half")
+DIAGNOSTICS = ("consistency_value", "consistency_floor", "consistency_to_contrastive_encoders", "encoder_grad_cosine",
+               "target_entropy", "anchors_per_clip", "targets_below_half")
 
 
 def summarise_diagnostics(runs: Sequence[Mapping]) -> str:
-    """Markdown: per setting, the mean over seeds of the consistency diagnostics; '' without any."""
+    """Markdown: per setting, the mean over seeds of the consistency diagnostics ('-' where the
+    runs were measured before a diagnostic existed); '' without any."""
     runs = [r for r in runs if "diagnostics" in r]
     if not runs:
         return ""
     lines = ["| setting | " + " | ".join(DIAGNOSTICS) + " |", "| --- | " + " | ".join("---" for _ in DIAGNOSTICS) + " |"]
     for label, members in _groups(runs).items():
-        lines.append(f"| {label} | " + " | ".join(f"{np.mean([r['diagnostics'][k] for r in members]):.3f}"
-                                                  for k in DIAGNOSTICS) + " |")
+        cells = []
+        for k in DIAGNOSTICS:
+            values = [r["diagnostics"][k] for r in members if k in r["diagnostics"]]
+            cells.append(f"{np.mean(values):.3f}" if len(values) == len(members) else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_differences(runs: Sequence[Mapping], baseline: Mapping[str, Any], dataset: str, direction: str,
+                       metric: str = "R10") -> dict[str, dict[str, Any]]:
+    """Per setting other than the baseline (the runs whose overrides are `baseline`): its
+    `metric` minus the baseline's on the same seed, for every seed both have, with the mean and
+    the 95 % t interval of those paired differences ({'seeds', 'differences', 'mean', 'low',
+    'high'}). Pairing by seed removes what the seed does to both (the data order, the
+    initialisation) from the comparison."""
+    base = {r["seed"]: r["metrics"][dataset][direction][metric] for r in runs if dict(r["overrides"]) == dict(baseline)}
+    if not base:
+        raise ValueError(f"no run has the baseline's overrides {dict(baseline)}.")
+    out = {}
+    for label, members in _groups([r for r in runs if dict(r["overrides"]) != dict(baseline)]).items():
+        pairs = sorted((r["seed"], r["metrics"][dataset][direction][metric] - base[r["seed"]])
+                       for r in members if r["seed"] in base)
+        if not pairs:
+            continue
+        mean, _, half = interval([d for _, d in pairs])
+        out[label] = {"seeds": [s for s, _ in pairs], "differences": [d for _, d in pairs], "mean": mean,
+                      "low": mean - half, "high": mean + half}
+    return out
+
+
+def summarise_paired(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Sequence[str] = ("t2v",),
+                     metric: str = "R10") -> str:
+    """Markdown: per setting, evaluation set and direction, `paired_differences` against the
+    baseline: each seed's difference, their mean and 95 % interval, and whether the interval
+    excludes zero."""
+    lines = [f"{metric} minus the baseline's ({_label(baseline)}) on the same seed\n",
+             "| setting | set | direction | per seed | mean [95 % CI] | interval |", "| --- | --- | --- | --- | --- | --- |"]
+    for dataset in runs[0]["metrics"]:
+        for direction in directions:
+            if direction not in runs[0]["metrics"][dataset]:
+                continue
+            for label, d in paired_differences(runs, baseline, dataset, direction, metric).items():
+                seeds = ", ".join(f"{x:+.1f}" for x in d["differences"])
+                verdict = ("above 0" if d["low"] > 0 else "below 0" if d["high"] < 0
+                           else "includes 0" if np.isfinite(d["low"]) else "one seed")
+                lines.append(f"| {label} | {dataset} | {direction} | {seeds} | {d['mean']:+.1f} "
+                             f"[{d['low']:+.1f}, {d['high']:+.1f}] | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,3 +233,97 @@ def plot(runs: Sequence[Mapping], field: str, path: str, directions: Sequence[st
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     storage.write_atomic(path, buffer.getvalue())
+
+
+def plot_series(runs: Sequence[Mapping], field: str, series: str, path: str, baseline: Mapping[str, Any] | None = None,
+                direction: str = "t2v", metric: str = "R10") -> None:
+    """`metric` of `direction` against the values of `field`, one line per value of `series`
+    (mean and 95 % interval over seeds), one panel per evaluation set; the baseline's runs (those
+    whose overrides are `baseline`) as a band of their mean +- sd across each panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = [r for r in runs if field in r["overrides"] and series in r["overrides"]]
+    if not swept:
+        raise ValueError(f"no run sets both {field} and {series}.")
+    base = [r for r in runs if baseline is not None and dict(r["overrides"]) == dict(baseline)]
+    datasets = list(swept[0]["metrics"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+    lines = list(dict.fromkeys(r["overrides"][series] for r in swept))
+    for ax, dataset in zip(axes[0], datasets):
+        for line, color in zip(lines, colors):
+            members = [r for r in swept if r["overrides"][series] == line]
+            values = sorted({r["overrides"][field] for r in members})
+            stats = [interval([r["metrics"][dataset][direction][metric] for r in members if r["overrides"][field] == v])
+                     for v in values]
+            ax.errorbar(values, [s[0] for s in stats], yerr=[np.nan_to_num(s[2]) for s in stats], marker="o",
+                        capsize=3, color=color, label=f"{series.split('.')[-1]}={line}")
+        if base:
+            mean, sd, _ = interval([r["metrics"][dataset][direction][metric] for r in base])
+            ax.axhspan(mean - np.nan_to_num(sd), mean + np.nan_to_num(sd), color="gray", alpha=0.2)
+            ax.axhline(mean, color="gray", linestyle="--", linewidth=1, label=f"baseline ({_label(baseline)})")
+        if all(r["overrides"][field] > 0 for r in swept):
+            ax.set_xscale("log")
+        ax.set_xlabel(field)
+        ax.set_ylabel(f"{direction} {metric} (mean, 95 % interval over seeds)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_atomic(path, buffer.getvalue())
+
+
+def compare(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Sequence[str] = ("t2v", "t2v+a")) -> str:
+    """Markdown of runs from several grids: the wide R@10 table, the paired differences against
+    the baseline, and the analyses' tables."""
+    return "\n".join(part for part in (summarise_wide(runs, directions), summarise_paired(runs, baseline, directions),
+                                       summarise_training(runs), summarise_anchors(runs), summarise_geometry(runs),
+                                       summarise_diagnostics(runs)) if part)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from msk_jax.experiments.runner import parse_grid
+
+    parser = argparse.ArgumentParser(prog="python -m msk_jax.experiments.report", description=compare.__doc__)
+    parser.add_argument("--runs", required=True, help="Comma-separated summary.json files (or JSON of {'runs': [...]}).")
+    parser.add_argument("--baseline", required=True, help="FIELD=VALUE[;FIELD=VALUE]: the baseline's overrides.")
+    parser.add_argument("--directions", default="t2v,t2v+a")
+    parser.add_argument("--field", help="Plot R@10 against this field ...")
+    parser.add_argument("--series", help="... one line per value of this one.")
+    parser.add_argument("--plot", help="Where to write the plot (with --field and --series).")
+    parser.add_argument("--out", help="Also write the tables (markdown) and the merged runs (JSON) to OUT.md / OUT.json.")
+    args = parser.parse_args(argv)
+    try:
+        runs = []
+        for path in args.runs.split(","):
+            try:
+                runs += json.loads(storage.read_bytes(path))["runs"]
+            except (KeyError, TypeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}: not a summary.json of runs ({err}).") from err
+        baseline = {field: values[0] for field, values in parse_grid(args.baseline.split(";")).items()}
+        text = compare(runs, baseline, args.directions.split(","))
+        if args.plot:
+            if not (args.field and args.series):
+                raise ValueError("--plot needs --field and --series.")
+            plot_series(runs, args.field, args.series, args.plot, baseline)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        storage.write_atomic(args.out + ".md", text)
+        storage.write_atomic(args.out + ".json", json.dumps({"runs": runs}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
