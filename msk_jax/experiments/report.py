@@ -203,16 +203,11 @@ def plot(runs: Sequence[Mapping], field: str, path: str, directions: Sequence[st
     """`metric` against the values of `field` (mean and 95 % interval over seeds), one panel per
     evaluation set; where the field's value 0 is among them (e.g. consistency_scale=0, the
     baseline) its mean +- sd is drawn as a band across the panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [r for r in runs if field in r["overrides"]]
     values = sorted({r["overrides"][field] for r in runs})
     datasets = list(runs[0]["metrics"])
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    plt, fig, axes = _panels(len(datasets))
+    for ax, dataset in zip(axes, datasets):
         for direction, color in zip(directions, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
             stats = [interval([r["metrics"][dataset][direction][metric] for r in runs if r["overrides"][field] == v])
                      for v in values]
@@ -220,14 +215,38 @@ def plot(runs: Sequence[Mapping], field: str, path: str, directions: Sequence[st
             ax.errorbar([v for v, _ in shown], [s[0] for _, s in shown], yerr=[np.nan_to_num(s[2]) for _, s in shown],
                         marker="o", capsize=3, color=color, label=direction)
             if 0 in values:
-                mean, sd, _ = stats[values.index(0)]
-                ax.axhspan(mean - np.nan_to_num(sd), mean + np.nan_to_num(sd), color=color, alpha=0.15)
-                ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{direction}, {field.split('.')[-1]}=0")
+                _band(ax, stats[values.index(0)], color, f"{direction}, {field.split('.')[-1]}=0", alpha=0.15)
         ax.set_xscale("log" if all(v > 0 for v, _ in shown) and len(shown) > 2 else "linear")
-        ax.set_xlabel(field)
         ax.set_ylabel(f"{metric} (mean, 95 % interval over seeds)")
-        ax.set_title(dataset)
-        ax.legend(fontsize=8)
+        _finish_panel(ax, field, dataset)
+    _save(plt, fig, path)
+
+
+def _panels(n: int):
+    """(pyplot, figure, its n panels side by side), drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _band(ax, stats: tuple[float, float, float], color: str, label: str, alpha: float) -> None:
+    """A reference's mean (dashed) and mean +- sd (shaded) across the panel; stats from `interval`."""
+    mean, sd, _ = stats
+    ax.axhspan(mean - np.nan_to_num(sd), mean + np.nan_to_num(sd), color=color, alpha=alpha)
+    ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=label)
+
+
+def _finish_panel(ax, field: str, title: str) -> None:
+    ax.set_xlabel(field)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def _save(plt, fig, path: str) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -240,20 +259,15 @@ def plot_series(runs: Sequence[Mapping], field: str, series: str, path: str, bas
     """`metric` of `direction` against the values of `field`, one line per value of `series`
     (mean and 95 % interval over seeds), one panel per evaluation set; the baseline's runs (those
     whose overrides are `baseline`) as a band of their mean +- sd across each panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     swept = [r for r in runs if field in r["overrides"] and series in r["overrides"]]
     if not swept:
         raise ValueError(f"no run sets both {field} and {series}.")
     base = [r for r in runs if baseline is not None and dict(r["overrides"]) == dict(baseline)]
     datasets = list(swept[0]["metrics"])
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    plt, fig, axes = _panels(len(datasets))
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
     lines = list(dict.fromkeys(r["overrides"][series] for r in swept))
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes, datasets):
         for line, color in zip(lines, colors):
             members = [r for r in swept if r["overrides"][series] == line]
             values = sorted({r["overrides"][field] for r in members})
@@ -262,20 +276,13 @@ def plot_series(runs: Sequence[Mapping], field: str, series: str, path: str, bas
             ax.errorbar(values, [s[0] for s in stats], yerr=[np.nan_to_num(s[2]) for s in stats], marker="o",
                         capsize=3, color=color, label=f"{series.split('.')[-1]}={line}")
         if base:
-            mean, sd, _ = interval([r["metrics"][dataset][direction][metric] for r in base])
-            ax.axhspan(mean - np.nan_to_num(sd), mean + np.nan_to_num(sd), color="gray", alpha=0.2)
-            ax.axhline(mean, color="gray", linestyle="--", linewidth=1, label=f"baseline ({_label(baseline)})")
+            _band(ax, interval([r["metrics"][dataset][direction][metric] for r in base]), "gray",
+                  f"baseline ({_label(baseline)})", alpha=0.2)
         if all(r["overrides"][field] > 0 for r in swept):
             ax.set_xscale("log")
-        ax.set_xlabel(field)
         ax.set_ylabel(f"{direction} {metric} (mean, 95 % interval over seeds)")
-        ax.set_title(dataset)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_atomic(path, buffer.getvalue())
+        _finish_panel(ax, field, dataset)
+    _save(plt, fig, path)
 
 
 def compare(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Sequence[str] = ("t2v", "t2v+a")) -> str:
