@@ -77,18 +77,18 @@ def test_paired_differences_and_the_comparison_command(tmp_path, capsys):
     with pytest.raises(ValueError, match="baseline"):
         experiments.paired_differences(runs[3:], base, "MSRVTT", "t2v")
 
-    from msk_jax.experiments import report
+    from msk_jax.experiments import compare
 
     (tmp_path / "a.json").write_text(json.dumps({"runs": runs[3:]}))
     (tmp_path / "b.json").write_text(json.dumps({"runs": runs[:3]}))
     argv = [f"--runs={tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--baseline=objective.consistency_scale=0",
             "--directions=t2v", "--field=objective.consistency_scale", "--series=objective.consistency_cost",
             f"--plot={tmp_path / 'plot.png'}", f"--out={tmp_path / 'merged'}"]
-    assert report.main(argv) == 0
+    assert compare.main(argv) == 0
     assert "above 0" in capsys.readouterr().out
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == 6
-    assert report.main(argv[:1] + ["--baseline=objective.consistency_scale=3"]) == 2
+    assert compare.main(argv[:1] + ["--baseline=objective.consistency_scale=3"]) == 2
     assert "no run has the baseline's overrides" in capsys.readouterr().err
 
 

@@ -5,12 +5,8 @@ R@1/R@5/R@10 per evaluation set and direction, then (where the runs were analyse
 end-of-training losses, the anchors' semantics, the embeddings' geometry and the consistency
 diagnostics. A run is {'overrides', 'seed', 'metrics', ...} as `runner.run_grid` returns it.
 
-Runs of several grids (several `summary.json`) are compared with a baseline among them, seed by
-seed, from the command line:
-
-    python -m msk_jax.experiments.report --runs=/tmp/costs/summary.json,/tmp/base/summary.json \
-        --baseline=objective.consistency_scale=0 --field=objective.consistency_scale \
-        --series=objective.consistency_cost --plot=/tmp/costs.png
+`paired_differences` and `plot_series` compare runs with a baseline among them, seed by seed
+(`python -m msk_jax.experiments.compare` for runs of several grids).
 """
 
 from __future__ import annotations
@@ -284,53 +280,3 @@ def plot_series(runs: Sequence[Mapping], field: str, series: str, path: str, bas
         _finish_panel(ax, field, dataset)
     _save(plt, fig, path)
 
-
-def compare(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Sequence[str] = ("t2v", "t2v+a")) -> str:
-    """Markdown of runs from several grids: the wide R@10 table, the paired differences against
-    the baseline, and the analyses' tables."""
-    return "\n".join(part for part in (summarise_wide(runs, directions), summarise_paired(runs, baseline, directions),
-                                       summarise_training(runs), summarise_anchors(runs), summarise_geometry(runs),
-                                       summarise_diagnostics(runs)) if part)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
-
-    from msk_jax.experiments.runner import parse_grid
-
-    parser = argparse.ArgumentParser(prog="python -m msk_jax.experiments.report", description=compare.__doc__)
-    parser.add_argument("--runs", required=True, help="Comma-separated summary.json files (or JSON of {'runs': [...]}).")
-    parser.add_argument("--baseline", required=True, help="FIELD=VALUE[;FIELD=VALUE]: the baseline's overrides.")
-    parser.add_argument("--directions", default="t2v,t2v+a")
-    parser.add_argument("--field", help="Plot R@10 against this field ...")
-    parser.add_argument("--series", help="... one line per value of this one.")
-    parser.add_argument("--plot", help="Where to write the plot (with --field and --series).")
-    parser.add_argument("--out", help="Also write the tables (markdown) and the merged runs (JSON) to OUT.md / OUT.json.")
-    args = parser.parse_args(argv)
-    try:
-        runs = []
-        for path in args.runs.split(","):
-            try:
-                runs += json.loads(storage.read_bytes(path))["runs"]
-            except (KeyError, TypeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}: not a summary.json of runs ({err}).") from err
-        baseline = {field: values[0] for field, values in parse_grid(args.baseline.split(";")).items()}
-        text = compare(runs, baseline, args.directions.split(","))
-        if args.plot:
-            if not (args.field and args.series):
-                raise ValueError("--plot needs --field and --series.")
-            plot_series(runs, args.field, args.series, args.plot, baseline)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        storage.write_atomic(args.out + ".md", text)
-        storage.write_atomic(args.out + ".json", json.dumps({"runs": runs}, indent=1))
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
