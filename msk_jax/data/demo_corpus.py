@@ -438,6 +438,7 @@ def caption_entry(clip: Clip) -> dict:
             "text": [s[2] for s in clip.segments]}
 
 
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _TRAINING_WORKER: dict = {}  # in a build worker process: (paths, sources, size, seed, held-out strings)
 
 
@@ -471,10 +472,22 @@ def build_training(paths: DemoCorpusPaths, src: Sources, cfg: SizeConfig, seed: 
         import concurrent.futures
         import multiprocessing
 
-        pool = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_training_worker,
-            initargs=(paths, cfg, seed, src.encoder.proj_2d.shape[1], held_out))
-        videos = pool.map(_training_video, range(cfg.train_videos), chunksize=8)
+        # One BLAS thread per worker: with the library's default (a thread per core) in every
+        # worker, the cores are oversubscribed and two workers were slower than one process.
+        # The spawned workers read these at their numpy import, during `map`'s first submit.
+        saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+        os.environ.update(_ONE_THREAD)
+        try:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_training_worker,
+                initargs=(paths, cfg, seed, src.encoder.proj_2d.shape[1], held_out))
+            videos = pool.map(_training_video, range(cfg.train_videos), chunksize=8)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     else:
         pool = None
         videos = (_training_video(v, paths, src, cfg, seed, held_out) for v in range(cfg.train_videos))
