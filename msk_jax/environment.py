@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator, Mapping
 
 _OFF = ("0", "false", "off", "no")
 
@@ -23,3 +25,19 @@ def switched_on(name: str) -> bool:
 def cache_dir() -> Path:
     """``$MSK_JAX_CACHE_DIR``, else ``~/.cache/msk_jax``."""
     return Path(os.environ.get("MSK_JAX_CACHE_DIR", Path.home() / ".cache" / "msk_jax"))
+
+
+@contextlib.contextmanager
+def setting(variables: Mapping[str, str]) -> Iterator[None]:
+    """Sets environment variables for the `with` block (and the processes started in it), then
+    puts back each one's previous value, or removes it where it was unset."""
+    previous = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

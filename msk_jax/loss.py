@@ -50,6 +50,11 @@ def _bce_with_logits(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.maximum(x, 0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
+def _distributions(target: jax.Array) -> jax.Array:
+    """Each target row divided by its sum (an all-zero row stays zero): what "softmax" predicts."""
+    return target / jnp.maximum(jnp.sum(target, axis=-1, keepdims=True), jnp.finfo(target.dtype).tiny)
+
+
 def consistency_cost(similarity: jax.Array, target: jax.Array,
                      temperature: float, kind: str = "original") -> jax.Array:
     """One consistency term's cost (CONSISTENCY_COSTS); "original" is
@@ -64,7 +69,7 @@ def consistency_cost(similarity: jax.Array, target: jax.Array,
     if kind == "sigmoid":
         return jnp.mean(_bce_with_logits(similarity / temperature, y))
     if kind == "softmax":
-        rows = y / jnp.maximum(jnp.sum(y, axis=-1, keepdims=True), jnp.finfo(y.dtype).tiny)
+        rows = _distributions(y)
         return jnp.mean(-jnp.sum(rows * jax.nn.log_softmax(similarity / temperature, axis=-1), axis=-1))
     raise ValueError(f"objective.consistency_cost must be one of {CONSISTENCY_COSTS}, got {kind!r}")
 
@@ -91,7 +96,7 @@ def consistency_floor(similarity: jax.Array | None, target: jax.Array, temperatu
             best = jnp.clip(logit, -1.0 / temperature, 1.0 / temperature)
         return jnp.mean(_bce_with_logits(best, y))
     if kind == "softmax":
-        rows = y / jnp.maximum(jnp.sum(y, axis=-1, keepdims=True), jnp.finfo(y.dtype).tiny)
+        rows = _distributions(y)
         return jnp.mean(-jnp.sum(jnp.where(rows > 0, rows * jnp.log(jnp.where(rows > 0, rows, 1.0)), 0.0), axis=-1))
     raise ValueError(f"objective.consistency_cost must be one of {CONSISTENCY_COSTS}, got {kind!r}")
 

@@ -32,6 +32,8 @@ import urllib.request
 
 import numpy as np
 
+from msk_jax import environment
+
 BUCKET = "msk-bench"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_MODULE = os.path.join(REPO_ROOT, "tests", "gcs_server.py")
@@ -71,7 +73,7 @@ class LocalBucket:
 
     def __init__(self, name: str = BUCKET):
         self.name, self.url = name, f"gs://{name}"
-        self._server, self._previous, self.endpoint = None, {}, ""
+        self._server, self._environment, self.endpoint = None, None, ""
 
     def __enter__(self) -> "LocalBucket":
         with socket.socket() as s:
@@ -93,16 +95,12 @@ class LocalBucket:
                 time.sleep(0.2)
         variables = {"STORAGE_EMULATOR_HOST": self.endpoint, "TENSORSTORE_GCS_HTTP_URL": self.endpoint,
                      "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        self._previous = {k: os.environ.get(k) for k in variables}
-        os.environ.update(variables)
+        self._environment = environment.setting(variables)
+        self._environment.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for key, value in self._previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        self._environment.__exit__(None, None, None)
         self._server.terminate()
         self._server.wait(timeout=30)
 

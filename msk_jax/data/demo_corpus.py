@@ -475,19 +475,11 @@ def build_training(paths: DemoCorpusPaths, src: Sources, cfg: SizeConfig, seed: 
         # One BLAS thread per worker: with the library's default (a thread per core) in every
         # worker, the cores are oversubscribed and two workers were slower than one process.
         # The spawned workers read these at their numpy import, during `map`'s first submit.
-        saved = {k: os.environ.get(k) for k in _ONE_THREAD}
-        os.environ.update(_ONE_THREAD)
-        try:
+        with environment.setting(_ONE_THREAD):
             pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_training_worker,
                 initargs=(paths, cfg, seed, src.encoder.proj_2d.shape[1], held_out))
             videos = pool.map(_training_video, range(cfg.train_videos), chunksize=8)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     else:
         pool = None
         videos = (_training_video(v, paths, src, cfg, seed, held_out) for v in range(cfg.train_videos))

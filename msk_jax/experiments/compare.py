@@ -30,7 +30,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import json
     import sys
 
-    
     parser = argparse.ArgumentParser(prog="python -m msk_jax.experiments.compare", description=compare.__doc__)
     parser.add_argument("--runs", required=True, help="Comma-separated summary.json files (or JSON of {'runs': [...]}).")
     parser.add_argument("--baseline", required=True, help="FIELD=VALUE[;FIELD=VALUE]: the baseline's overrides.")

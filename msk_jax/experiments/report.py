@@ -72,6 +72,11 @@ def _label(overrides: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(base config)"
 
 
+def _is(run: Mapping, overrides: Mapping[str, Any]) -> bool:
+    """Whether the run's overrides are exactly these (a baseline's, say)."""
+    return dict(run["overrides"]) == dict(overrides)
+
+
 def _groups(runs: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     groups: dict[str, list[Mapping]] = {}
     for run in runs:
@@ -159,11 +164,11 @@ def paired_differences(runs: Sequence[Mapping], baseline: Mapping[str, Any], dat
     the 95 % t interval of those paired differences ({'seeds', 'differences', 'mean', 'low',
     'high'}). Pairing by seed removes what the seed does to both (the data order, the
     initialisation) from the comparison."""
-    base = {r["seed"]: r["metrics"][dataset][direction][metric] for r in runs if dict(r["overrides"]) == dict(baseline)}
+    base = {r["seed"]: r["metrics"][dataset][direction][metric] for r in runs if _is(r, baseline)}
     if not base:
         raise ValueError(f"no run has the baseline's overrides {dict(baseline)}.")
     out = {}
-    for label, members in _groups([r for r in runs if dict(r["overrides"]) != dict(baseline)]).items():
+    for label, members in _groups([r for r in runs if not _is(r, baseline)]).items():
         pairs = sorted((r["seed"], r["metrics"][dataset][direction][metric] - base[r["seed"]])
                        for r in members if r["seed"] in base)
         if not pairs:
@@ -258,7 +263,7 @@ def plot_series(runs: Sequence[Mapping], field: str, series: str, path: str, bas
     swept = [r for r in runs if field in r["overrides"] and series in r["overrides"]]
     if not swept:
         raise ValueError(f"no run sets both {field} and {series}.")
-    base = [r for r in runs if baseline is not None and dict(r["overrides"]) == dict(baseline)]
+    base = [r for r in runs if baseline is not None and _is(r, baseline)]
     datasets = list(swept[0]["metrics"])
     plt, fig, axes = _panels(len(datasets))
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
