@@ -7,7 +7,9 @@ object's bytes. TensorStore's OCDBT format (Orbax's checkpoints) updates its man
 compare-and-swap on generations, so without them a checkpoint of more than a few arrays fails
 ("Malformed StorageGeneration"). This module adds what the real service does: the header on
 downloads, 304 for a matching `ifGenerationNotMatch` read, 412 for a failed precondition on
-reads, uploads and deletes. Run it as `python -m tests.gcs_server --port PORT --bucket NAME`.
+reads, uploads and deletes. It also keeps an upload's bytes exact: the emulator reads a
+multipart upload (gcsfs's for small objects) with Python's email parser, which drops a final
+carriage return of the object (an Orbax manifest ending in 0x0d came back a byte short). Run it as `python -m tests.gcs_server --port PORT --bucket NAME`.
 
 Like the real service, and unlike the emulator alone, it answers requests concurrently (a thread
 per connection) and keeps connections open between reads (HTTP/1.1). For tests and benchmarks of reads against a bucket's latency, each request can
@@ -23,6 +25,7 @@ wait together, not in turn), and the server counts the requests it answers. Both
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import os
@@ -85,10 +88,50 @@ def _upload_object(request):
     return name[0] if name else None
 
 
+def _multipart_related(raw: bytes, content_type: str) -> dict | None:
+    """A multipart/related upload's metadata and content, split on its boundary in bytes. The
+    line break before each boundary belongs to the boundary (RFC 2046), and it is the one the
+    body's first boundary line ends with: gcsfs writes bare LFs, so in its "...\\r\\n--==0=="
+    the CR is the object's last byte. None when the body is not the two parts an upload sends."""
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = b"--" + value.strip().strip('"').encode()
+    if not boundary or not raw.startswith(boundary):
+        return None
+    eol = b"\r\n" if raw[len(boundary):].startswith(b"\r\n") else b"\n"
+    parts = raw[len(boundary) + len(eol):].split(eol + boundary)
+    if len(parts) != 3 or not parts[2].startswith(b"--"):  # metadata, content, then the closing "--"
+        return None
+    sections = []
+    for part in parts[:2]:
+        head, _, body = part.removeprefix(eol).partition(eol + eol)
+        headers = dict(line.split(":", 1) for line in head.decode().splitlines() if ":" in line)
+        sections.append(({k.strip().lower(): v.strip() for k, v in headers.items()}, body))
+    (_, meta), (headers, content) = sections
+    if headers.get("content-transfer-encoding", "").lower() == "base64":
+        content = base64.b64decode(content)
+    return {"meta": json.loads(meta), "content": content,
+            "content-type": headers.get("content-type", "application/octet-stream").split(";")[0]}
+
+
+def _exact_read_data(original):
+    def read_data(request_handler, query):
+        content_type = request_handler.headers.get("Content-Type") or ""
+        if not content_type.startswith("multipart/related"):
+            return original(request_handler, query)
+        raw = emulator_server._decode_raw_data(emulator_server._read_raw_data(request_handler), request_handler)
+        return (raw and _multipart_related(raw, content_type)) or None
+
+    return read_data
+
+
 def patch_emulator() -> None:
-    """Wraps the emulator's object handlers (idempotent)."""
+    """Wraps the emulator's object handlers and its reading of multipart uploads (idempotent)."""
     if getattr(objects, "_msk_generations", False):
         return
+    emulator_server._read_data = _exact_read_data(emulator_server._read_data)
     replacements = {
         objects.get: _with_generations(objects.get, _path_object),
         objects.download: _with_generations(objects.download, _path_object),

@@ -123,6 +123,22 @@ def test_metrics_log_in_a_bucket_keeps_what_was_written_before(gcs_bucket):
     assert metric_writers.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
 
 
+def test_bucket_objects_come_back_byte_for_byte(gcs_bucket):
+    """Whatever their last bytes, written by the product (a file closed: one resumable upload) or
+    put by gcsfs as the tests and `LocalBucket` fill a bucket (one multipart upload with bare-LF
+    line breaks, so an object ending in CR, as an Orbax manifest can, reaches the server as
+    "...\\r\\n--boundary"; tests/gcs_server.py reads it as the body's line breaks say)."""
+    from msk_jax import storage
+
+    fs = _fs()
+    for name, data in {"cr": b"manifest\r", "crlf": b"rows\r\n", "lf": b"rows\n", "all": bytes(range(256)),
+                       "empty": b""}.items():
+        written, put = f"{gcs_bucket}/bytes/written/{name}", f"{gcs_bucket}/bytes/put/{name}"
+        storage.write_atomic(written, data)
+        fs.pipe(put.removeprefix("gs://"), data)
+        assert storage.read_bytes(written) == data and storage.read_bytes(put) == data, name
+
+
 def test_tfds_data_dir_in_a_bucket(gcs_bucket, tmp_path):
     """Built TFDS datasets are read from a bucket (TFDS metadata through epath, the array_record
     shards through array_record's own Cloud Storage reader)."""
