@@ -329,5 +329,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
             print(pipeline.summary(), flush=True)
         pipeline.close()
         checkpointer.close()
+        release_compiled_programs()
     writer.close()
     return results
+
+
+def release_compiled_programs() -> None:
+    """Drops the programs JAX compiled for a run that is over. JAX keeps them in process-wide
+    caches keyed by the run's model and optimizer, which no later run shares, so a process that
+    trains run after run (a notebook, `msk_jax.experiments`, the tests) would keep them all:
+    about 2,100 memory mappings per tiny run on CPU, until LLVM cannot map another and the process
+    aborts ("Unable to allocate section memory"; Linux allows 65,530 mappings by default)."""
+    jax.clear_caches()

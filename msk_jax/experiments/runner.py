@@ -135,6 +135,8 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
             print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: measuring {', '.join(missing)}", flush=True)
             run.update(analyse_fn(run_config, folder, done=[a for a in ANALYSES if a in run]))
             storage.write_atomic(result_path, json.dumps(run, indent=1))
+            from msk_jax import train
+            train.release_compiled_programs()  # the analyses compiled for this run's model too
         runs.append(run)
         storage.write_atomic(storage.join(workdir, "summary.json"), json.dumps({"runs": runs}, indent=1))
         storage.write_atomic(storage.join(workdir, "summary.md"), "\n".join(
