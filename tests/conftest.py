@@ -35,6 +35,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.environ.get("MSK_GOLDEN_DIR", os.path.join(REPO_ROOT, "..", "shared", "golden"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops what each test file compiled once it is done (the next file reloads what it needs
+    from the persistent compilation cache). On CPU every kernel holds 3 memory mappings, and a
+    worker keeping all its files' programs would approach Linux's limit of 65,530, where LLVM
+    aborts the process (train.release_compiled_programs does the same for a training run)."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def golden_dir():
     if not os.path.isdir(GOLDEN_DIR):
