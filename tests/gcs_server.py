@@ -9,7 +9,8 @@ compare-and-swap on generations, so without them a checkpoint of more than a few
 downloads, 304 for a matching `ifGenerationNotMatch` read, 412 for a failed precondition on
 reads, uploads and deletes. It also keeps an upload's bytes exact: the emulator reads a
 multipart upload (gcsfs's for small objects) with Python's email parser, which drops a final
-carriage return of the object (an Orbax manifest ending in 0x0d came back a byte short). Run it as `python -m tests.gcs_server --port PORT --bucket NAME`.
+carriage return of the object (an Orbax manifest ending in 0x0d came back a byte short).
+Run it as `python -m tests.gcs_server --port PORT --bucket NAME`.
 
 Like the real service, and unlike the emulator alone, it answers requests concurrently (a thread
 per connection) and keeps connections open between reads (HTTP/1.1). For tests and benchmarks of reads against a bucket's latency, each request can

@@ -22,6 +22,7 @@ does not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -73,7 +74,7 @@ class LocalBucket:
 
     def __init__(self, name: str = BUCKET):
         self.name, self.url = name, f"gs://{name}"
-        self._server, self._environment, self.endpoint = None, None, ""
+        self._server, self._environment, self.endpoint = None, contextlib.ExitStack(), ""
 
     def __enter__(self) -> "LocalBucket":
         with socket.socket() as s:
@@ -95,12 +96,11 @@ class LocalBucket:
                 time.sleep(0.2)
         variables = {"STORAGE_EMULATOR_HOST": self.endpoint, "TENSORSTORE_GCS_HTTP_URL": self.endpoint,
                      "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        self._environment = environment.setting(variables)
-        self._environment.__enter__()
+        self._environment.enter_context(environment.setting(variables))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._environment.__exit__(None, None, None)
+        self._environment.close()
         self._server.terminate()
         self._server.wait(timeout=30)
 
