@@ -28,12 +28,20 @@ Options:
                             v2/v3/v4 tpu-ubuntu2204-base)
   --python-version X.Y      the workers' Python (default: 3.12; the pins need 3.11 or newer)
   --jax-version VERSION     jax[tpu] version to install (default: the jax pin of requirements.txt)
-  --remote-dir DIR          where the code goes on the workers (default: msk_jax, under the home directory)
+  --remote-dir DIR          where the code goes on the workers (default: msk_jax, under the home
+                            directory); a folder of its own: it is replaced on every copy
   --skip-copy               do not copy the code (already there)
   --skip-install            do not install packages
   --detach                  run in the background on the workers (nohup, log in ~/msk_jax_train.log)
   --dry-run                 print every command (prefixed with '+ ') and run nothing
   -h, --help                this help
+
+The code sent is the checkout's tracked files (git ls-files) as they are in the working tree,
+uncommitted edits included; untracked and ignored files (keys, .env, data, virtual environments)
+stay behind, so `git add` a new file that the workers need. The tarball is a private temporary
+file (mktemp), removed when the launcher exits. On each worker, DIR is replaced only if it holds
+the marker .msk_jax_launch that the launcher writes there, or is empty or absent; any other DIR
+stops the launch with an error naming it.
 
 Everything after `--` goes to msk_jax.main unchanged, e.g.
   launch/tpu_pod.sh --name msk --zone us-central2-b --workdir gs://my-bucket/msk/run1 \
@@ -61,6 +69,49 @@ remote_quote() {
   printf '%s' "${out# }"
 }
 
+# The file that marks a worker's code folder as made by this launcher: only such a folder (or an
+# empty one) is removed before a new copy, so a mistyped --remote-dir cannot delete anything else.
+MARKER=".msk_jax_launch"
+
+# Prints a path with runs of '/' made one and no '/' at the end.
+squeeze_slashes() {
+  local path
+  path="$(printf '%s' "$1" | tr -s /)"
+  printf '%s' "${path%/}"
+}
+
+# Refuses --remote-dir values that name no folder of its own (the root, the home directory, '.'
+# or a way up with '..'), and '~' or '$' words, which the workers' shell receives quoted and
+# would not expand.
+check_remote_dir() {
+  local dir="$1" home="${HOME:-}" part named=0
+  local -a parts
+  [[ -n "$dir" ]] || die "--remote-dir needs a value"
+  [[ "$dir" != "~"* && "$dir" != *[\$\`]* ]] ||
+    die "--remote-dir must be a plain path (relative to the workers' home directory, or absolute), got '$dir'"
+  IFS=/ read -r -a parts <<< "$dir"
+  for part in "${parts[@]}"; do
+    [[ "$part" != ".." ]] || die "--remote-dir must not contain '..', got '$dir'"
+    if [[ -n "$part" && "$part" != "." ]]; then
+      named=1
+    fi
+  done
+  # This machine's home directory ('~' expands to it before the launcher sees it), however many
+  # slashes it is written with, is no folder of its own either.
+  [[ "$named" -eq 1 && "$(squeeze_slashes "$dir")" != "$(squeeze_slashes "$home")" ]] ||
+    die "--remote-dir must name a folder of its own for the code (e.g. msk_jax), got '$dir'"
+}
+
+# Prints the checkout's tracked files that are in the working tree, NUL-separated (a file deleted
+# but not committed yet is left out).
+tracked_files() {
+  local file
+  git -C "$REPO" ls-files -z --recurse-submodules | while IFS= read -r -d '' file; do
+    if [[ -e "$REPO/$file" || -L "$REPO/$file" ]]; then
+      printf '%s\0' "$file"
+    fi
+  done
+}
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="" ZONE="" PROJECT="" WORKDIR=""
@@ -119,6 +170,16 @@ done
 [[ "$CONFIG" != /* && -f "$REPO/${CONFIG%%:*}" ]] ||
   die "--config '${CONFIG%%:*}' is not a file of this checkout (give it relative to $REPO)"
 
+check_remote_dir "$REMOTE_DIR"
+# The code travels as the checkout's tracked files: a real run needs git and a tracked config
+# (a dry run reads nothing).
+if [[ "$SKIP_COPY" -eq 0 && "$DRY_RUN" -eq 0 ]]; then
+  git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
+    die "$REPO is not a git checkout (or git is missing): the code sent to the workers is its tracked files"
+  git -C "$REPO" ls-files --error-unmatch -- "${CONFIG%%:*}" >/dev/null 2>&1 ||
+    die "--config '${CONFIG%%:*}' is not tracked by git, so it would not reach the workers (git add it)"
+fi
+
 [[ "$PYTHON_VERSION" =~ ^3\.(1[1-9]|[2-9][0-9])$ ]] ||
   die "--python-version must be 3.11 or newer (the pinned numpy, scipy and jax need it), got '$PYTHON_VERSION'"
 
@@ -157,13 +218,31 @@ if [[ "$CREATE" -eq 1 ]]; then
   fi
 fi
 
-# 2. The code: a tarball of this checkout (working tree, without .git and virtual environments).
+# 2. The code: a tarball of the checkout's tracked files (working-tree contents), in a private
+# temporary file (mktemp: mode 600, a name no one can guess) that is removed on exit. On each
+# worker the folder is replaced only if the launcher made it (its marker file) or it is empty
+# or absent; the marker is written into the new one.
 if [[ "$SKIP_COPY" -eq 0 ]]; then
-  TARBALL="${TMPDIR:-/tmp}/msk_jax_${NAME}.tar.gz"
-  run env COPYFILE_DISABLE=1 tar -czf "$TARBALL" -C "$REPO" --exclude=.git --exclude=.venv --exclude=.venv-ci \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=./workdir --exclude=./data .
+  if [[ "$DRY_RUN" -eq 1 ]]; then
+    TARBALL="${TMPDIR:-/tmp}/msk_jax.XXXXXXXXXX"
+  else
+    TARBALL="$(mktemp "${TMPDIR:-/tmp}/msk_jax.XXXXXXXXXX")"
+    trap 'rm -f "$TARBALL"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+  fi
+  PACK=(env COPYFILE_DISABLE=1 tar -czf "$TARBALL" -C "$REPO" --null -T -)
+  printf '%s |%s\n' "$(show git -C "$REPO" ls-files -z --recurse-submodules)" "$(show "${PACK[@]}" | cut -c2-)"
+  if [[ "$DRY_RUN" -eq 0 ]]; then
+    tracked_files | "${PACK[@]}"
+  fi
   run "${TPU[@]}" scp "$TARBALL" "$NAME:msk_jax.tar.gz" --worker=all "${GCLOUD_FLAGS[@]}"
-  UNPACK="rm -rf $(remote_quote "$REMOTE_DIR") && mkdir -p $(remote_quote "$REMOTE_DIR") && tar -xzf msk_jax.tar.gz -C $(remote_quote "$REMOTE_DIR")"
+  run rm -f "$TARBALL"
+  DIR_Q="$(remote_quote "$REMOTE_DIR")"
+  MARKER_Q="$(remote_quote "$REMOTE_DIR/$MARKER")"
+  UNPACK="if [ -e $DIR_Q ] && [ ! -f $MARKER_Q ] && ! rmdir $DIR_Q 2>/dev/null; then"
+  UNPACK+=" printf 'tpu_pod.sh: error: %s on %s has files and no $MARKER (this launcher did not make it): not removing it; move it or choose another --remote-dir\n' $DIR_Q \"\$(hostname)\" >&2; exit 1; fi"
+  UNPACK+=" && rm -rf $DIR_Q && mkdir -p $DIR_Q && touch $MARKER_Q && tar -xzf msk_jax.tar.gz -C $DIR_Q && rm -f msk_jax.tar.gz"
   run "${TPU[@]}" ssh "$NAME" --worker=all "${GCLOUD_FLAGS[@]}" --command="$UNPACK"
 fi
 

@@ -1,8 +1,11 @@
 """The launchers in launch/: dry runs print the right commands and run nothing, real runs call
 gcloud / srun / python as printed (with stand-ins on PATH), bad flags fail clearly, and every
-script is shellcheck-clean."""
+script is shellcheck-clean. The TPU launcher sends only tracked files, in a private tarball it
+removes, and replaces only the workers' folders it made; .ci/run removes only a virtual
+environment it made."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -18,6 +21,7 @@ TPU_POD = os.path.join(LAUNCH, "tpu_pod.sh")
 SLURM = os.path.join(LAUNCH, "slurm_gpu.sbatch")
 SINGLE = os.path.join(LAUNCH, "single_host.sh")
 SCRIPTS = (TPU_POD, SLURM, SINGLE)
+CI_RUN = os.path.join(REPO_ROOT, ".ci", "run")
 STAND_INS = ("gcloud", "srun", "sbatch", "tar", "python", "python3", "pip")
 
 STAND_IN = """#!/usr/bin/env bash
@@ -105,7 +109,7 @@ def shellcheck_binary():
 
 def test_scripts_are_shellcheck_clean():
     result = subprocess.run([shellcheck_binary(), "--shell=bash", "--severity=style", "--external-sources",
-                             *SCRIPTS, os.path.join(LAUNCH, "common.sh")],
+                             *SCRIPTS, os.path.join(LAUNCH, "common.sh"), CI_RUN],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -158,24 +162,188 @@ def test_tpu_pod_demo_installs_the_sounds_and_detach(stand_ins):
     assert not any(" ".join(w[:5]) == "gcloud compute tpus tpu-vm create" for w in commands)  # no --create
 
 
-def test_tpu_pod_runs_what_it_prints(stand_ins, tmp_path):
-    env, calls = stand_ins
-    env = dict(env, PATH=env["PATH"].split(os.pathsep, 1)[1])  # the real tar, stand-in gcloud only
-    (tmp_path / "bin2").mkdir()
-    shutil.copy(tmp_path / "bin" / "gcloud", tmp_path / "bin2" / "gcloud")
-    env["PATH"] = f"{tmp_path / 'bin2'}{os.pathsep}{env['PATH']}"
-    result = launch(TPU_POD, *TPU_ARGS, "--create", "--", *PASSED_THROUGH, env=env)
+WORKER = """#!/usr/bin/env bash
+# A stand-in gcloud whose TPU VM is one worker with its home directory at $WORKER_HOME: records
+# its working directory and arguments (tab-separated); `describe` fails (no TPU VM yet); `scp` records the mode and path
+# of the file it is given and copies it into the worker's home; `ssh` runs the command that
+# unpacks the code there (not the install or training ones) and exits with its status.
+{ printf 'gcloud\\t%s' "$PWD"; printf '\\t%s' "$@"; printf '\\n'; } >> "$STAND_IN_LOG"
+case "$4" in
+  describe) exit 1 ;;
+  scp) stat -c '%a %n' "$5" >> "$SCP_LOG"; cp "$5" "$WORKER_HOME/${6#*:}" ;;
+  ssh)
+    for arg in "$@"; do
+      if [[ "$arg" == --command=* ]]; then command="${arg#--command=}"; fi
+    done
+    if [[ "$command" == *msk_jax.tar.gz* ]]; then
+      cd "$WORKER_HOME" && HOME="$WORKER_HOME" exec bash -c "$command"
+    fi ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A git checkout holding the launchers and what a run reads, with an uncommitted edit of a
+    tracked file, a tracked file deleted from the working tree, and untracked secrets."""
+    repo = tmp_path / "repo"
+    shutil.copytree(LAUNCH, repo / "launch")
+    for name in ("requirements.txt", "configs/howto.py", "msk_jax/main.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(REPO_ROOT, name), repo / name)
+    (repo / "msk_jax" / "edited.py").write_text("committed = True\n")
+    (repo / "msk_jax" / "deleted.py").write_text("gone = True\n")
+    (repo / "configs" / "space in name.py").write_text("odd = True\n")
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=60)
+    subprocess.run([*git, "add", "-A"], check=True, timeout=60)
+    (repo / "msk_jax" / "edited.py").write_text("edited = True\n")
+    (repo / "msk_jax" / "deleted.py").unlink()
+    (repo / ".env").write_text("SECRET_KEY=planted\n")
+    (repo / "key.json").write_text("{}\n")
+    (repo / "configs" / "untracked.py").write_text("untracked = True\n")
+    return repo
+
+
+@pytest.fixture
+def worker(stand_ins, tmp_path):
+    """(env, home): the stand-ins' PATH with gcloud replaced by WORKER, and the worker's home."""
+    env, _ = stand_ins
+    home = tmp_path / "worker_home"
+    home.mkdir()
+    bin_dir = tmp_path / "worker_bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(WORKER)
+    (bin_dir / "gcloud").chmod(0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    real_path = env["PATH"].split(os.pathsep, 1)[1]  # the real tar and git, no other stand-in
+    env = dict(env, PATH=f"{bin_dir}{os.pathsep}{real_path}", WORKER_HOME=str(home),
+               SCP_LOG=str(tmp_path / "scp.log"), TMPDIR=str(tmp))
+    return env, home
+
+
+def sent_tarballs(env):
+    """(mode, path) of each file gcloud scp was given."""
+    with open(env["SCP_LOG"]) as f:
+        return [tuple(line.split(" ", 1)) for line in f.read().splitlines()]
+
+
+def test_tpu_pod_runs_what_it_prints(worker, stand_ins, checkout):
+    """A real run: gcloud is called as printed; the code is the checkout's tracked files as in
+    the working tree, packed into a mode-600 mktemp file that is gone afterwards, and unpacked on
+    the worker into a folder holding the launcher's marker."""
+    env, home = worker
+    _, calls = stand_ins
+    result = launch(str(checkout / "launch" / "tpu_pod.sh"), *TPU_ARGS, "--create", "--", *PASSED_THROUGH,
+                    env=env)
     assert result.returncode == 0, result.stderr
     ran = [c for c in calls() if c[0] == "gcloud"]
     verbs = [args[3] for _, _, args in ran]
     assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh"]  # created: describe failed
     printed = [w for w in printed_commands(result) if w[0] == "gcloud"]
     assert [args for _, _, args in ran] == [w[1:] for w in printed]
-    tarball = tmp_path / "msk_jax_msk-pod.tar.gz"
-    with tarfile.open(tarball) as tar:
-        names = tar.getnames()
-    assert "./msk_jax/main.py" in names and "./requirements.txt" in names and "./configs/howto.py" in names
-    assert not any(n.startswith(("./.venv", "./.git/")) or n == "./.git" for n in names)
+    [(mode, tarball)] = sent_tarballs(env)
+    assert mode == "600"
+    assert re.fullmatch(re.escape(env["TMPDIR"]) + r"/msk_jax\.\w{10}", tarball)
+    assert os.listdir(env["TMPDIR"]) == []  # removed
+    code = home / "msk_jax"
+    packed = sorted(str(p.relative_to(code)) for p in code.rglob("*") if p.is_file())
+    assert packed == sorted([".msk_jax_launch", "configs/howto.py", "configs/space in name.py", "msk_jax/edited.py",
+                             "msk_jax/main.py", "requirements.txt", *(f"launch/{n}" for n in os.listdir(LAUNCH))])
+    assert (code / "msk_jax" / "edited.py").read_text() == "edited = True\n"  # uncommitted edits travel
+    assert not (home / "msk_jax.tar.gz").exists()
+
+
+def test_tpu_pod_replaces_only_a_folder_it_made(worker, stand_ins, checkout):
+    """On the worker: a folder with files and no marker stops the launch with one line naming it
+    and keeps every file; an empty folder and a marked one are replaced (the tarball is removed
+    here either way)."""
+    env, home = worker
+    _, calls = stand_ins
+    script = str(checkout / "launch" / "tpu_pod.sh")
+    args = (*TPU_ARGS, "--skip-install", "--remote-dir", "runs/code")
+    folder = home / "runs" / "code"
+    folder.mkdir(parents=True)
+    (folder / "precious.txt").write_text("keep me\n")
+    result = launch(script, *args, env=env)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        f"tpu_pod.sh: error: runs/code on {os.uname().nodename} has files and no .msk_jax_launch (this launcher "
+        "did not make it): not removing it; move it or choose another --remote-dir"]
+    assert (folder / "precious.txt").read_text() == "keep me\n" and len(os.listdir(folder)) == 1
+    assert [args[3] for _, _, args in calls()] == ["scp", "ssh"]  # nothing after the refusal
+    assert os.listdir(env["TMPDIR"]) == []
+
+    (folder / "precious.txt").unlink()  # empty: replaced
+    assert launch(script, *args, env=env).returncode == 0
+    assert (folder / ".msk_jax_launch").is_file() and (folder / "msk_jax" / "main.py").is_file()
+    (folder / "stale.txt").write_text("from an older copy\n")  # marked: replaced
+    assert launch(script, *args, env=env).returncode == 0
+    assert not (folder / "stale.txt").exists() and (folder / "msk_jax" / "main.py").is_file()
+
+
+def test_tpu_pod_dry_run_unpack_command_guards_the_folder(stand_ins, tmp_path):
+    """The unpack command a dry run prints, run by bash in a home directory: it refuses a folder
+    with files and no marker (one line, nothing removed) and replaces a marked one."""
+    env, calls = stand_ins
+    commands = printed_commands(launch(TPU_POD, *TPU_ARGS, "--dry-run", "--remote-dir", "my code", env=env))
+    assert calls() == []
+    [pack] = [w for w in commands if "|" in w]
+    assert pack[:5] == ["git", "-C", REPO_ROOT, "ls-files", "-z"] and "tar" in pack and "--null" in pack
+    [rm] = [w for w in commands if w[0] == "rm"]
+    assert rm[-1] == pack[pack.index("-czf") + 1]  # the tarball is removed once sent
+    unpack = ssh_commands(commands)[0]
+    home = tmp_path / "home"
+    (home / "my code").mkdir(parents=True)
+    (home / "my code" / "notes.txt").write_text("mine\n")
+    (tmp_path / "main.py").write_text("new\n")
+    with tarfile.open(home / "msk_jax.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "main.py", arcname="main.py")
+
+    def unpack_here():  # with the system's tar, not the stand-in
+        return subprocess.run(["bash", "-c", unpack], cwd=home, env=dict(os.environ, HOME=str(home)),
+                              capture_output=True, text=True, timeout=60)
+
+    refused = unpack_here()
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert "tpu_pod.sh: error: my code on " in refused.stderr and ".msk_jax_launch" in refused.stderr
+    assert os.listdir(home / "my code") == ["notes.txt"]
+    (home / "my code" / ".msk_jax_launch").touch()
+    done = unpack_here()
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(home / "my code")) == [".msk_jax_launch", "main.py"]
+    assert not (home / "msk_jax.tar.gz").exists()
+
+
+@pytest.mark.parametrize("remote_dir, message", [
+    ("~", "must be a plain path"), ("~/msk", "must be a plain path"), ("$HOME", "must be a plain path"),
+    ("${HOME}/msk", "must be a plain path"), ("/", "folder of its own"), ("//", "folder of its own"),
+    (".", "folder of its own"), ("./", "folder of its own"), ("..", "must not contain '..'"),
+    ("msk/../..", "must not contain '..'"), ("", "--remote-dir needs a value"),
+    ("HOME", "folder of its own"), ("HOME/", "folder of its own")])
+def test_tpu_pod_refuses_a_remote_dir_that_is_no_folder_of_its_own(remote_dir, message, stand_ins):
+    env, calls = stand_ins
+    remote_dir = remote_dir.replace("HOME", env["HOME"]) if remote_dir.startswith("HOME") else remote_dir
+    result = launch(TPU_POD, "--name", "p", "--zone", "z", "--workdir", "gs://b/r", f"--remote-dir={remote_dir}",
+                    "--dry-run", env=env)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stdout == "" and calls() == []
+
+
+def test_tpu_pod_real_run_needs_git_and_a_tracked_config(worker, stand_ins, checkout):
+    """The code travels as tracked files: an untracked config, or no git checkout, stops a real
+    run before anything runs."""
+    _, calls = stand_ins
+    env, _ = worker
+    script = str(checkout / "launch" / "tpu_pod.sh")
+    result = launch(script, *TPU_ARGS[:-2], "--config", "configs/untracked.py", env=env)
+    assert result.returncode == 2 and "'configs/untracked.py' is not tracked by git" in result.stderr
+    shutil.rmtree(checkout / ".git")
+    result = launch(script, *TPU_ARGS, env=env)
+    assert result.returncode == 2 and "is not a git checkout" in result.stderr
+    assert calls() == []
 
 
 @pytest.mark.parametrize("accelerator, runtime", [
@@ -326,3 +494,68 @@ def test_single_host_bad_flags(args, message, stand_ins):
     result = launch(SINGLE, *args, env=env)
     assert result.returncode == 2 and message in result.stderr
     assert calls() == []
+
+
+# --- .ci/run's virtual environment ----------------------------------------------------------------
+
+CI_PYTHON = """#!/usr/bin/env bash
+# A stand-in python3/python: records its arguments; `-m venv DIR` makes a stand-in environment.
+{ printf '%s\\t%s' "$(basename "$0")" "$PWD"; printf '\\t%s' "$@"; printf '\\n'; } >> "$STAND_IN_LOG"
+if [[ "$1 $2" == "-m venv" ]]; then
+  mkdir -p "$3/bin" && : > "$3/bin/activate" && cp "$0" "$3/bin/python"
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def ci_run(stand_ins, tmp_path):
+    """Runs .ci/run with MSK_CI_VENV=tmp_path/venv, stand-ins for python3, python and dpkg (every
+    Debian package installed), and caches under tmp_path; returns (run, venv, calls)."""
+    env, calls = stand_ins
+    bin_dir = tmp_path / "bin"
+    for name in ("python3", "python"):
+        (bin_dir / name).write_text(CI_PYTHON)
+    for name in ("dpkg", "g++"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+    for path in bin_dir.iterdir():
+        path.chmod(0o755)
+    venv = tmp_path / "venv"
+    env = dict(env, MSK_CI_VENV=str(venv), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               MSK_JAX_TEST_CACHE=str(tmp_path / "jax_cache"))
+
+    def run():
+        return subprocess.run(["bash", CI_RUN], env=env, capture_output=True, text=True, timeout=60)
+
+    return run, venv, calls
+
+
+def test_ci_run_keeps_a_folder_it_did_not_make(ci_run):
+    run, venv, calls = ci_run
+    venv.mkdir()
+    (venv / "notes.txt").write_text("mine\n")
+    result = run()
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f".ci/run: {venv} has files and no .msk_jax_ci_venv (this script did not make it): not removing it; "
+        "set MSK_CI_VENV to another folder"]
+    assert os.listdir(venv) == ["notes.txt"] and (venv / "notes.txt").read_text() == "mine\n"
+    assert calls() == []  # no environment made, nothing installed, no tests run
+
+
+@pytest.mark.parametrize("before", ["none", "empty", "marked"])
+def test_ci_run_makes_and_remakes_its_own_environment(before, ci_run):
+    """No folder, an empty one, or an unfinished one it marked: made (again), marked, finished,
+    and the tests run in it."""
+    run, venv, calls = ci_run
+    if before != "none":
+        venv.mkdir()
+    if before == "marked":
+        (venv / ".msk_jax_ci_venv").touch()
+        (venv / "half_installed").touch()
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(venv)) == [".complete", ".msk_jax_ci_venv", "bin"]
+    ran = [(name, args) for name, _, args in calls()]
+    assert ran[0] == ("python3", ["-m", "venv", str(venv)])
+    assert ran[-1] == ("python", ["-m", "pytest", "tests"])

@@ -5,7 +5,10 @@ script installs one. Every test here compares it with the pure-JAX loop, the log
 or the golden outputs of the original code.
 """
 
+import filecmp
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -128,3 +131,103 @@ def test_disabled_or_unbuildable_kernel_falls_back(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "fallback ok" in done.stdout
     assert "no C++ compiler" in done.stderr
+
+
+PLANTED = r"""
+#include <cstdio>
+// Leaves a file behind when loaded: the proof that a process ran this library's code.
+__attribute__((constructor)) static void planted() {
+  if (std::FILE* f = std::fopen("%s", "w")) std::fclose(f);
+}
+"""
+
+
+@pytest.fixture
+def planted_library(tmp_path):
+    """(library, path of the file it writes when loaded): a library whose constructor writes the
+    file, shown to do so when loaded (in another process)."""
+    ran = tmp_path / "planted_ran"
+    (tmp_path / "planted.cc").write_text(PLANTED % ran)
+    library = tmp_path / "planted.so"
+    subprocess.run([kernels._compiler(), "-shared", "-fPIC", str(tmp_path / "planted.cc"), "-o", str(library)],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(library)!r})"], check=True, timeout=60)
+    assert ran.exists()
+    ran.unlink()
+    return library, ran
+
+
+@pytest.fixture
+def copying_compiler(tmp_path):
+    """(compiler, log): a stand-in compiler that 'builds' by copying this process's kernel library
+    to its -o path and logs that path (the real build takes seconds)."""
+    built = kernels.build(kernels._compiler())
+    log = tmp_path / "compiler.log"
+    compiler = tmp_path / "c++"
+    compiler.write_text("#!/bin/sh\nwhile [ $# -gt 1 ]; do if [ \"$1\" = -o ]; then out=\"$2\"; fi; shift; done\n"
+                        f"echo \"$out\" >> {log}\ncp {built} \"$out\"\n")
+    compiler.chmod(0o755)
+    return str(compiler), log
+
+
+def test_a_library_in_a_folder_others_can_write_is_never_loaded(tmp_path, planted_library, copying_compiler):
+    """A cache folder every user can write to (mode 777) holding a library under the kernel's
+    name: the library is not loaded; the kernel is built into this user's own subfolder (mode
+    700), one warning says so, and the kernel solves."""
+    planted, ran = planted_library
+    compiler, compiler_log = copying_compiler
+    cache = tmp_path / "shared_cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    target = cache / kernels.library_name(compiler)
+    shutil.copy(planted, target)
+    code = textwrap.dedent("""
+        import numpy as np
+        from msk_jax import kernels, sinkhorn
+        from msk_jax.multisk_reference import random_cosine_scores
+        assert kernels.multisk_available()
+        s = random_cosine_scores(np.random.default_rng(0), 300, 16)
+        native = sinkhorn.multi_sinkhorn(s, eps=0.07, num_iters=20, required_fraction=0.5, backend="native")
+        loop = sinkhorn.multi_sinkhorn(s, eps=0.07, num_iters=20, required_fraction=0.5, backend="jax")
+        np.testing.assert_allclose(native.target, loop.target, atol=2e-5)
+        print("kernel ok")
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, MSK_JAX_CACHE_DIR=str(cache), CXX=compiler),
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert not ran.exists()  # the planted code never ran
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernel ok" in done.stdout
+    private = cache / f"kernels-{os.getuid()}"
+    [built_at] = compiler_log.read_text().split()
+    assert os.path.dirname(built_at) == str(private)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert (private / target.name).is_file()
+    warnings = [line for line in done.stderr.splitlines() if "not writable by this user alone" in line]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and str(private) in warnings[0]
+
+
+def test_a_library_others_can_write_is_built_again(tmp_path, monkeypatch, planted_library, copying_compiler):
+    """In a folder only this user can write to, a library file under the kernel's name that
+    others can write (mode 666) is built over, not returned; a sound one is reused."""
+    planted, _ = planted_library
+    compiler, compiler_log = copying_compiler
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSK_JAX_CACHE_DIR", str(cache))
+    cache.mkdir(mode=0o700)
+    target = cache / kernels.library_name(compiler)
+    shutil.copy(planted, target)
+    target.chmod(0o666)
+    assert kernels.build(compiler) == target
+    assert not filecmp.cmp(target, planted, shallow=False)  # built again, over the planted file
+    assert stat.S_IMODE(target.stat().st_mode) & 0o022 == 0
+    assert kernels.build(compiler) == target
+    assert len(compiler_log.read_text().split()) == 1  # the second call reused it
+    assert stat.S_IMODE(os.stat(tmp_path / "cache").st_mode) == 0o700
+
+
+def test_cache_folders_are_made_private(tmp_path, monkeypatch, copying_compiler):
+    compiler, _ = copying_compiler
+    monkeypatch.setenv("MSK_JAX_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    assert kernels.build(compiler).parent == tmp_path / "new" / "cache"
+    assert stat.S_IMODE(os.stat(tmp_path / "new" / "cache").st_mode) == 0o700
