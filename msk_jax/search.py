@@ -388,6 +388,27 @@ class QueryResult:
         return out
 
 
+def query_data_paths(config):
+    """The data a query reads, the word vectors of `config.data`, where they already are: a query
+    never builds data (for source='demo', the corpus's word2vec.bin, in the folder training used);
+    a SearchError or FileNotFoundError names what is missing."""
+    from msk_jax import input_pipeline
+
+    d = config.data
+    if d.source != "demo":
+        return input_pipeline.data_paths(config, training=False)  # checks only that the files exist
+    from msk_jax.data.demo_corpus import corpus_paths, default_root
+
+    # The folder `input_pipeline.demo_paths` builds the corpus in.
+    root = d.demo_dir or default_root("demo_corpus" if d.demo_size == "default" else f"demo_corpus_{d.demo_size}")
+    words = storage.join(root, "word2vec.bin") if storage.is_remote(root) else corpus_paths(root).word_vectors
+    if not storage.exists(words):
+        raise SearchError(f"{words}: missing, the demo corpus's word vectors that the index's queries read (a "
+                          "query builds no data: build the corpus with `python -m msk_jax.data.demo_corpus "
+                          f"--out={root} --size={d.demo_size} --feature_dim={d.dim_2d}`)")
+    return input_pipeline.DataPaths(word_vectors=words)
+
+
 class Searcher:
     """Text queries against an index, with the word vectors and the text tower of the run that
     built it (`config` given: it must be the index's)."""
@@ -399,7 +420,7 @@ class Searcher:
         if config is not None:
             check_config(config, self.index.config, storage.join(index, "index.json"))
         self.config = self.index.config
-        self.paths = input_pipeline.data_paths(self.config, training=False)
+        self.paths = query_data_paths(self.config)
         self.words = input_pipeline.load_words(self.config, self.paths)
         model, variables, _, _ = load_weights(self.config, self.index.meta["checkpoint"], self.index.meta["weights"],
                                               step=int(self.index.meta["step"]))

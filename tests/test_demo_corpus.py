@@ -1,10 +1,13 @@
 """Tests of the spoken-digit-strings demo corpus (tiny size) and of the log-mel features."""
 
 import csv
+import hashlib
 import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,7 +16,9 @@ import pytest
 from msk_jax.data import demo_corpus
 from msk_jax.data.audio import log_mel_spectrogram, mel_filterbank, resample
 from msk_jax.data.demo_corpus import DIGIT_WORDS, build_demo_corpus
+from msk_jax.data.features import DataError
 from msk_jax.data.word2vec import load_word2vec_binary
+from tests.conftest import REPO_ROOT, run_env
 
 WORD_TO_DIGIT = {w: str(d) for d, w in enumerate(DIGIT_WORDS)}
 
@@ -269,3 +274,108 @@ def test_worker_processes_write_the_same_training_videos(corpus, tmp_path):
     assert large.train_videos == 10 * default.train_videos
     assert (large.msrvtt_clips, large.youcook_clips, large.train_seconds) == \
         (default.msrvtt_clips, default.youcook_clips, default.train_seconds)
+
+
+def _tree(root):
+    """{relative path: sha256} of every file under `root` (folders end with '/')."""
+    out = {}
+    for folder, dirs, names in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(folder, name), root) + "/"] = ""
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _same_corpus(built, reference):
+    """Asserts that the corpus at `built` is the reference's, file by file: the same data (meta.json
+    but its build time), the builder's marker, and nothing else of the builder's left behind."""
+    own = {demo_corpus.MARKER, demo_corpus.LOCK, "meta.json"}
+    mine, theirs = _tree(built.root), _tree(reference.root)
+    assert {k: v for k, v in mine.items() if k not in own} == {k: v for k, v in theirs.items() if k not in own}
+    assert set(mine) - set(theirs) <= own
+    metas = []
+    for paths in (built, reference):
+        with open(paths.meta) as f:
+            metas.append({k: v for k, v in json.load(f).items() if k != "build_seconds"})
+    assert metas[0] == metas[1] and metas[0]["complete"] is True
+    with open(os.path.join(built.root, demo_corpus.MARKER)) as f:
+        assert json.load(f) == metas[0]["settings"]
+
+
+def test_a_folder_of_someone_elses_files_is_left_untouched(tmp_path):
+    """A demo_dir that holds HowTo100M-named data without the builder's marker (a user's real
+    data): neither the library call nor the command line writes, moves or removes anything in it,
+    and both say in one line which folder and what to do."""
+    root = tmp_path / "data"
+    (root / "howto" / "features_2d" / "cooking").mkdir(parents=True)
+    (root / "howto" / "howto_train.csv").write_text("path\ncooking/v1\n")
+    (root / "howto" / "features_2d" / "cooking" / "v1_2d.npz").write_bytes(os.urandom(256))
+    (root / "meta.json").write_text('{"mine": true}')
+    before = _tree(root)
+    for force in (False, True):
+        with pytest.raises(DataError) as raised:
+            build_demo_corpus(str(root), size="tiny", force=force, progress=False)
+        assert str(raised.value).startswith(f"{root}: holds files the demo corpus builder did not write "
+                                            "(howto/, meta.json;")
+        assert "point config.data.demo_dir" in str(raised.value)
+    done = subprocess.run([sys.executable, "-m", "msk_jax.data.demo_corpus", f"--out={root}", "--size=tiny"],
+                          cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: {raised.value}"]
+    assert _tree(root) == before
+
+
+_BUILD_WHEN_TOLD = """
+import os, sys, time
+from msk_jax.data.demo_corpus import build_demo_corpus
+root, ready, go = sys.argv[1:]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+build_demo_corpus(root, size="tiny", seed=0)
+"""
+
+
+def test_two_processes_building_one_corpus_take_turns(corpus, tmp_path):
+    """Two processes (two hosts of a run on a shared disk) build the same corpus into one empty
+    folder at the same moment: one builds, the other waits and finds it built; the result is a
+    single build's, with no temporary folder left."""
+    reference, _ = corpus
+    root, go = tmp_path / "shared", tmp_path / "go"
+    root.mkdir()
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", _BUILD_WHEN_TOLD, str(root), str(r), str(go)], cwd=REPO_ROOT,
+                                env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for r in ready]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        logs = [w.communicate(timeout=120)[1] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], logs
+    assert sum(log.count("[demo corpus] done in") for log in logs) == 1, logs
+    _same_corpus(demo_corpus.corpus_paths(str(root)), reference)
+
+
+def test_a_killed_build_is_replaced(corpus, tmp_path):
+    """A folder left by a build killed while moving its files into place (the marker and part of
+    the corpus, no meta.json, its temporary folder) is the builder's: the next build replaces it
+    and removes the temporary folder."""
+    reference, meta = corpus
+    root = tmp_path / "killed"
+    (root / "howto").mkdir(parents=True)
+    (root / demo_corpus.MARKER).write_text(json.dumps(meta["settings"]))
+    (root / "howto" / "howto_train.csv").write_text("path\n")
+    (root / "msrvtt_jsfusion_test.pkl").write_bytes(b"half a pickle")
+    leftover = root / (demo_corpus.BUILDING_PREFIX + "killed")
+    (leftover / "howto").mkdir(parents=True)
+    (leftover / "word2vec.bin").write_bytes(b"x")
+    paths = build_demo_corpus(str(root), size="tiny", seed=0, progress=False)
+    assert not [n for n in os.listdir(root) if n.startswith(demo_corpus.BUILDING_PREFIX)]
+    _same_corpus(paths, reference)

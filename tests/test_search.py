@@ -172,3 +172,39 @@ def test_bad_input_is_one_line(index, tmp_path):
     (broken / "index.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(search.SearchError, match="field 'format'"):
         search.SearchIndex(str(broken))
+
+
+def test_a_query_builds_no_data(tmp_path, monkeypatch):
+    """An index of a demo run queried where the demo corpus is absent (another machine, a
+    removed cache): the query reads only the word vectors that exist, names the missing file in
+    one line, and creates no data folder, neither config.data.demo_dir nor the default cache's."""
+    from msk_jax import configs
+
+    def write_index(folder, demo_dir):
+        config = configs.get_config("howto", "demo")
+        config.data.demo_dir, config.data.demo_size = demo_dir, "tiny"
+        folder.mkdir()
+        columns = {k: np.zeros(1, np.float64) for k in ("start", "end")}
+        columns.update({k: np.array(["v"]) for k in ("video_id", "path", "text")})
+        columns.update({k: np.ones((1, config.model.projection_dim), np.float32) for k in ("video", "audio", "fused")})
+        np.savez(folder / "windows.npz", **{k: columns[k] for k in search.WINDOW_FIELDS})
+        (folder / "index.json").write_text(json.dumps({
+            "format": search.FORMAT, "checkpoint": str(tmp_path / "run" / "checkpoints"), "step": 1,
+            "weights": "ema", "config": config.to_json()}))
+        return str(folder)
+
+    demo_dir = tmp_path / "demo_data"
+    index = write_index(tmp_path / "index", str(demo_dir))
+    done = subprocess.run([sys.executable, "-m", "msk_jax.search", "query", f"--index={index}", "three"],
+                          cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {demo_dir / 'word2vec.bin'}: missing, "), done.stderr
+    assert "python -m msk_jax.data.demo_corpus" in lines[0]
+    assert not demo_dir.exists()
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSK_JAX_CACHE_DIR", str(cache))
+    with pytest.raises(search.SearchError, match=f"{cache / 'demo_corpus_tiny' / 'word2vec.bin'}: missing"):
+        search.Searcher(write_index(tmp_path / "default_index", ""))
+    assert not cache.exists()

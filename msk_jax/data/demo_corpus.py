@@ -20,12 +20,18 @@ disjoint from training; an out-of-domain test set (`youcook_val.pkl` layout) wit
 voice (Italian) and held-out handwriting (the last 20% of the images).
 
     python -m msk_jax.data.demo_corpus --out DIR [--size tiny|default] [--force]
+
+DIR may be missing or empty, or hold a corpus this builder wrote (marked by a file
+`.msk_jax_demo_corpus`): the builder replaces nothing else, and stops with an error naming a
+folder that holds the corpus's names (howto/, meta.json, ...) without that mark.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import glob
 import json
 import math
@@ -33,6 +39,7 @@ import os
 import pickle
 import shutil
 import sys
+import tempfile
 import time
 import wave
 from typing import Sequence
@@ -41,9 +48,19 @@ import numpy as np
 
 from msk_jax import environment
 from msk_jax.data.audio import SAMPLE_RATE, log_mel_spectrogram, resample
+from msk_jax.data.features import DataError
 from msk_jax.data.word2vec import save_word2vec_binary
 
 CORPUS_VERSION = 1
+
+# The builder's own files in a corpus folder. The marker (the settings, JSON) says the builder
+# wrote the folder's corpus: it replaces only a corpus that carries one. A build runs in a
+# temporary folder of the root (same file system) under an exclusive lock on the lock file, and
+# its results are renamed into place; a temporary folder left by a killed build is removed by
+# the next build.
+MARKER = ".msk_jax_demo_corpus"
+LOCK = ".msk_jax_demo_corpus.lock"
+BUILDING_PREFIX = ".msk_jax_demo_corpus.building-"
 
 TRAIN_LANGUAGES = ("en", "fr", "es", "ru")
 HELD_OUT_LANGUAGE = "it"
@@ -579,14 +596,61 @@ def _cached(paths: DemoCorpusPaths, settings: dict) -> bool:
     return meta.get("complete") is True and meta.get("settings") == settings and all(map(os.path.exists, files))
 
 
-def _clear(paths: DemoCorpusPaths) -> None:
-    """Removes an earlier (possibly partial) build: meta.json first, then the corpus files."""
-    for path in (paths.meta, paths.msrvtt, paths.youcook2, paths.word_vectors):
-        if os.path.isfile(path):
-            os.remove(path)
-    howto = os.path.dirname(paths.csv)
-    if os.path.isdir(howto):
-        shutil.rmtree(howto)
+def _entries(paths: DemoCorpusPaths) -> tuple[str, ...]:
+    """The corpus's top-level files and folders, in the order a build puts them in place:
+    meta.json last, as the corpus counts as complete once it is there."""
+    return os.path.dirname(paths.csv), paths.msrvtt, paths.youcook2, paths.word_vectors, paths.meta
+
+
+def _refuse_foreign(paths: DemoCorpusPaths) -> None:
+    """A DataError naming the root when it is not a folder, or when it holds any of the corpus's
+    names without the builder's marker: those are someone else's files, never replaced."""
+    if os.path.lexists(paths.root) and not os.path.isdir(paths.root):
+        raise DataError(paths.root, "is not a folder; point config.data.demo_dir (--out of python -m "
+                        "msk_jax.data.demo_corpus) at an empty or new folder", "not a folder")
+    if os.path.isfile(os.path.join(paths.root, MARKER)):
+        return
+    found = [os.path.basename(p) + ("/" if os.path.isdir(p) else "") for p in _entries(paths) if os.path.lexists(p)]
+    if found:
+        raise DataError(paths.root, f"holds files the demo corpus builder did not write ({', '.join(found)}; no "
+                        f"{MARKER} marker), which it leaves alone; point config.data.demo_dir (--out of python -m "
+                        "msk_jax.data.demo_corpus) at an empty or new folder", "foreign files")
+
+
+@contextlib.contextmanager
+def _exclusive(root: str):
+    """Holds the root's lock file (created if needed, never removed) for the block: one build
+    at a time per folder, across processes and hosts sharing the disk."""
+    with open(os.path.join(root, LOCK), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(root: str) -> None:
+    """Temporary folders of builds that were killed (called under the lock: no build is running)."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(BUILDING_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+
+
+def _place(built: DemoCorpusPaths, paths: DemoCorpusPaths, settings: dict, trash: str) -> None:
+    """Renames a finished build into place. The marker goes first: from then on the folder is
+    the builder's, so a crash below leaves a folder the next build replaces. An earlier corpus's
+    entries move to `trash`, its meta.json first (it never looks complete with mixed files);
+    the new meta.json comes last."""
+    with open(os.path.join(built.root, MARKER), "w") as f:
+        json.dump(settings, f)
+    os.replace(os.path.join(built.root, MARKER), os.path.join(paths.root, MARKER))
+    os.makedirs(trash)
+    for old in reversed(_entries(paths)):
+        if os.path.lexists(old):
+            os.rename(old, os.path.join(trash, os.path.basename(old)))
+    for new, old in zip(_entries(built), _entries(paths)):
+        os.rename(new, old)
 
 
 def _meta(settings: dict, src: Sources, train: dict, msrvtt_split: tuple, youcook_split: tuple,
@@ -640,15 +704,41 @@ def default_root(name: str = "demo_corpus") -> str:
 
 def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, feature_dim: int = 128,
                       force: bool = False, progress: bool = True) -> DemoCorpusPaths:
-    """Builds (or finds already built) the spoken-digit-strings corpus under `root`."""
+    """Builds (or finds already built) the spoken-digit-strings corpus under `root`.
+
+    `root` may be missing, empty, or a corpus this builder wrote (which it replaces when its
+    settings differ, when it is incomplete, or with `force`); a folder holding any of the corpus's
+    names without the builder's marker raises a DataError and is left untouched. Processes
+    building the same corpus take turns: the later ones find it built."""
     if size not in SIZES:
         raise ValueError(f"demo corpus: unknown size {size!r}; choose one of {sorted(SIZES)}.")
-    cfg, paths, settings = SIZES[size], corpus_paths(root), _settings(size, seed, feature_dim)
+    paths, settings = corpus_paths(root), _settings(size, seed, feature_dim)
     if not force and _cached(paths, settings):
         _log(progress, f"already built at {paths.root} ({size}, seed {seed}); pass force=True to rebuild")
         return paths
+    _refuse_foreign(paths)  # before the lock file is written into the folder
+    os.makedirs(paths.root, exist_ok=True)
+    with _exclusive(paths.root):
+        if not force and _cached(paths, settings):  # built by another process meanwhile
+            _log(progress, f"built by another process at {paths.root} ({size}, seed {seed})")
+            return paths
+        _refuse_foreign(paths)
+        _remove_leftovers(paths.root)
+        building = tempfile.mkdtemp(prefix=BUILDING_PREFIX, dir=paths.root)
+        try:
+            built = corpus_paths(building)
+            meta = _write_corpus(built, size, seed, feature_dim, progress)
+            _place(built, paths, settings, os.path.join(building, "replaced"))
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    _log(progress, f"done in {meta['build_seconds']:.1f} s: {paths.root}")
+    return paths
+
+
+def _write_corpus(paths: DemoCorpusPaths, size: str, seed: int, feature_dim: int, progress: bool) -> dict:
+    """Writes every file of the corpus under `paths` (meta.json last); returns the meta."""
     began = time.perf_counter()
-    _clear(paths)
+    cfg, settings = SIZES[size], _settings(size, seed, feature_dim)
     os.makedirs(os.path.dirname(paths.csv), exist_ok=True)
     src = load_sources(seed, feature_dim, progress)
 
@@ -669,11 +759,9 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
 
     meta = _meta(settings, src, train, (msrvtt, msrvtt_strings, msrvtt_langs),
                  (youcook, youcook_strings, youcook_langs), missing_ids, vocabulary, time.perf_counter() - began)
-    with open(paths.meta + ".tmp", "w") as f:
+    with open(paths.meta, "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(paths.meta + ".tmp", paths.meta)
-    _log(progress, f"done in {meta['build_seconds']:.1f} s: {paths.root}")
-    return paths
+    return meta
 
 
 def main(argv):
@@ -684,7 +772,7 @@ def main(argv):
     try:
         paths = build_demo_corpus(FLAGS.out, size=FLAGS.size, seed=FLAGS.seed, feature_dim=FLAGS.feature_dim,
                                   force=FLAGS.force, progress=not FLAGS.quiet)
-    except (RuntimeError, ImportError) as err:
+    except (RuntimeError, ImportError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     for field in dataclasses.fields(paths):
