@@ -4,7 +4,8 @@
         --weights_2d=resnet152.pth --weights_3d=resnext101.pth [--backbone=real|demo] \\
         [--dtype=float32|bfloat16] [--batch=64] [--captions=CSV_OR_PICKLE] \\
         [--store=DIR_OR_URL --word_vectors=word2vec.bin] \\
-        [--eval_csv=clips.csv --eval_format=msrvtt|youcook2 --eval_output=test.pkl]
+        [--eval_csv=clips.csv --eval_format=msrvtt|youcook2 --eval_output=test.pkl] \\
+        [--max_duration=14400 --max_pixels=16777216 --max_aspect=10] [--retry_killed]
 
 The demo corpus end to end (`msk_jax.data.demo_videos` writes the mp4 files and captions.csv):
 
@@ -14,15 +15,22 @@ The demo corpus end to end (`msk_jax.data.demo_videos` writes the mp4 files and 
         --eval_output=/tmp/demo_features/msrvtt_test.pkl
 
 A run resumes where it stopped (videos whose files exist are skipped), shards the videos over
-processes (--process_index/--process_count, default JAX's), names every video it cannot decode
-and goes on; its exit code is 0 unless no video has features.
+processes (--process_index/--process_count, default JAX's), names every video it cannot decode or
+refuses (an output path outside --output, a video beyond the --max_* bounds, a file that is not
+a local video in a common container, a video that killed the extractor last time) one line each
+and goes on with the others. Exit code: 0 when every video of this process has features, 1 when
+any failed, 2 for bad input (a missing folder, two videos with one name); a SIGTERM stops it as
+Ctrl-C does (exit 143), without blaming the video it was on.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import app, flags
+
+from msk_jax.extract.video import Limits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("videos", None, "Folder of videos (searched recursively) or a csv with a 'video' column "
@@ -45,6 +53,20 @@ flags.DEFINE_integer("process_count", None, "Number of processes sharing the vid
 flags.DEFINE_integer("demo_seed", 0, "--backbone=demo: the demo corpus's seed.")
 flags.DEFINE_integer("demo_feature_dim", 128, "--backbone=demo: the demo corpus's feature width.")
 flags.DEFINE_float("progress_seconds", 10.0, "Seconds between progress lines.")
+flags.DEFINE_float("max_duration", Limits.max_seconds, "Longest video in seconds (by its header, then by its frames' "
+                   "timestamps); a longer one is refused before decoding. A video's audio and its spectrogram's "
+                   "computation grow with its length (about 4 GB an hour at their peak).")
+flags.DEFINE_integer("max_pixels", Limits.max_pixels, "Most pixels of one frame, width * height (default 4096 * 4096; "
+                     "4K video is 8,294,400, 8K 33,177,600); a larger video is refused before decoding.")
+flags.DEFINE_float("max_aspect", Limits.max_aspect, "Largest aspect ratio, longer side / shorter side (10: from 1:10 to "
+                   "10:1); the 2D frames are 224 x (224 * ratio) pixels, so a thinner video is refused before decoding.")
+flags.DEFINE_boolean("retry_killed", False, "Extract again the videos that killed the extractor last time (those "
+                     "whose mark in <output>/.extract-state is left); by default they are skipped and named.")
+
+
+def _stop(signum, frame):
+    # Raised in the main thread, so the extractor unmarks the video it was on, as for Ctrl-C.
+    raise SystemExit(128 + signum)
 
 
 def main(argv):
@@ -68,15 +90,22 @@ def main(argv):
                    store=FLAGS.store, word_vectors=FLAGS.word_vectors, store_dtype=FLAGS.store_dtype,
                    eval_csv=FLAGS.eval_csv, eval_format=FLAGS.eval_format, eval_output=FLAGS.eval_output,
                    process_index=index, process_count=count, demo_seed=FLAGS.demo_seed,
-                   demo_feature_dim=FLAGS.demo_feature_dim, progress_seconds=FLAGS.progress_seconds)
+                   demo_feature_dim=FLAGS.demo_feature_dim, progress_seconds=FLAGS.progress_seconds,
+                   max_duration=FLAGS.max_duration, max_pixels=FLAGS.max_pixels, max_aspect=FLAGS.max_aspect,
+                   retry_killed=FLAGS.retry_killed)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         summary = run(opts)
     except (InputError, DataError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr, flush=True)
         sys.exit(2)
     extracted = summary["extracted_now"] + summary["skipped_done"]
     if extracted == 0:
         print("error: no video could be extracted", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if summary["failed"]:
+        print(f"error: {len(summary['failed'])} of {extracted + len(summary['failed'])} videos failed (named above, "
+              "one line each); the others are extracted", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -15,10 +15,28 @@ the 16 kHz audio (`msk_jax.data.audio`). Output, under one root (local or gs://)
                                     segments, and the reason for a video that could not be decoded
     <output>/parts/part-<i>-of-<n>.json  each process's results; the process that finds every part
                                     present writes the three files above
+    <output>/.extract-state/<path>.started  present while the video is being extracted (below)
 
 Files are written atomically, so a run stopped at any point resumes (`resume=True`): a video whose
 three files exist is not extracted again. `<path>` is the video's path relative to the input
 folder without its extension (or the input csv's `path` column), and `<id>` its last component.
+
+Input is not trusted:
+- a `<path>` that is absolute, holds `..`, names one of the files above or resolves outside the
+  output root (through a symbolic link) is refused, that video alone; two videos that would write
+  the same `<path>` or share an `<id>` (the key of their captions) stop the run before anything
+  is extracted, naming both;
+- videos are read by `msk_jax.extract.video` (local files, common containers only) within
+  `video.Limits` (duration, pixels per frame, aspect ratio), checked on the header first;
+- frames stream from the decoder to the backbones in fixed-size batches, so the frames in memory
+  are one batch's, whatever the video's length (what grows with it: the 16 kHz waveform, 64 KB a
+  second, and the spectrogram's computation over it, about 4 GB an hour of video at its peak; the
+  feature rows, about 20 KB a second);
+- a video is marked before it is decoded and unmarked when its files are written, when it fails
+  as a named video (DataError) or when the run is stopped from outside (Ctrl-C, SIGTERM); a mark
+  left behind means the process died on that video (killed for memory, say, or an exception that
+  ended the run), and the next run skips it, naming it, unless `retry_killed`.
+Videos that fail are named, one line each, and the others are extracted.
 """
 
 from __future__ import annotations
@@ -30,6 +48,8 @@ import json
 import math
 import os
 import pickle
+import posixpath
+import socket
 import sys
 import time
 from typing import Callable, Sequence
@@ -43,14 +63,19 @@ from msk_jax.extract import video as V
 
 Backbone = Callable[[np.ndarray], np.ndarray]
 SUFFIXES = {"2d": "_2d.npz", "3d": "_3d.npz", "audio": "_spec.npz"}
+STATE_DIR = ".extract-state"
+# First components of <path> that would put features on the run's own files and folders.
+RESERVED_NAMES = ("parts", STATE_DIR, "videos.csv", "caption.pickle", "index.json")
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoItem:
-    """One input video: its file and where its features go (`path`, whose last part is the id)."""
+    """One input video: its file and where its features go (`path`, whose last part is the id);
+    `where` names its csv row, for messages."""
 
     file: str
     path: str
+    where: str = dataclasses.field(default="", compare=False)
 
     @property
     def id(self) -> str:
@@ -107,12 +132,92 @@ def list_videos(videos: str) -> list[VideoItem]:
         if not file:
             raise InputError(f"{videos}: row {i + 2} has an empty 'video' field")
         path = (row.get("path") or "").strip() or os.path.splitext(os.path.basename(file))[0]
-        if path not in seen:
-            seen.add(path)
-            items.append(VideoItem(_resolve(file, base), path))
+        item = VideoItem(_resolve(file, base), path, f"{videos} row {i + 2}")
+        if (item.file, item.path) not in seen:  # a csv of clips lists a video once per clip
+            seen.add((item.file, item.path))
+            items.append(item)
     if not items:
         raise InputError(f"{videos}: no rows")
     return items
+
+
+def _inside(output: str, rel: str) -> tuple[bool, str]:
+    """Whether `output`/`rel` resolved (symbolic links followed on disk; the key normalised in a
+    bucket) lies strictly inside `output` resolved; and that resolved path."""
+    if storage.is_remote(output):
+        scheme, _, rest = output.partition("://")
+        root = posixpath.normpath("/" + rest)
+        target = posixpath.normpath(posixpath.join(root, rel))
+        shown = f"{scheme}:/{target}"
+    else:
+        root = os.path.realpath(output)
+        target = shown = os.path.realpath(os.path.join(root, rel))
+    return target.startswith(root.rstrip("/") + "/"), shown
+
+
+def output_path_problem(output: str, path: str) -> str | None:
+    """Why the features of a video with this `<path>` may not be written under `output` (None: they
+    may). The path is relative, without `..`, not one of the run's own names, and stays inside
+    `output` once resolved."""
+    if not path.strip("/"):
+        return "is empty"
+    if not path.isprintable():
+        return "holds control characters"
+    if "://" in path:
+        return "is a URL; give a path relative to --output"
+    if os.path.isabs(path) or path.startswith("/"):
+        return "is absolute; give a path relative to --output"
+    if ".." in path.split("/"):
+        return "holds '..'; the features of every video stay inside --output"
+    norm = posixpath.normpath(path)
+    if norm.split("/")[0] in RESERVED_NAMES:
+        return f"starts with {norm.split('/')[0]!r}, a name of the run's own files in --output"
+    inside, target = _inside(output, norm)
+    if not inside:
+        return f"resolves to {target}, outside --output (through a symbolic link)"
+    return None
+
+
+def check_output_paths(output: str, items: Sequence[VideoItem]) -> tuple[list[VideoItem], dict[str, str]]:
+    """The items with their paths normalised ('a//b/./x' -> 'a/b/x'; an item listed twice kept
+    once) and {path: why} of those whose features may not be written under `output`."""
+    checked, refused, seen = [], {}, set()
+    for item in items:
+        problem = output_path_problem(output, item.path)
+        if problem:
+            where = f"{item.where} ({item.file})" if item.where else item.file
+            refused[item.path] = f"{where}: output path {item.path!r} {problem}"
+            checked.append(item)
+            continue
+        item = dataclasses.replace(item, path=posixpath.normpath(item.path))
+        if (item.file, item.path) not in seen:
+            seen.add((item.file, item.path))
+            checked.append(item)
+    return checked, refused
+
+
+def check_unique(items: Sequence[VideoItem]) -> None:
+    """Raises InputError (one line, naming both videos of the first clash) when two videos would
+    write the same files (same `<path>`: 'x.mp4' and 'x.webm' of one folder) or share an `<id>`
+    (the key of their captions: 'a/x.mp4' and 'b/x.mp4')."""
+    def name(item):
+        return f"{item.file} ({item.where})" if item.where else item.file
+
+    by_path: dict[str, VideoItem] = {}
+    by_id: dict[str, VideoItem] = {}
+    clashes = []
+    for item in items:
+        other = by_path.setdefault(item.path, item)
+        if other is not item:
+            clashes.append(f"videos {name(other)} and {name(item)} would both write {item.path}/{item.id}_*.npz")
+            continue
+        other = by_id.setdefault(item.id, item)
+        if other is not item:
+            clashes.append(f"videos {name(other)} and {name(item)} share the name {item.id!r} ({other.path} and "
+                           f"{item.path}), the key of their captions")
+    if clashes:
+        more = f" (and {len(clashes) - 1} more clash{'es' if len(clashes) > 2 else ''})" if len(clashes) > 1 else ""
+        raise InputError(f"{clashes[0]}{more}; rename one, or give each a distinct name in a csv's 'path' column")
 
 
 def _segment_rows(path: str) -> list[dict]:
@@ -249,7 +354,8 @@ def is_done(output: str, item: VideoItem) -> bool:
 
 def compute_features(decoded: V.DecodedVideo, backbone_2d: Backbone, dim_2d: int, backbone_3d: Backbone,
                      dim_3d: int, batch: int) -> dict[str, np.ndarray]:
-    """{'2d': (N2, D) float16, '3d': (N3, D) float16, 'audio': (40, frames) float32} of a decoded video."""
+    """{'2d': (N2, D) float16, '3d': (N3, D) float16, 'audio': (40, frames) float32} of a video
+    decoded in memory; `extract_video` computes the same rows, the same batches, frame by frame."""
     from msk_jax.data.audio import log_mel_spectrogram
 
     f2d = _batched(backbone_2d, decoded.frames_2d, batch, dim_2d)
@@ -258,20 +364,60 @@ def compute_features(decoded: V.DecodedVideo, backbone_2d: Backbone, dim_2d: int
             "audio": log_mel_spectrogram(decoded.waveform)}
 
 
+class _Batches:
+    """Frames, one at a time, through a backbone in calls of exactly `per_call` items of `group`
+    frames (a 3D clip: 16), as `_batched` over the whole video's frames gives them: the last item
+    and the last call zero-padded, rows of the padding dropped. Holds one call's frames."""
+
+    def __init__(self, fn: Backbone, per_call: int, dim: int, group: int = 1):
+        self.fn, self.per_call, self.dim, self.group = fn, per_call, dim, group
+        self.buffer: np.ndarray | None = None
+        self.filled = 0
+        self.rows: list[np.ndarray] = []
+
+    def add(self, frame: np.ndarray) -> None:
+        if self.buffer is None:
+            self.buffer = np.zeros((self.per_call * self.group,) + frame.shape, frame.dtype)
+        self.buffer[self.filled] = frame
+        self.filled += 1
+        if self.filled == len(self.buffer):
+            self._call(self.per_call)
+
+    def _call(self, items: int) -> None:
+        batch = self.buffer if self.group == 1 else \
+            self.buffer.reshape((self.per_call, self.group) + self.buffer.shape[1:])
+        self.rows.append(np.asarray(self.fn(batch), np.float32)[:items])
+        # A new buffer, not the old one zeroed: a backbone may still hold the batch it was given.
+        self.buffer, self.filled = np.zeros_like(self.buffer), 0
+
+    def finish(self) -> np.ndarray:
+        """(rows, dim) float32: one per frame (group 1) or per started group of frames."""
+        if self.filled:
+            self._call(-(-self.filled // self.group))
+        return np.concatenate(self.rows) if self.rows else np.zeros((0, self.dim), np.float32)
+
+
 def extract_video(item: VideoItem, output: str, backbone_2d: Backbone, dim_2d: int, backbone_3d: Backbone,
-                  dim_3d: int, batch: int) -> dict:
-    """Decodes one video, writes its three files (each atomically); returns its index record.
-    Raises DataError naming the file when it cannot be decoded."""
-    decoded = V.decode_video(item.file)
-    if len(decoded.frames_2d) == 0 or len(decoded.frames_3d) == 0:
+                  dim_3d: int, batch: int, limits: V.Limits | None = None) -> dict:
+    """Decodes one video, its frames going to the backbones batch by batch as they are decoded
+    (the rows of `compute_features`), writes its three files (each atomically); returns its index
+    record. Raises DataError naming the file when it cannot be decoded or is beyond `limits`."""
+    from msk_jax.data.audio import log_mel_spectrogram
+
+    rows_2d = _Batches(backbone_2d, batch, dim_2d)
+    rows_3d = _Batches(backbone_3d, max(1, batch // V.CLIP_FRAMES), dim_3d, group=V.CLIP_FRAMES)
+    streamed = V.stream_video(item.file, rows_2d.add, rows_3d.add, limits=limits)
+    if streamed.frames_2d == 0 or streamed.frames_3d == 0:
         raise DataError(item.file, "no frame was decoded", "no frames")
-    feats = compute_features(decoded, backbone_2d, dim_2d, backbone_3d, dim_3d, batch)
+    feats = {"2d": l2_normalize(rows_2d.finish()).astype(np.float16),
+             "3d": l2_normalize(rows_3d.finish()).astype(np.float16),
+             "audio": log_mel_spectrogram(streamed.waveform)}
     files = feature_files(output, item)
     storage.write_atomic(files["2d"], _npz_bytes(features=feats["2d"]))
     storage.write_atomic(files["3d"], _npz_bytes(features=feats["3d"]))
     storage.write_atomic(files["audio"], _npz_bytes(feats["audio"]))
     return {"rows_2d": len(feats["2d"]), "rows_3d": len(feats["3d"]), "audio_frames": int(feats["audio"].shape[1]),
-            "seconds": round(decoded.duration, 3), "frames": int(len(decoded.frames_2d) + len(decoded.frames_3d))}
+            "seconds": round(streamed.duration, 3), "frames": int(streamed.frames_2d + streamed.frames_3d)}
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -300,8 +446,21 @@ class Options:
     demo_seed: int = 0
     demo_feature_dim: int = 128
     progress_seconds: float = 10.0
+    max_duration: float = V.Limits.max_seconds
+    max_pixels: int = V.Limits.max_pixels
+    max_aspect: float = V.Limits.max_aspect
+    retry_killed: bool = False
     log: Callable[[str], None] = dataclasses.field(default=lambda m: print(f"[extract] {m}", file=sys.stderr,
                                                                             flush=True))
+
+    def limits(self) -> V.Limits:
+        """The bounds on a video (`video.Limits`) that the max_* options set."""
+        for flag in ("max_duration", "max_pixels", "max_aspect"):
+            if not getattr(self, flag) > 0:
+                raise InputError(f"--{flag}={getattr(self, flag)}: must be positive")
+        if self.max_aspect < 1:
+            raise InputError(f"--max_aspect={self.max_aspect}: must be at least 1 (longer side / shorter side)")
+        return V.Limits(max_seconds=self.max_duration, max_pixels=self.max_pixels, max_aspect=self.max_aspect)
 
 
 def make_backbones(opts: Options) -> tuple[Backbone, int, Backbone, int]:
@@ -315,6 +474,19 @@ def make_backbones(opts: Options) -> tuple[Backbone, int, Backbone, int]:
 
 def _part_path(output: str, index: int, count: int) -> str:
     return storage.join(output, "parts", f"part-{index:05d}-of-{count:05d}.json")
+
+
+def marker_path(output: str, item: VideoItem) -> str:
+    """The file present while `item` is being extracted (see the module's docstring)."""
+    return storage.join(output, STATE_DIR, item.path + ".started")
+
+
+def _unmark(marker: str) -> None:
+    storage.path(marker).unlink(missing_ok=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def run(opts: Options) -> dict:
@@ -331,44 +503,66 @@ def run(opts: Options) -> dict:
         raise InputError("--eval_csv needs --eval_output (the pickle to write)")
     if opts.eval_format not in ("msrvtt", "youcook2"):
         raise InputError(f"--eval_format={opts.eval_format}: expected msrvtt or youcook2")
-    items = list_videos(opts.videos)
+    limits = opts.limits()
+    items, refused = check_output_paths(opts.output, list_videos(opts.videos))
+    check_unique([it for it in items if it.path not in refused])
     eval_rows = _segment_rows(opts.eval_csv) if opts.eval_csv else []
     captions = load_captions(opts.captions, items)
     storage.makedirs(opts.output)
     mine = items[opts.process_index::opts.process_count]
-    todo = [it for it in mine if not is_done(opts.output, it)]
+    failures: dict[str, str] = {it.path: refused[it.path] for it in mine if it.path in refused}
+    done, todo = [], []
+    for it in mine:
+        if it.path in failures:
+            continue
+        if is_done(opts.output, it):
+            done.append(it)
+        elif not opts.retry_killed and storage.exists(marker_path(opts.output, it)):
+            failures[it.path] = (f"{it.file}: killed the extractor last time (it left {marker_path(opts.output, it)}); "
+                                 "skipped: --retry_killed tries it again")
+        else:
+            todo.append(it)
     opts.log(f"{len(items)} videos, {len(mine)} for process {opts.process_index}/{opts.process_count}, "
-             f"{len(mine) - len(todo)} already extracted")
+             f"{len(done)} already extracted" + (f", {len(failures)} refused or skipped" if failures else ""))
     records = {}
-    failures: dict[str, str] = {}
     if todo:
         b2, d2, b3, d3 = make_backbones(opts)
         began = last = time.monotonic()
-        frames = 0
+        frames = failed_now = 0
         for k, item in enumerate(todo):
+            marker = marker_path(opts.output, item)
+            storage.write_atomic(marker, json.dumps({"file": item.file, "host": socket.gethostname(),
+                                                     "pid": os.getpid(), "started": time.time()}))
             try:
-                record = extract_video(item, opts.output, b2, d2, b3, d3, opts.batch)
+                record = extract_video(item, opts.output, b2, d2, b3, d3, opts.batch, limits)
             except DataError as err:
-                failures[item.path] = f"{err.problem} ({err.reason})"
-                opts.log(f"cannot extract {item.file}: {err.problem}")
+                _unmark(marker)
+                failed_now += 1
+                failures[item.path] = _one_line(f"{item.file}: {err.problem} ({err.reason})")
+                opts.log(f"cannot extract {item.file}: {_one_line(err.problem)}")
                 continue
+            except (KeyboardInterrupt, SystemExit):
+                _unmark(marker)  # stopped from outside (Ctrl-C, SIGTERM): not the video's doing
+                raise
+            # Any other exception leaves the mark: this video ended the run.
+            _unmark(marker)
             frames += record["frames"]
             records[item.path] = record
             now = time.monotonic()
             if now - last >= opts.progress_seconds or k + 1 == len(todo):
                 last, elapsed = now, now - began
                 eta = elapsed / (k + 1) * (len(todo) - k - 1)
-                opts.log(f"{k + 1}/{len(todo)} videos ({len(failures)} failed), {frames / max(elapsed, 1e-9):.1f} "
+                opts.log(f"{k + 1}/{len(todo)} videos ({failed_now} failed), {frames / max(elapsed, 1e-9):.1f} "
                          f"frames/s, ETA {eta / 60:.1f} min")
-    for item in mine:
-        if item.path not in records and item.path not in failures and is_done(opts.output, item):
-            records[item.path] = _record_from_files(opts.output, item)
+    extracted_now = len(records)
+    for item in done:
+        records[item.path] = _record_from_files(opts.output, item)
     part = {"process_index": opts.process_index, "process_count": opts.process_count,
             "videos": {it.path: {"id": it.id, "file": it.file, **records[it.path]} if it.path in records
                        else {"id": it.id, "file": it.file, "error": failures.get(it.path, "not extracted")}
                        for it in mine}}
     storage.write_atomic(_part_path(opts.output, opts.process_index, opts.process_count), json.dumps(part, indent=1))
-    summary = {"videos": len(items), "extracted_now": len(todo) - len(failures), "skipped_done": len(mine) - len(todo),
+    summary = {"videos": len(items), "extracted_now": extracted_now, "skipped_done": len(done),
                "failed": failures, "complete": False}
     parts = [_part_path(opts.output, i, opts.process_count) for i in range(opts.process_count)]
     if all(storage.exists(p) for p in parts):
@@ -478,7 +672,7 @@ def write_eval_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict
         files = feature_files(opts.output, item)
         f2d, f3d = _load_npz(files["2d"], "features"), _load_npz(files["3d"], "features")
         if item.path not in waveforms:
-            waveforms = {item.path: V.decode_audio(item.file)}
+            waveforms = {item.path: V.decode_audio(item.file, opts.limits())}
         wave = waveforms[item.path]
         lo = 0 if start is None else int(start * SAMPLE_RATE)
         hi = len(wave) if end is None else int(end * SAMPLE_RATE)
