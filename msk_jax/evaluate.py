@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, convert, evaluation, input_pipeline, metric_writers, sharding, storage
+from msk_jax import allocator, convert, evaluation, input_pipeline, metric_writers, safe_load, sharding, storage
 from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
 from msk_jax.model import MultiSKModel
@@ -142,9 +142,9 @@ def load_torch_weights(path: str, template: dict) -> dict:
     if not storage.exists(path):
         raise CheckpointError(f"PyTorch checkpoint '{path}' does not exist.")
     if path.endswith(".npz"):
-        with np.load(storage.local_or_buffer(path)) as data:
-            state = {k.removeprefix("param/"): data[k] for k in data.files if not k.startswith(("input/", "eval/", "train/"))
-                     and k != "config_json"}
+        data = safe_load.load_npz(path)  # sizes and headers checked before anything is inflated
+        state = {k.removeprefix("param/"): v for k, v in data.items() if not k.startswith(("input/", "eval/", "train/"))
+                 and k != "config_json"}
     else:
         state = convert.load_torch_state_dict(path)
     return convert.convert_state_dict(state, template)

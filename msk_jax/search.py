@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from msk_jax import storage
+from msk_jax import safe_load, storage
 from msk_jax.data import features as F
 from msk_jax.data.features import DataError
 
@@ -347,16 +347,12 @@ class SearchIndex:
         windows_path = storage.join(index, "windows.npz")
         if not storage.exists(windows_path):
             raise SearchError(f"{windows_path}: missing (the index is incomplete)")
-        try:
-            with np.load(storage.local_or_buffer(windows_path), allow_pickle=False) as data:
-                missing = [k for k in WINDOW_FIELDS if k not in data.files]
-                if missing:
-                    raise SearchError(f"{windows_path}: has no field '{missing[0]}'")
-                self.columns = {k: data[k] for k in WINDOW_FIELDS}
-        except (OSError, ValueError) as err:
-            if isinstance(err, SearchError):
-                raise
-            raise SearchError(f"{windows_path}: cannot be read ({type(err).__name__}: {err})") from None
+        try:  # sizes and headers checked before anything is inflated
+            # Stored uncompressed (np.savez), so no member is larger than the file.
+            bound = max(safe_load.MAX_ARRAY_BYTES, storage.size(windows_path))
+            self.columns = safe_load.load_npz(windows_path, WINDOW_FIELDS, max_bytes=bound)
+        except DataError as err:
+            raise SearchError(str(err)) from None
 
     def __len__(self) -> int:
         return len(self.columns["start"])

@@ -81,6 +81,16 @@ def move(src: PathLike, dst: PathLike) -> None:
     os.replace(os.path.abspath(src), os.path.abspath(dst))
 
 
+def size(p: PathLike) -> int:
+    """A file's (an object's) size in bytes."""
+    if is_remote(p):
+        import fsspec
+
+        fs, name = fsspec.core.url_to_fs(os.fspath(p))
+        return int(fs.size(name))
+    return os.path.getsize(p)
+
+
 def makedirs(p: PathLike) -> None:
     path(p).mkdir(parents=True, exist_ok=True)
 

@@ -327,6 +327,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.flush()
         if is_main:
             print(pipeline.summary(), flush=True)
+            if pipeline.skipped_videos:  # every one, where the terminal shows the first hundred
+                storage.write_atomic(storage.join(workdir, "input_skipped.txt"),
+                                     "\n".join(pipeline.skipped_lines()) + "\n")
         pipeline.close()
         checkpointer.close()
         release_compiled_programs()

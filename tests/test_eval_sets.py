@@ -52,7 +52,7 @@ def test_bad_eval_input(tmp_path):
         eval_sets.read_eval_pickle(str(tmp_path / "empty.pkl"), eval_sets.MSRVTT, WORDS)
     data = open(tmp_path / "m.pkl", "rb").read()
     (tmp_path / "cut.pkl").write_bytes(data[: len(data) // 3])
-    with pytest.raises(DataError, match="cannot be unpickled"):
+    with pytest.raises(DataError, match="cannot be read as a pickle"):
         eval_sets.read_eval_pickle(str(tmp_path / "cut.pkl"), eval_sets.MSRVTT, WORDS)
     with pytest.raises(FileNotFoundError, match="nowhere.pkl"):
         eval_sets.read_eval_pickle(str(tmp_path / "nowhere.pkl"), eval_sets.MSRVTT, WORDS)

@@ -165,7 +165,7 @@ def test_tfds_builder_round_trip(corpus, tmp_path, large_vocabulary):
 
 
 def _counts(pipeline):
-    return dict(pipeline.skipped), dict(pipeline.skipped_examples)
+    return dict(pipeline.skipped), dict(pipeline.skipped_videos)
 
 
 def test_worker_processes_and_batch_tasks_give_the_batches_of_threads(corpus):

@@ -10,7 +10,6 @@ MSR-VTT 1k-A test (968 present) and 3350 for YouCook2 (3339 present).
 from __future__ import annotations
 
 import dataclasses
-import pickle
 
 import numpy as np
 
@@ -57,11 +56,8 @@ def load_eval_entries(path: str, fmt: EvalFormat) -> tuple[list[dict], int]:
     and the number dropped for lacking 2D features."""
     if not storage.exists(path):
         raise FileNotFoundError(f"{fmt.name} evaluation pickle '{path}' does not exist.")
-    try:
-        with storage.open_read(path) as f:
-            entries = safe_load.load(f, path)  # only data types, never code
-    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ImportError) as err:
-        raise F.DataError(path, f"cannot be unpickled ({type(err).__name__}: {err}); truncated?", "unreadable")
+    with storage.open_read(path) as f:
+        entries = safe_load.load(f, path)  # only data types, never code; a DataError names the file
     if not isinstance(entries, list):
         raise F.DataError(path, f"must hold a list of dicts, got {type(entries).__name__}", "bad file")
     kept = [e for e in entries if isinstance(e, dict) and fmt.key_2d in e]

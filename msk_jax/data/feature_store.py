@@ -44,11 +44,24 @@ from msk_jax import safe_load, storage
 from msk_jax.data import features as F
 from msk_jax.data import howto100m
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
+from msk_jax.data.pipeline import failure
 from msk_jax.data.word2vec import load_vectors, save_vectors
 
 FORMAT = "msk_jax.feature_store/1"
 DTYPES = ("float32", "float16", "bfloat16")
 KINDS = ("2d", "3d", "audio")
+
+
+def _shard_names(meta_path: str, meta: dict) -> list[str]:
+    """meta.json's shard files: plain file names inside the store (never a path elsewhere)."""
+    names = meta.get("shards")
+    if not isinstance(names, list):
+        raise F.DataError(meta_path, "'shards' must be a list of file names", "bad store")
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
+                or name.startswith("."):
+            raise F.DataError(meta_path, f"shard {name!r} is not a file name inside the store", "bad store")
+    return names
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -110,8 +123,8 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
     for i in range(n):
         try:
             video = reader.video(i)
-        except F.DataError as err:
-            reasons[i], where[i], problems[i] = err.reason, err.path, err.problem
+        except Exception as err:  # any failure of a reader is recorded for its video, as training skips it
+            where[i], problems[i], reasons[i] = failure(reader, i, err)
             continue
         # Video rows are stored L2-normalised, as every clip uses them (the same bits as normalising
         # at sampling time, one pass fewer per clip).
@@ -222,17 +235,43 @@ class FeatureStoreSource:
                 raise F.DataError(meta_path, f"{field} is {self.meta[field]} but the config expects {want}; "
                                   "rebuild the store or fix the config", "wrong dimension")
         self.dtype = numpy_dtype(self.meta["dtype"])
-        with np.load(storage.local_or_buffer(storage.join(directory, "index.npz"))) as index:
-            self.paths = [str(p) for p in index["paths"]]
-            self.shard, self.offset, self.rows = index["shard"], index["offset"], index["rows"]
-            self.reason, self.where, self.problem = index["reason"], index["where"], index["problem"]
+        self.row_bytes = [self.meta[k] * self.dtype.itemsize for k in ("dim_2d", "dim_3d", "audio_bins")]
+        self.shard_paths = [storage.join(directory, name) for name in _shard_names(meta_path, self.meta)]
+        self._read_index(storage.join(directory, "index.npz"))
         captions_path = storage.join(directory, "captions.pickle")
         with storage.open_read(captions_path) as f:
             self.captions = safe_load.load(f, captions_path)  # a copied store: only data types, never code
         self.word_vectors = load_vectors(self.directory)
-        self.shard_paths = [storage.join(directory, name) for name in self.meta["shards"]]
-        self.row_bytes = [self.meta[k] * self.dtype.itemsize for k in ("dim_2d", "dim_3d", "audio_bins")]
         self.reader = storage.RangeReader(max_gap=max_gap)
+
+    def _read_index(self, path: str) -> None:
+        """The index's tables, each of the size meta.json gives (bounded before it is read), and
+        each usable entry checked against its shard: an entry outside its shard's bytes (a damaged
+        or edited index, a truncated shard) is an unusable video like one the build recorded."""
+        n = int(self.meta.get("videos", 0))
+        names = ("paths", "shard", "offset", "rows", "reason", "where", "problem")
+        index = safe_load.load_npz(path, names, max_bytes=(1 << 20) + (n << 14))  # 16 KiB a video: its strings
+        for name in names:
+            if len(index[name]) != n:
+                raise F.DataError(path, f"'{name}' has {len(index[name])} entries, meta.json says {n} videos", "bad store")
+        if index["offset"].shape != (n, 3) or index["rows"].shape != (n, 3):
+            raise F.DataError(path, "'offset' and 'rows' must be (videos, 3)", "bad store")
+        self.paths = [str(p) for p in index["paths"]]
+        self.shard, self.offset, self.rows = index["shard"], index["offset"], index["rows"]
+        self.reason, self.where, self.problem = (index[k].astype(object) for k in ("reason", "where", "problem"))
+        sizes = np.array([storage.size(p) for p in self.shard_paths], np.int64)
+        ends = self.offset + self.rows * np.array(self.row_bytes, np.int64)
+        known = (self.shard >= 0) & (self.shard < len(sizes))
+        room = np.where(known, sizes[np.clip(self.shard, 0, max(0, len(sizes) - 1))] if len(sizes) else 0, -1)
+        outside = (self.offset < 0).any(1) | (self.rows < 0).any(1) | (ends.max(1) > room)
+        for i in np.flatnonzero((self.reason == "") & (outside | ~known)):  # vectorised: a store holds millions
+            shard = int(self.shard[i])
+            if not known[i]:
+                problem = f"shard {shard} does not exist (the store has {len(sizes)})"
+            else:
+                problem = (f"its rows lie outside {self.shard_paths[shard]} (bytes up to {int(ends[i].max()):,} of "
+                           f"{int(sizes[shard]):,})")
+            self.reason[i], self.where[i], self.problem[i] = "bad store entry", f"{path} [{self.paths[i]}]", problem
 
 
     def __len__(self) -> int:

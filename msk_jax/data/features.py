@@ -137,9 +137,15 @@ def video_tokens(rows_2d: np.ndarray, rows_3d: np.ndarray, n_tokens: int, out=No
     return video, mask
 
 
+def _check_numeric(path: str, array: np.ndarray, what: str) -> None:
+    if array.dtype.kind not in "fiu":
+        raise DataError(path, f"{what} must be numbers (float or int), got dtype {array.dtype}", "bad dtype")
+
+
 def check_features(path: str, array: np.ndarray, dim: int | None, what: str) -> np.ndarray:
     """A (T, dim) feature matrix, or a DataError naming the file."""
     array = np.asarray(array)
+    _check_numeric(path, array, what)
     if array.ndim != 2:
         raise DataError(path, f"{what} must be a (time, dim) matrix, got shape {array.shape}", "bad shape")
     if dim is not None and array.shape[1] != dim:
@@ -152,6 +158,7 @@ def check_features(path: str, array: np.ndarray, dim: int | None, what: str) -> 
 def check_log_mel(path: str, log_mel: np.ndarray, bins: int | None) -> np.ndarray:
     """The log-mel (bins, frames) if usable (bins None: any number of bins), else a DataError."""
     log_mel = np.asarray(log_mel)
+    _check_numeric(path, log_mel, "log-mel")
     if log_mel.ndim != 2 or (bins is not None and log_mel.shape[0] != bins):
         raise DataError(path, f"log-mel must be ({bins} bins, frames), got shape {log_mel.shape}",
                         "wrong dimension")

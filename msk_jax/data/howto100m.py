@@ -20,12 +20,8 @@ window of a video at once (`feature_store.FeatureStoreSource.sample_videos`).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import sys
-import threading
-import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -101,7 +97,12 @@ def load_captions(path: str) -> dict:
     if not storage.exists(path):
         raise FileNotFoundError(f"caption file '{path}' does not exist.")
     with storage.open_read(path) as f:
-        return safe_load.load(f, path)  # a downloaded file: only data types, never code
+        # A downloaded file: only data types, never code; a value too large to make refuses its
+        # video alone (check_caption).
+        captions = safe_load.load(f, path, in_place=True)
+    if not isinstance(captions, Mapping):
+        raise F.DataError(path, f"must hold a dict of video id -> caption, got {type(captions).__name__}", "bad file")
+    return captions
 
 
 def check_caption(source: str, video_id: str, caption: Any) -> dict:
@@ -111,38 +112,37 @@ def check_caption(source: str, video_id: str, caption: Any) -> dict:
         raise F.DataError(where, "no ASR caption for this video", "no caption")
     if not isinstance(caption, Mapping) or not {"start", "end", "text"} <= set(caption):
         raise F.DataError(where, "caption must be a dict with 'start', 'end' and 'text'", "bad caption")
-    start = np.asarray(caption["start"], np.float64).reshape(-1)
-    end = np.asarray(caption["end"], np.float64).reshape(-1)
-    text = list(caption["text"])
+    for field in ("start", "end", "text"):
+        if isinstance(caption[field], safe_load.Refused):
+            raise F.DataError(where, f"caption '{field}' {caption[field].problem}", "too large")
+    try:
+        start = np.asarray(caption["start"], np.float64).reshape(-1)
+        end = np.asarray(caption["end"], np.float64).reshape(-1)
+        text = list(caption["text"])
+    except (TypeError, ValueError, OverflowError) as err:
+        raise F.DataError(where, f"caption times must be numbers and texts a list ({err})", "bad caption") from None
     if not (len(start) == len(end) == len(text)):
         raise F.DataError(where, f"caption has {len(start)} starts, {len(end)} ends and {len(text)} texts",
                           "bad caption")
     if len(start) == 0:
         raise F.DataError(where, "caption has no ASR segments", "no ASR segments")
+    bad = ~(np.isfinite(start) & np.isfinite(end))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise F.DataError(where, f"segment {i} has time {start[i]}-{end[i]} (NaN or infinite)", "bad caption time")
+    reversed_ = end < start
+    if reversed_.any():
+        i = int(np.argmax(reversed_))
+        raise F.DataError(where, f"segment {i} ends before it starts ({start[i]}-{end[i]} s)", "bad caption time")
     return {"start": start, "end": end, "text": text}
 
 
-# NumPy parses each array header with `ast.literal_eval`; CPython before 3.11.8 and 3.12.2 can
-# fail ("AST constructor recursion depth mismatch", gh-106905) when two threads do that at once,
-# so loader threads take turns there (they share one interpreter lock anyway; worker processes
-# do not need this).
-_AST_LOCK = threading.Lock() if sys.version_info < (3, 11, 8) or (3, 12) <= sys.version_info < (3, 12, 2) \
-    else contextlib.nullcontext()
-
-
 def _load_npz(path: str, key: str) -> np.ndarray:
+    """Array `key` of a feature file, its size and header checked before it is inflated
+    (`safe_load.load_npz`); a DataError names the file on any problem."""
     if not storage.exists(path):
         raise F.DataError(path, "file does not exist", "missing features")
-    try:
-        with np.load(storage.local_or_buffer(path)) as data:
-            if key not in data.files:
-                raise F.DataError(path, f"has no key '{key}' (keys: {data.files})", "bad file")
-            with _AST_LOCK:
-                return data[key]
-    except F.DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise F.DataError(path, f"cannot be read ({type(err).__name__}: {err}); truncated?", "unreadable") from err
+    return safe_load.load_npz(path, (key,))[key]
 
 
 def _feature_path(root: str, path: str, video_id: str, suffix: str) -> str:
@@ -206,7 +206,7 @@ class HowTo100MReader:
     def caption_texts(self):
         """Every ASR text of the captions (of malformed ones too, as far as they have texts)."""
         for caption in self.captions.values():
-            if isinstance(caption, Mapping) and "text" in caption:
+            if isinstance(caption, Mapping) and isinstance(caption.get("text"), (list, tuple, np.ndarray)):
                 yield from (str(text) for text in caption["text"])
 
     def __getstate__(self):

@@ -5,8 +5,13 @@ the order `permutation(seed, e)` cut into batches of `videos_per_batch` slots (a
 batch is dropped). Process p of P fills the p-th slice of every batch, so the processes read
 disjoint shards and together build exactly the global batch a single process would. A slot
 whose video cannot be read (missing or truncated files, no ASR segments, ...) takes a
-replacement drawn from (seed, epoch, slot, attempt), tried until one can be read; the failures
-are counted and `summary()` says how many and why. Each video yields `n_clips` clips sampled
+replacement drawn from (seed, epoch, slot, attempt), tried until one can be read. Any failure of
+a reader counts (a `DataError`, any other exception it raises, a worker process that dies on a
+video, e.g. killed for memory): the video is skipped by name, and `summary()` names each skipped
+video once with its reason. A worker that dies takes the videos it was reading with it: the pool
+is replaced and those videos are read again one at a time, so only a video that kills a worker
+twice is skipped, with the same replacement a `DataError` gets. So an odd file never ends a run,
+and a requeued run meets the same skips at the same places. Each video yields `n_clips` clips sampled
 with a generator seeded by (seed, epoch, video index). So a batch depends on nothing but the
 seed and its place in the stream: not on threads, worker processes, the process count, or what
 was skipped elsewhere.
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import inspect
 import mmap
 import multiprocessing
@@ -173,20 +179,50 @@ def slot_candidate(seed: int, epoch: int, slot: int, attempt: int, num_videos: i
     return int(np.random.default_rng([seed, epoch, slot, attempt]).integers(num_videos))
 
 
+def video_name(source, video: int) -> str:
+    """How a failure names a video: its csv path where the source has one."""
+    try:
+        return str(source.paths[video])
+    except (AttributeError, IndexError, TypeError, KeyError):
+        return f"video {video}"
+
+
+def failure(source, video: int, err: BaseException) -> tuple[str, str, str]:
+    """The (path, problem, reason) fields of a read that failed: a DataError's own; for any other
+    exception, the video's name, the exception's first line and its type."""
+    if isinstance(err, DataError):
+        return err.path, err.problem, err.reason
+    lines = str(err).strip().splitlines()
+    return (video_name(source, video), f"the reader raised {type(err).__name__}: {lines[0][:200] if lines else ''}",
+            f"reader error ({type(err).__name__})")
+
+
+WORKER_DIED = "worker died"
+
+
+def _died(source, video: int) -> tuple[str, str, str]:
+    return (video_name(source, video), "a worker process died reading it twice (killed, e.g. for memory, or "
+            "crashed)", WORKER_DIED)
+
+
 def _sample_slot(source, seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, out=None,
-                 first_attempt: int = 0):
+                 first_attempt: int = 0, dead: frozenset = frozenset()):
     """The clips of one slot: its video, or the first readable replacement. Returns (clips or
-    None when `max_attempts` candidates failed, [DataError fields of each failure]); from
-    `first_attempt` on (those before it failed already)."""
+    None when `max_attempts` candidates failed, [failure fields of each failure]); from
+    `first_attempt` on (those before it failed already). Videos in `dead` killed a worker before
+    and are not read again."""
     errors, video = [], first_video
     for attempt in range(first_attempt, max_attempts):
         if attempt:
             video = slot_candidate(seed, epoch, slot, attempt, len(source))
+        if video in dead:
+            errors.append(_died(source, video))
+            continue
         rng = video_rng(seed, epoch, video)
         try:
             clips = source.sample_clips(video, rng) if out is None else source.sample_clips(video, rng, out=out)
-        except DataError as err:
-            errors.append((err.path, err.problem, err.reason))
+        except Exception as err:  # any failure of a reader skips the video, never the run
+            errors.append(failure(source, video, err))
             continue
         return clips, errors
     return None, errors
@@ -205,47 +241,61 @@ def _write(clips: dict, views: dict[str, np.ndarray], slot: int) -> None:
         view[...] = value
 
 
-def _load_into_slot(seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, memory_slot: int):
-    """In a worker process: one slot's clips into shared-memory slot `memory_slot`. Returns
-    (whether it was filled, [DataError fields], CPU seconds, bytes the source read)."""
+def _load_into_slot(seed: int, epoch: int, slot: int, first_video: int, max_attempts: int, memory_slot: int,
+                    first_attempt: int = 0, dead: frozenset = frozenset()):
+    """In a worker process: one slot's clips into shared-memory slot `memory_slot`, from candidate
+    `first_attempt` on. Returns (whether it was filled, [failure fields], CPU seconds, bytes the
+    source read)."""
     cpu, source = time.process_time(), _WORKER["source"]
     read = getattr(source, "bytes_read", 0)
     views = _WORKER["slots"].views(memory_slot)
     clips, errors = _sample_slot(source, seed, epoch, slot, first_video, max_attempts,
-                                 out=views if _WORKER["writes_out"] else None)
+                                 out=views if _WORKER["writes_out"] else None, first_attempt=first_attempt, dead=dead)
     if clips is not None:
         _write(clips, views, slot)
     return clips is not None, errors, time.process_time() - cpu, getattr(source, "bytes_read", 0) - read
 
 
-def _fill_rows(seed: int, epoch: int, buffer: int, position: int, slots: list[tuple[int, int]], max_attempts: int):
-    """In a worker process: the clips of consecutive slots of one batch ((global slot, first-choice
-    video) each, the first at video `position` of the batch), written into their rows of batch
-    buffer `buffer`; a slot whose video cannot be read takes its replacements here. Returns
-    ([(whether the slot was filled, [DataError fields]) per slot], CPU seconds, bytes read)."""
+def _fill_rows(seed: int, epoch: int, buffer: int, position: int, slots: list[tuple[int, int, int]],
+               max_attempts: int, dead: frozenset = frozenset()):
+    """In a worker process: the clips of consecutive slots of one batch ((global slot, candidate
+    video, its attempt) each, the first at video `position` of the batch), written into their rows
+    of batch buffer `buffer`; a slot whose candidate cannot be read takes its next replacements
+    here. Returns ([(whether the slot was filled, [failure fields]) per slot], CPU seconds, bytes
+    read)."""
     cpu, source = time.process_time(), _WORKER["source"]
     read = getattr(source, "bytes_read", 0)
     n = _WORKER["rows_per_video"]
     rows = _WORKER["slots"].views(buffer, (position * n, (position + len(slots)) * n))
     outs = [{key: view[i * n:(i + 1) * n] for key, view in rows.items()} for i in range(len(slots))]
-    requests = [(video, video_rng(seed, epoch, video)) for _, video in slots]
-    if hasattr(source, "sample_videos"):
-        first = source.sample_videos(requests, outs)
-    else:
-        first = []
-        for (video, rng), out in zip(requests, outs):
+    requests = [(video, video_rng(seed, epoch, video)) for _, video, _ in slots]
+    first = None
+    if any(video in dead for video, _ in requests):  # each is read alone below, past the dead ones
+        first = [DataError(*_died(source, video)) if video in dead else None for video, _ in requests]
+    elif hasattr(source, "sample_videos"):
+        try:
+            first = source.sample_videos(requests, outs)
+        except Exception:  # one video broke the shared read: each is read alone below, to find it
+            first = None
+    if first is None or None in first:
+        given, first = first or [None] * len(requests), []
+        for (video, rng), out, known in zip(requests, outs, given):
+            if known is not None:
+                first.append(known)
+                continue
             try:
                 first.append(source.sample_clips(video, rng, out=out) if _WORKER["writes_out"]
                              else source.sample_clips(video, rng))
-            except DataError as err:
+            except Exception as err:
                 first.append(err)
     done = []
-    for (slot, video), out, clips in zip(slots, outs, first):
+    for (slot, video, attempt), out, clips in zip(slots, outs, first):
         errors = []
-        if isinstance(clips, DataError):
-            errors.append((clips.path, clips.problem, clips.reason))
+        if isinstance(clips, BaseException):
+            errors.append(failure(source, video, clips))
             clips, more = _sample_slot(source, seed, epoch, slot, video, max_attempts,
-                                       out=out if _WORKER["writes_out"] else None, first_attempt=1)
+                                       out=out if _WORKER["writes_out"] else None, first_attempt=attempt + 1,
+                                       dead=dead)
             errors.extend(more)
         if clips is not None:
             _write(clips, out, slot)
@@ -302,8 +352,11 @@ class TrainingPipeline:
         self._turn, self._returned_turn = 0, -1  # batch buffers are used in turns: turn % count
         self._next = (0, 0)                      # (epoch, local index) of the next slot to submit
         self._cached_epoch, self._cached_order = -1, np.empty(0, int)
-        self.skipped: collections.Counter = collections.Counter()
-        self.skipped_examples: dict[str, str] = {}
+        self.skipped: collections.Counter = collections.Counter()  # reason -> videos skipped for it
+        self.skipped_videos: dict[str, tuple[str, str]] = {}  # video (file) -> (reason, problem), once each
+        self.skip_events = 0                                   # failed reads, a video met twice counts twice
+        self.worker_restarts = 0
+        self._dead: set[int] = set()  # videos that killed a worker twice: never handed out again
         self.clips_served = 0
         self.worker_cpu_seconds = 0.0  # CPU time of the worker processes (threads count in this process's)
         self.worker_bytes_read = 0     # bytes the worker processes' sources read
@@ -354,19 +407,58 @@ class TrainingPipeline:
             layout = {k: (v.shape, v.dtype.str) for k, v in example.items()}
             self._free_slots.extend(range(count))
         self._slots = _SharedSlots(layout, count)
+        self._worker_args = (self.source, self._slots.memory.name, self._slots.layout, count, os.getpid(),
+                             rows_per_video)
+        self._new_pool()
+
+    def _new_pool(self) -> None:
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(self.source, self._slots.memory.name, self._slots.layout, count, os.getpid(), rows_per_video))
+            initargs=self._worker_args)
+
+    def _replace_pool(self) -> None:
+        """A new pool after a worker died (the executor then ends its other workers too); the
+        shared memory stays."""
+        # The executor ends a broken pool's workers with SIGTERM, which ours ignore: kill them.
+        for process in list((getattr(self._executor, "_processes", None) or {}).values()):
+            process.kill()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.worker_restarts += 1
+        self._new_pool()
 
     def _submit(self, fn, *args) -> concurrent.futures.Future:
         """A task for the worker processes. A submit may start a worker, which inherits the signal
         mask: SIGTERM and SIGINT are blocked meanwhile, so a worker cannot die of one before it
-        ignores them (here they wait, undelivered, for the moment the mask is restored)."""
+        ignores them (here they wait, undelivered, for the moment the mask is restored). A pool
+        that a dead worker broke since the last task is replaced first."""
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            return self._executor.submit(fn, *args)
+            try:
+                return self._executor.submit(fn, *args)
+            except concurrent.futures.process.BrokenProcessPool:
+                self._replace_pool()
+                return self._executor.submit(fn, *args)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _alone(self, fn, args_at, slot: int, video: int, epoch: int) -> tuple:
+        """Reads one slot in a worker of its own (after a worker died on a task holding it):
+        `fn(*args_at(candidate, attempt))`, its result once it lives. A candidate whose worker dies
+        again is skipped (`WORKER_DIED`) for the slot's next replacement. Returns (the result,
+        [failure fields of the candidates that killed their worker])."""
+        errors, attempt = [], 0
+        while True:
+            future = self._submit(fn, *args_at(video, attempt))
+            try:
+                return future.result(), errors
+            except concurrent.futures.process.BrokenProcessPool:
+                self._replace_pool()
+                errors.append(_died(self.source, video))
+                self._dead.add(video)
+                attempt += 1
+                if attempt >= self.max_attempts:
+                    return None, errors
+                video = slot_candidate(self.seed, epoch, slot, attempt, len(self.source))
 
     def _next_position(self) -> tuple[int, int]:
         """(epoch, local index) of the next slot to hand out: past an epoch's last batch, the
@@ -385,11 +477,11 @@ class TrainingPipeline:
             order, buffer = self._order(epoch), self._turn % self._slots.count
             tasks = []
             for position in range(0, self.local_videos, self.videos_per_task):
-                slots = [(slot, int(order[slot])) for slot in
+                slots = [(slot, int(order[slot]), 0) for slot in
                          map(self._slot, range(local_index + position,
                                                local_index + min(self.local_videos, position + self.videos_per_task)))]
                 tasks.append((slots, self._submit(_fill_rows, self.seed, epoch, buffer, position, slots,
-                                                  self.max_attempts)))
+                                                  self.max_attempts, frozenset(self._dead))))
             self._pending.append((epoch, local_index // self.local_videos, self._turn, tasks))
             self._turn += 1
             self._next = (epoch, local_index + self.local_videos)
@@ -399,8 +491,11 @@ class TrainingPipeline:
         self._submit_batches(1 + self.prefetch)
         epoch, batch, turn, tasks = self._pending.popleft()
         self._returned_turn = turn
-        for slots, future in tasks:
-            done, cpu, read = future.result()
+        try:
+            results = [future.result() for _, future in tasks]
+        except concurrent.futures.process.BrokenProcessPool:
+            results = self._refill_alone(epoch, batch, turn, tasks)
+        for done, cpu, read in results:
             self.worker_cpu_seconds += cpu
             self.worker_bytes_read += read
             for (filled, errors) in done:
@@ -413,11 +508,39 @@ class TrainingPipeline:
         self.clips_served += len(views[self.keys[0]])
         return {k: views[k] for k in self.keys}
 
+    def _refill_alone(self, epoch: int, batch: int, turn: int, tasks) -> list:
+        """A worker died on a task of this batch: a new pool reads the batch's slots one at a
+        time into the same rows (the batches after it are dropped and handed out again)."""
+        self._replace_pool()
+        self._drop_pending()
+        self._turn, self._next = turn + 1, (epoch, (batch + 1) * self.local_videos)
+        buffer, results = turn % self._slots.count, []
+        position = 0
+        for slots, _ in tasks:
+            for slot, video, _ in slots:
+                def args_at(candidate, attempt, position=position, slot=slot):
+                    return (self.seed, epoch, buffer, position, [(slot, candidate, attempt)], self.max_attempts,
+                            frozenset(self._dead))
+                result, died = self._alone(_fill_rows, args_at, slot, video, epoch)
+                if result is None:
+                    result = ([(False, [])], 0.0, 0)
+                (filled, errors), = result[0]
+                results.append(([(filled, died + errors)], *result[1:]))
+                position += 1
+        return results
+
+    def _drop_pending(self) -> None:
+        """Forgets the tasks in flight of a pool that broke (its workers are gone)."""
+        if not self.batch_tasks:
+            self._free_slots.extend(memory_slot for _, _, memory_slot, _ in self._pending)
+        self._pending.clear()
+
     def _count(self, errors) -> None:
-        for fields in errors:
-            error = DataError(*fields)
-            self.skipped[error.reason] += 1
-            self.skipped_examples.setdefault(error.reason, str(error))
+        for path, problem, reason in errors:
+            self.skip_events += 1
+            if path not in self.skipped_videos:
+                self.skipped_videos[path] = (reason, problem)
+                self.skipped[reason] += 1
 
     def _submit_until(self, count: int) -> None:
         while len(self._pending) < count:
@@ -429,17 +552,31 @@ class TrainingPipeline:
                     self._start_processes(epoch, slot)
                 memory_slot = self._free_slots.popleft()
                 future = self._submit(_load_into_slot, self.seed, epoch, slot, first_video, self.max_attempts,
-                                      memory_slot)
+                                      memory_slot, 0, frozenset(self._dead))
             else:
                 memory_slot, future = None, self._executor.submit(self._load, epoch, slot, first_video)
             self._pending.append((epoch, slot, memory_slot, future))
             self._next = (epoch, local_index + 1)
 
-    def _result(self, memory_slot, future):
-        """A finished load: (clips, views of a memory slot for processes, or None; [DataError fields])."""
+    def _result(self, epoch: int, slot: int, memory_slot, future):
+        """A finished load: (clips, views of a memory slot for processes, or None; [failure fields])."""
         if memory_slot is None:
             return future.result()
-        filled, errors, cpu, read = future.result()
+        died = []
+        try:
+            filled, errors, cpu, read = future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            # A worker died: a new pool reads this slot alone, the slots after it are handed out again.
+            self._replace_pool()
+            self._drop_pending()
+            batch, offset = divmod(slot, self.videos_per_batch)
+            self._next = (epoch, batch * self.local_videos + offset - self.process_index * self.local_videos + 1)
+
+            def args_at(candidate, attempt):
+                return self.seed, epoch, slot, candidate, self.max_attempts, memory_slot, attempt, frozenset(self._dead)
+            result, died = self._alone(_load_into_slot, args_at, slot, int(self._order(epoch)[slot]), epoch)
+            filled, errors, cpu, read = result if result is not None else (False, [], 0.0, 0)
+            errors = died + errors
         self.worker_cpu_seconds += cpu
         self.worker_bytes_read += read
         if not filled:
@@ -459,7 +596,7 @@ class TrainingPipeline:
         for _ in range(self.local_videos):
             self._submit_until(lookahead)
             epoch, slot, memory_slot, future = self._pending.popleft()
-            clips, errors = self._result(memory_slot, future)
+            clips, errors = self._result(epoch, slot, memory_slot, future)
             self._count(errors)
             if clips is None:
                 raise RuntimeError(f"TrainingPipeline: {len(errors)} videos in a row could not be read. "
@@ -502,13 +639,23 @@ class TrainingPipeline:
     def clips_per_second(self) -> float:
         return self.clips_served / max(time.monotonic() - self._start_time, 1e-9)
 
-    def summary(self) -> str:
-        total = sum(self.skipped.values())
+    def skipped_lines(self) -> list[str]:
+        """One line per skipped video, by reason: 'reason: video: problem'."""
+        by_reason = sorted(self.skipped_videos.items(), key=lambda item: (item[1][0], item[0]))
+        return [f"{reason}: {path}: {problem}" for path, (reason, problem) in by_reason]
+
+    def summary(self, max_videos: int = 100) -> str:
+        """How many videos were skipped, for which reasons, and each video once with its reason
+        (the first `max_videos`; `skipped_lines()` has them all)."""
+        total = len(self.skipped_videos)
         if not total:
             return "input: no video skipped."
-        lines = [f"input: skipped {total} videos:"]
-        for reason, count in self.skipped.most_common():
-            lines.append(f"  {count} x {reason} (e.g. {self.skipped_examples[reason]})")
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+        again = f", met {self.skip_events} times" if self.skip_events != total else ""
+        lines = [f"input: skipped {total} video{'s' * (total != 1)}{again} ({reasons}):"]
+        lines += [f"  {line}" for line in self.skipped_lines()[:max_videos]]
+        if total > max_videos:
+            lines.append(f"  ... and {total - max_videos} more")
         return "\n".join(lines)
 
     def _drain(self) -> None:
