@@ -62,31 +62,42 @@ class WordVectors:
 
 
 def load_word2vec_binary(path: str, limit: int | None = None) -> WordVectors:
-    """Reads a word2vec binary file; `limit` keeps only the first words (the file's order)."""
+    """Reads a word2vec binary file; `limit` keeps only the first words (the file's order). A file
+    that is not one (a bad header, a vocabulary larger than the file can hold, a truncated word)
+    raises a DataError naming it, before anything of the header's size is allocated."""
+    from msk_jax.data.features import DataError
+
     if not storage.exists(path):
         raise FileNotFoundError(f"word vectors: '{path}' does not exist.")
+    size = storage.size(path)
     with storage.open_read(path) as f:
-        header = f.readline().split()
-        if len(header) != 2 or not all(h.isdigit() for h in header):
-            raise ValueError(f"word vectors: '{path}' does not start with a '<vocab> <dim>' header "
-                             "(is it the word2vec *binary* format?).")
+        line = f.readline(64)
+        header = line.split()
+        if len(header) != 2 or not all(h.isdigit() for h in header) or not line.endswith(b"\n"):
+            raise DataError(path, "does not start with a '<vocab> <dim>' header line (is it the word2vec *binary* "
+                                  "format?)", "bad word vectors")
         vocab, dim = int(header[0]), int(header[1])
         count = vocab if limit is None else min(vocab, limit)
-        words, vectors = [], np.empty((count, dim), np.float32)
         row_bytes = dim * 4
+        # Each word takes its vector and at least a character and a space: a header that promises
+        # more than the file holds is refused before the vectors are allocated.
+        if dim == 0 or count * (row_bytes + 2) > size - len(line):
+            raise DataError(path, f"header promises {vocab:,} words of {dim} dimensions, more than its {size:,} bytes "
+                                  "hold; not a word2vec binary file, or truncated", "bad word vectors")
+        words, vectors = [], np.empty((count, dim), np.float32)
         for i in range(count):
             word = bytearray()
             while True:
                 ch = f.read(1)
                 if ch == b"":
-                    raise ValueError(f"word vectors: '{path}' is truncated at word {i} of {vocab}.")
+                    raise DataError(path, f"is truncated at word {i} of {vocab}", "bad word vectors")
                 if ch == b" ":
                     break
                 if ch != b"\n":
                     word += ch
             data = f.read(row_bytes)
             if len(data) != row_bytes:
-                raise ValueError(f"word vectors: '{path}' is truncated in the vector of word {i} of {vocab}.")
+                raise DataError(path, f"is truncated in the vector of word {i} of {vocab}", "bad word vectors")
             words.append(word.decode("utf-8", errors="replace"))
             vectors[i] = np.frombuffer(data, "<f4")
     return WordVectors(words, vectors, origin=(path, limit))
