@@ -102,9 +102,13 @@ class DecodedVideo:
 class _FrameGraph:
     """buffer -> fps -> scale -> [crop] -> format=rgb24 -> buffersink for one video stream."""
 
-    def __init__(self, stream, fps: int, size: int, crop: bool):
+    def __init__(self, stream, fps: int, size: int, crop: bool, max_frames: int, path: str):
         import av
 
+        # The frames a video within the duration bound can give: the fps filter fills gaps between
+        # timestamps with copies, so a damaged timestamp (or none) could otherwise make it emit
+        # frames without end.
+        self.max_frames, self.path = max_frames, path
         height, width = stream.codec_context.height, stream.codec_context.width
         out_h, out_w = output_size(height, width, size)
         self.graph = av.filter.Graph()
@@ -131,6 +135,9 @@ class _FrameGraph:
             except (av.BlockingIOError, av.EOFError):
                 return
             self.count += 1
+            if self.count > self.max_frames:
+                raise DataError(self.path, f"gives more than {self.max_frames:,} frames at its frame rate, beyond the "
+                                           "duration bound (--max_duration); damaged timestamps?", "too long")
             try:
                 sink(out.to_ndarray(format="rgb24"))
             except Exception as err:
@@ -221,6 +228,8 @@ def check_header(container, path: str, limits: Limits, frames: bool) -> None:
                               "(--max_duration)", "too long")
     video = container.streams.video[0] if container.streams.video else None
     if frames and video is not None:
+        if video.codec_context is None:  # a stream whose codec FFmpeg does not know
+            raise DataError(path, "video stream has a codec FFmpeg cannot decode", "undecodable")
         width, height = video.codec_context.width, video.codec_context.height
         if width <= 0 or height <= 0:
             raise DataError(path, "video stream has no frame size", "undecodable")
@@ -250,7 +259,7 @@ def stream_video(path: str, on_2d: Callable[[np.ndarray], None] | None = None,
         raise
     except _SinkError as err:
         error = err.error
-    except (av.FFmpegError, OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # FFmpeg and PyAV meet every kind of error on a damaged file
         raise DataError(path, f"cannot be decoded ({_reason(err)})", "undecodable") from err
     raise error
 
@@ -268,9 +277,11 @@ def _stream(container, path: str, on_2d, on_3d, want_audio: bool, limits: Limits
     if video is not None:
         video.thread_type = "AUTO"
         if on_2d is not None:
-            graphs["2d"] = (_FrameGraph(video, FPS_2D, SIZE_2D, crop=False), on_2d)
+            graphs["2d"] = (_FrameGraph(video, FPS_2D, SIZE_2D, crop=False, path=path,
+                                        max_frames=int((limits.max_seconds + DECODE_SLACK_SECONDS + 1) * FPS_2D)), on_2d)
         if on_3d is not None:
-            graphs["3d"] = (_FrameGraph(video, FPS_3D, SIZE_3D, crop=True), on_3d)
+            graphs["3d"] = (_FrameGraph(video, FPS_3D, SIZE_3D, crop=True, path=path,
+                                        max_frames=int((limits.max_seconds + DECODE_SLACK_SECONDS + 1) * FPS_3D)), on_3d)
     resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE) if sound is not None else None
     chunks: list[np.ndarray] = []
     streams = [s for s in (video, sound) if s is not None and (s is not video or graphs)]
@@ -303,7 +314,8 @@ def _stream(container, path: str, on_2d, on_3d, want_audio: bool, limits: Limits
     if graphs and decoded_video == 0:
         raise DataError(path, "no video frame could be decoded", "undecodable")
     duration = float(container.duration / av.time_base) if container.duration else last_time
-    h, w = (video.codec_context.height, video.codec_context.width) if video is not None else (0, 0)
+    context = video.codec_context if video is not None else None
+    h, w = (context.height, context.width) if context is not None else (0, 0)
     waveform = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     del chunks
     return StreamedVideo(path=path, frames_2d=graphs["2d"][0].count if "2d" in graphs else 0,
