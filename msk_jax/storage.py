@@ -7,8 +7,8 @@ environment variables apply (``STORAGE_EMULATOR_HOST`` points it at a local emul
 tests do). Local caches (the demo corpus, compiled kernels) are not user paths and stay local.
 
 Objects in a bucket cannot be appended to or renamed cheaply, so:
-- `write_atomic` writes a whole file at once (a temporary file and a rename on disk; one upload,
-  which appears whole or not at all, in a bucket);
+- `write_atomic` writes a whole file at once (on disk a temporary file of a unique name, fsynced
+  and renamed, the folder fsynced; one upload, which appears whole or not at all, in a bucket);
 - `AppendableFile` appends on disk and, in a bucket, keeps the file's bytes and uploads them
   whole at `flush` (metric logs: small, and flushed at log and checkpoint steps).
 """
@@ -16,9 +16,12 @@ Objects in a bucket cannot be appended to or renamed cheaply, so:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import functools
 import io
 import os
+import tempfile
 
 from etils import epath
 
@@ -116,17 +119,66 @@ def local_or_buffer(p: PathLike):
 
 
 def write_atomic(p: PathLike, data: bytes | str) -> None:
-    """Writes a whole file so that readers see the old or the new content, never a part."""
+    """Writes a whole file so that readers see the old or the new content, never a part, and a
+    crash after it returns loses neither.
+
+    On disk: a temporary file of a unique name (`mkstemp`, in the target's folder: one file
+    system, so the rename is atomic; several hosts may write into a shared folder, and containers
+    share process ids), fsynced, renamed over the target, then the folder fsynced (the rename
+    itself is then durable). The temporary file is removed on any error. In a bucket: one upload,
+    which appears complete or not at all."""
     data = data.encode() if isinstance(data, str) else data
     target = path(p)
     target.parent.mkdir(parents=True, exist_ok=True)
     if is_remote(p):
-        target.write_bytes(data)  # one upload: the object appears complete or not at all
+        target.write_bytes(data)
         return
-    tmp = f"{target}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
+    folder = os.fspath(target.parent)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # what `open` gives a new file (mkstemp: 0600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: PathLike) -> None:
+    """Makes the entries of a local folder (a rename, a new or removed file) durable. File systems
+    that cannot sync a folder (some network ones refuse it) are left as they are."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (setting it to read
+    it would briefly apply to files other threads create)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class AppendableFile:

@@ -194,6 +194,34 @@ def test_resume_shards_and_undecodable_videos(demo_videos, tmp_path):
     assert (out / "videos.csv").read_text().split() == ["path", "demo_msrvtt_0000", "demo_msrvtt_0001"]
 
 
+def test_one_of_two_processes_finalises(demo_videos, tmp_path):
+    """Two processes of one extraction run together over a finished one (a rerun, with a store
+    now): both find every part present, exactly one writes the csv, captions, index and store,
+    the other names it and writes nothing."""
+    from msk_jax.data import demo_corpus as D
+    from msk_jax.data.word2vec import save_word2vec_binary
+
+    out, store, words = tmp_path / "features", tmp_path / "store", tmp_path / "words.bin"
+    rng = np.random.default_rng(0)
+    save_word2vec_binary(str(words), {w: rng.normal(size=8).astype(np.float32) for w in D.DIGIT_WORDS})
+    captions = str(demo_videos / "captions.csv")
+    E.run(_options(demo_videos, out, captions=captions))
+    for index in range(2):  # every part written, as a resumed run writes them
+        E.run(_options(demo_videos, out, captions=captions, process_index=index, process_count=2))
+    runs = [subprocess.Popen([sys.executable, "-m", "msk_jax.extract", f"--videos={demo_videos}", f"--output={out}",
+                              "--backbone=demo", f"--captions={captions}", f"--store={store}",
+                              f"--word_vectors={words}", f"--process_index={index}", "--process_count=2"],
+                             cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True) for index in range(2)]
+    logs = [run.communicate(timeout=120)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    finalised = [i for i, log in enumerate(logs) if "failed here (0 in all)" in log]
+    assert len(finalised) == 1, logs
+    other = logs[1 - finalised[0]]
+    assert f"process {finalised[0]} of 2 (host " in other and " finalise" in other, other
+    assert json.loads((store / "meta.json").read_text())["usable"] == 2
+    assert not (out / "parts" / "finalising.json").exists()
+
+
 def test_youcook2_pickle_and_clip_rows(demo_videos, tmp_path):
     clips = tmp_path / "clips.csv"
     clips.write_text("video,start,end,caption\n"

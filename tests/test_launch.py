@@ -8,9 +8,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -448,6 +450,49 @@ def test_slurm_runs_srun_in_the_allocation(stand_ins, tmp_path):
     [(name, _, args)] = calls()
     assert name == "srun" and "--nodes=4" in args
     check_srun(["srun", *args], "/shared/r", extra=("--config.seed=5",), tasks_per_node=4, cpus_per_task=16)
+
+
+SLOW_SRUN = """#!/usr/bin/env bash
+# Records its call, then runs like a training step until SIGTERM, which it records and stops on.
+{ printf 'srun\\t%s' "$PWD"; printf '\\t%s' "$@"; printf '\\n'; } >> "$STAND_IN_LOG"
+trap 'printf "srun\\t%s\\tgot SIGTERM\\n" "$PWD" >> "$STAND_IN_LOG"; exit 0' TERM
+touch "$SRUN_STARTED"
+while :; do sleep 0.05; done
+"""
+
+
+def test_slurm_saves_and_requeues_at_the_time_limit(stand_ins, tmp_path):
+    """SLURM's early signal (--signal=B:TERM@...) goes to the batch shell alone: the script passes
+    it on to srun (which forwards it to every task), waits for the processes to save and stop,
+    then requeues the job; the requeued job appends to the same output file."""
+    with open(SLURM) as f:
+        header = [line.strip() for line in f if line.startswith("#SBATCH")]
+    early = [int(m.group(1)) for h in header if (m := re.fullmatch(r"#SBATCH --signal=B:TERM@(\d+)", h))]
+    assert early and early[0] >= 120, header  # time for a checkpoint (SLURM may signal 60 s early or late)
+    assert "#SBATCH --requeue" in header and "#SBATCH --open-mode=append" in header
+    env, calls = stand_ins
+    bin_dir, started = tmp_path / "bin", tmp_path / "srun_started"
+    (bin_dir / "srun").write_text(SLOW_SRUN)
+    (bin_dir / "scontrol").write_text(STAND_IN)
+    (bin_dir / "scontrol").chmod(0o755)
+    job = subprocess.Popen(["bash", SLURM], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**env, "WORKDIR": "/shared/r", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": REPO_ROOT,
+                                "SRUN_STARTED": str(started), "PYTHON": "python3"})
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), job.stderr.read() if job.poll() is not None else "srun did not start"
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err
+    (srun, _, args), (srun_again, _, term), (scontrol, _, requeue) = calls()
+    assert srun == srun_again == "srun" and "msk_jax.main" in args and term == ["got SIGTERM"]
+    assert (scontrol, requeue) == ("scontrol", ["requeue", "4242"])
+    assert "requeueing job 4242" in err
 
 
 def test_slurm_requires_a_workdir(stand_ins):

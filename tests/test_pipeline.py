@@ -1,16 +1,19 @@
 """The training pipeline: determinism, resumption, process shards, skipping bad videos; worker
 processes (per-video slots and batch tasks) against threads, the lifetime of lent batches,
-workers' signals; TFDS."""
+workers' signals, the shared memory of a killed process group; TFDS."""
 
 import os
 import pickle
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from msk_jax.data.pipeline import InputPositionError, TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary
+from tests.conftest import REPO_ROOT
 from tests.data_fixtures import segments, write_howto
 from tests.paper_config import paper_clip_settings
 from tests.test_howto100m import howto, large_vocabulary, reader  # noqa: F401 (fixtures)
@@ -267,3 +270,47 @@ def test_device_batches_keep_to_the_lifetime_of_lent_batches(corpus):
         assert position == {"epoch": 1, "position": 12, "seed": 8, "videos_per_batch": 4}  # after 2 epochs
     finally:
         pipeline.close()
+
+
+_HOLD_A_PIPELINE = """
+import sys, time
+from msk_jax.data.pipeline import TrainingPipeline
+from tests.test_howto100m import reader
+
+if __name__ == "__main__":
+    pipeline = TrainingPipeline(reader(sys.argv[1], n_clips=2, num_audio_frames=256), 4, workers=2, processes=True,
+                                batch_tasks=True)
+    next(pipeline)
+    print(pipeline._slots.memory.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_shared_memory_of_a_killed_process_group_goes_at_the_next_start(corpus, tmp_path):
+    """A training process, its workers and multiprocessing's resource tracker killed together
+    (SIGKILL to the process group, as a scheduler kills a job's cgroup) leave the batch buffers
+    in /dev/shm; the next pipeline that starts on the host removes them, and not a live one's."""
+    from msk_jax.data import pipeline as P
+
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_A_PIPELINE)
+    proc = subprocess.Popen([sys.executable, str(script), corpus], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT), start_new_session=True)
+    try:
+        killed = "/dev/shm/" + proc.stdout.readline().strip()
+        assert os.path.isfile(killed)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run is left to remove its memory
+        proc.wait()
+    try:
+        pipeline = TrainingPipeline(reader(corpus, **SETTINGS), 4, workers=1, processes=True, batch_tasks=True)
+        try:
+            next(pipeline)
+            assert not os.path.exists(killed)
+            live = pipeline._slots.memory.name
+            assert live not in P.sweep_dead_segments() and os.path.isfile(f"/dev/shm/{live}")
+        finally:
+            pipeline.close()
+    finally:
+        if os.path.isfile(killed):
+            os.unlink(killed)

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from msk_jax import checkpoints, metric_writers, storage
 from tests.train_fixtures import load_config
 
@@ -26,6 +28,39 @@ def test_appendable_file_and_atomic_writes_on_disk(tmp_path):
     storage.write_atomic(tmp_path / "a" / "b.json", json.dumps({"x": 1}))
     assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": 1}
     assert os.listdir(tmp_path / "a") == ["b.json"]  # no temporary file left
+
+
+def test_atomic_write_syncs_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The file and then its folder are fsynced (a crash after the write keeps it); the temporary
+    file has a name of its own, not the process id another host's container may share; a failed
+    write leaves the target and the folder as they were."""
+    synced, real_fsync = [], os.fsync
+
+    def fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    # What another writer's temporary file of the old name would be: not touched, not in the way.
+    (folder / f"b.json.tmp{os.getpid()}").mkdir()
+    storage.write_atomic(folder / "b.json", "{}")
+    assert (folder / "b.json").read_text() == "{}"
+    assert (folder / "b.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    mine = [p for p in synced if p.startswith(str(folder))]
+    assert len(mine) == 2 and os.path.dirname(mine[0]) == str(folder) and mine[1] == str(folder)
+    assert sorted(os.listdir(folder)) == ["b.json", f"b.json.tmp{os.getpid()}"]
+    (folder / "taken").mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(IsADirectoryError):
+        storage.write_atomic(folder / "taken", b"x")
+    assert sorted(os.listdir(folder)) == ["b.json", f"b.json.tmp{os.getpid()}", "taken"]
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _as_stored(config):

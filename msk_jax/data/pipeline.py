@@ -45,6 +45,11 @@ Spawned workers import the program's main module, so a script that starts a proc
 needs the usual `if __name__ == "__main__":` guard. Workers ignore SIGTERM and SIGINT: a cluster
 signals every process of a job, and the training process decides when to stop (after saving a
 checkpoint), then shuts its workers down; a worker exits by itself when its training process dies.
+The shared memory is freed when the pipeline closes, or by multiprocessing's resource tracker when
+the training process dies; a kill of the whole process group (or cgroup) takes the tracker too, so
+the segments are named after the process that made them (`msk_jax_<its pid namespace, pid and
+start time>_...` in /dev/shm), and a pipeline that starts worker processes removes those of dead
+processes of its host.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ import inspect
 import mmap
 import multiprocessing
 import os
+import secrets
 import signal
+import sys
 import threading
 import time
 from multiprocessing import shared_memory
@@ -99,7 +106,7 @@ class _SharedSlots:
             size += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
         self.slot_bytes = size
         if name is None:
-            self.memory = shared_memory.SharedMemory(create=True, size=max(1, size * count))
+            self.memory = shared_memory.SharedMemory(_segment_name(), create=True, size=max(1, size * count))
         else:
             # Spawned workers share the creating process's resource tracker, which unlinks the
             # memory if the pipeline's process dies without `close`.
@@ -133,6 +140,64 @@ class _SharedSlots:
             pass
         if unlink:
             self.memory.unlink()
+
+
+# Shared memory is named by its owner: a process killed with its whole group (a cgroup or
+# process-group SIGKILL also kills the resource tracker that would unlink it) leaves its segments in
+# /dev/shm until a reboot, and the next pipeline on the host can tell them from live ones.
+SEGMENT_PREFIX = "msk_jax_"
+SEGMENT_FOLDER = "/dev/shm"
+
+
+def _start_time(pid: int | str) -> int | None:
+    """When a process of this pid namespace started (clock ticks after boot; Linux), None when it
+    is gone or a zombie (which reads no memory)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _owner() -> str | None:
+    """'<pid namespace>_<pid>_<start time>' of this process (None without /proc): the start time
+    tells a reused pid from the owner, the namespace a process of this container from one of
+    another container that shares /dev/shm."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    start = _start_time("self")
+    return None if start is None else f"{namespace}_{os.getpid()}_{start}"
+
+
+def _segment_name() -> str:
+    """A new segment's name: the prefix, its owner (this process) and a random part."""
+    return f"{SEGMENT_PREFIX}{_owner() or os.getpid()}_{secrets.token_hex(4)}"
+
+
+def sweep_dead_segments(folder: str = SEGMENT_FOLDER) -> list[str]:
+    """Removes this package's shared-memory segments whose owner, a process of this pid
+    namespace, is dead; returns their names. Those of live processes, of other namespaces and of
+    other users stay."""
+    own = _owner()
+    if own is None or not os.path.isdir(folder):
+        return []
+    namespace, removed = own.split("_")[0], []
+    for name in sorted(os.listdir(folder)):
+        parts = name[len(SEGMENT_PREFIX):].split("_")
+        if not name.startswith(SEGMENT_PREFIX) or len(parts) != 4 or parts[0] != namespace \
+                or not (parts[1].isdigit() and parts[2].isdigit()):
+            continue
+        if _start_time(int(parts[1])) == int(parts[2]):
+            continue  # its owner lives
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:  # another user's, or removed by another process meanwhile
+            continue
+        removed.append(name)
+    return removed
 
 
 def video_rng(seed: int, epoch: int, video_index: int) -> np.random.Generator:
@@ -406,6 +471,10 @@ class TrainingPipeline:
             count = self.local_videos * (2 + self.prefetch)
             layout = {k: (v.shape, v.dtype.str) for k, v in example.items()}
             self._free_slots.extend(range(count))
+        swept = sweep_dead_segments()
+        if swept:
+            print(f"input: removed {len(swept)} shared-memory segment{'s' * (len(swept) != 1)} of killed runs from "
+                  f"{SEGMENT_FOLDER}", file=sys.stderr, flush=True)
         self._slots = _SharedSlots(layout, count)
         self._worker_args = (self.source, self._slots.memory.name, self._slots.layout, count, os.getpid(),
                              rows_per_video)

@@ -13,8 +13,11 @@ the 16 kHz audio (`msk_jax.data.audio`). Output, under one root (local or gs://)
                                     captions: the training reader skips it as "no ASR segments")
     <output>/index.json             per video: path, id, source file, rows, seconds, caption
                                     segments, and the reason for a video that could not be decoded
-    <output>/parts/part-<i>-of-<n>.json  each process's results; the process that finds every part
-                                    present writes the three files above
+    <output>/parts/part-<i>-of-<n>.json  each process's results; a process that finds every part
+                                    present writes the three files above (and the store and
+                                    evaluation pickle) if it creates parts/finalising.json, which
+                                    exactly one can at a time (an exclusive create); the others
+                                    name the one that does and leave it their parts
     <output>/.extract-state/<path>.started  present while the video is being extracted (below)
 
 Files are written atomically, so a run stopped at any point resumes (`resume=True`): a video whose
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -565,26 +569,160 @@ def run(opts: Options) -> dict:
     summary = {"videos": len(items), "extracted_now": extracted_now, "skipped_done": len(done),
                "failed": failures, "complete": False}
     parts = [_part_path(opts.output, i, opts.process_count) for i in range(opts.process_count)]
-    if all(storage.exists(p) for p in parts):
-        merged = {}
-        for p in parts:
-            with storage.open_read(p, text=True) as f:
-                merged.update(json.load(f)["videos"])
-        summary.update(write_index(opts.output, items, merged, captions))
-        summary["complete"] = True
-        if opts.store and summary["usable"]:
-            if storage.exists(storage.join(opts.store, "meta.json")):
-                opts.log(f"feature store {opts.store} already built; delete it to rebuild with the new videos")
-            else:
-                build_store(opts)
-        if opts.eval_csv:
-            summary["eval_entries"] = write_eval_pickle(opts, items, eval_rows)
+    # One process at a time finalises, the one holding parts/finalising.json; it finalises again
+    # while a part changes under it (a process that found the claim taken left its part to it).
+    while all(storage.exists(p) for p in parts):
+        holder = _claim_finalising(opts)
+        if holder is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"])) \
+                if isinstance(holder.get("started"), (int, float)) else "?"
+            opts.log(f"{_who(holder)} finalises, since {since} (videos.csv, caption.pickle, index.json"
+                     + (", the store" if opts.store else "") + (", the evaluation pickle" if opts.eval_csv else "")
+                     + f"); process {opts.process_index} leaves it its part (if that process is gone, delete "
+                     f"{storage.join(opts.output, 'parts', FINALISING)} and run again)")
+            summary["finaliser"] = holder
+            break
+        try:
+            digest, merged = _read_parts(parts, opts)
+            finalised = _read_json(storage.join(opts.output, "parts", FINALISED))
+            if finalised and finalised.get("digest") == digest and _outputs_exist(opts):
+                opts.log(f"{_who(finalised)} finalised these parts already; nothing to write")
+                summary["finaliser"] = finalised
+                break
+            summary.update(_finalise(opts, items, merged, captions, eval_rows))
+            storage.write_atomic(storage.join(opts.output, "parts", FINALISED),
+                                 json.dumps({**_me(opts), "digest": digest, "finished": time.time()}))
+        finally:
+            storage.path(storage.join(opts.output, "parts", FINALISING)).unlink(missing_ok=True)
+        if _read_parts(parts, opts)[0] == digest:
+            break
     failed_total = summary.get("failed_total", len(failures))
     opts.log(f"done: {summary['extracted_now']} extracted, {summary['skipped_done']} already there, "
              f"{len(failures)} failed here" + (f" ({failed_total} in all)" if summary["complete"] else ""))
     for path, reason in failures.items():
         opts.log(f"  failed: {path}: {reason}")
     return summary
+
+
+FINALISING = "finalising.json"  # in parts/: held by the process that finalises, while it does
+FINALISED = "finalised.json"    # in parts/: what was finalised last (a digest of parts and options)
+
+
+def _finalise(opts: Options, items: Sequence[VideoItem], merged: dict, captions: dict, eval_rows: list) -> dict:
+    """The csv, captions and index of every process's videos, the optional store and evaluation
+    pickle; returns the summary's fields."""
+    summary = write_index(opts.output, items, merged, captions)
+    summary["complete"] = True
+    if opts.store and summary["usable"]:
+        if storage.exists(storage.join(opts.store, "meta.json")):
+            opts.log(f"feature store {opts.store} already built; delete it to rebuild with the new videos")
+        else:
+            build_store(opts)
+    if opts.eval_csv:
+        summary["eval_entries"] = write_eval_pickle(opts, items, eval_rows)
+    return summary
+
+
+def _me(opts: Options) -> dict:
+    return {"process_index": opts.process_index, "process_count": opts.process_count,
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _who(record: dict) -> str:
+    return (f"process {record.get('process_index')} of {record.get('process_count')} (host {record.get('host')}, "
+            f"pid {record.get('pid')})")
+
+
+def _read_json(p: str) -> dict | None:
+    """A small JSON record, None where it is missing or unreadable."""
+    try:
+        record = json.loads(storage.read_bytes(p))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _read_parts(parts: Sequence[str], opts: Options) -> tuple[str, dict]:
+    """(a digest of the parts and of what else shapes what finalising writes: the options, the
+    captions and evaluation clips; every process's videos)."""
+    digest = hashlib.sha256(json.dumps([opts.videos, opts.captions, opts.store, opts.word_vectors, opts.store_dtype,
+                                        opts.eval_csv, opts.eval_format, opts.eval_output]).encode())
+    for p in (opts.captions, opts.eval_csv):
+        if p:
+            digest.update(storage.read_bytes(p))
+    merged = {}
+    for p in parts:
+        data = storage.read_bytes(p)
+        digest.update(data)
+        merged.update(json.loads(data)["videos"])
+    return digest.hexdigest(), merged
+
+
+def _outputs_exist(opts: Options) -> bool:
+    needed = [storage.join(opts.output, name) for name in ("videos.csv", "caption.pickle", "index.json")]
+    needed += [storage.join(opts.store, "meta.json")] if opts.store else []
+    needed += [opts.eval_output] if opts.eval_csv else []
+    return all(storage.exists(p) for p in needed)
+
+
+def _create_new(p: str, data: bytes) -> bool:
+    """Creates a file that must not exist, in one step that fails when it does (O_EXCL on disk,
+    ifGenerationMatch=0 in a bucket): whether this call created it."""
+    if storage.is_remote(p):
+        import fsspec
+
+        fs, name = fsspec.core.url_to_fs(p)
+        try:
+            fs.pipe_file(name, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    storage.makedirs(os.path.dirname(p))
+    try:
+        descriptor = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    storage.fsync_folder(os.path.dirname(p))
+    return True
+
+
+def _died_here(record: dict) -> bool:
+    """Whether the process of a record ran on this host and is gone."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def _claim_finalising(opts: Options) -> dict | None:
+    """Takes parts/finalising.json for this process: None when it did, else the record of the
+    process that holds it. A holder that died on this host (killed while finalising) is taken
+    over, by one process only: the one that creates the mark named after it."""
+    claim = storage.join(opts.output, "parts", FINALISING)
+    me = {**_me(opts), "started": time.time()}
+    holder: dict = {"process_index": "?", "host": "?", "pid": "?"}
+    for _ in range(3):
+        if _create_new(claim, json.dumps(me).encode()):
+            return None
+        holder = _read_json(claim) or holder
+        if not _died_here(holder):
+            if storage.exists(claim):
+                return holder
+            continue  # released meanwhile
+        if not _create_new(f"{claim}.takeover-{holder['pid']}-{holder.get('started')}", b""):
+            return holder
+        opts.log(f"{_who(holder)} died while finalising; process {opts.process_index} takes over")
+        storage.path(claim).unlink(missing_ok=True)
+    return holder
 
 
 def _record_from_files(output: str, item: VideoItem) -> dict:
