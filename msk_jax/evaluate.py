@@ -9,9 +9,12 @@
 --checkpoint takes a training workdir (its latest checkpoint), its `checkpoints/` folder, or one
 step folder, on disk or in a bucket (gs://...; so do --output_dir and the data paths).
 --torch_checkpoint takes original PyTorch weights (.pth, needs torch) or a .npz of torch name ->
-array. Results: a table on the terminal, `<dir>/eval/step_<step>.json` and
-TensorBoard scalars in `<dir>/tensorboard`, where <dir> is the workdir (or --output_dir).
-With --watch it follows a training workdir and evaluates each new checkpoint once.
+array. Results: a table on the terminal, `<dir>/eval/step_<step>-<weights>-<sets>.json` (e.g.
+`step_600-ema-MSRVTT+YouCook2.json`; training's own evaluation is `step_<step>.json`, so neither
+overwrites the other) and TensorBoard scalars in `<dir>/tensorboard`, where <dir> is the workdir
+(or --output_dir). With --watch it follows a training workdir and evaluates each checkpoint whose
+file (same weights, same sets) is missing; it stops once the run's last step has one, whoever
+wrote it, at once on a finished run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 
 import jax
@@ -29,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, convert, evaluation, input_pipeline, metric_writers, safe_load, sharding, storage
+from msk_jax import allocator, cli, convert, evaluation, input_pipeline, metric_writers, safe_load, sharding, storage
 from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
 from msk_jax.model import MultiSKModel
@@ -167,7 +169,14 @@ def restore_for_evaluation(config, checkpoint: str, weights: str = "ema"):
     return model, variables, eval_sets
 
 
-def evaluate_once(config, model, evals, variables, step, output_dir, writer) -> dict:
+def result_path(output_dir: str, step: int, weights: str, sets) -> str:
+    """`<output_dir>/eval/step_<step>-<weights>-<set+set>.json`: the binary's results, named
+    apart from training's `step_<step>.json` (whose weights and sets are the training config's)
+    and from an evaluation of other weights or sets."""
+    return storage.join(output_dir, "eval", f"step_{step}-{weights}-{'+'.join(sets)}.json")
+
+
+def evaluate_once(config, model, evals, variables, step, output_dir, writer, weights: str = "ema") -> dict:
     if not evals:
         raise DataError("config.data", "no evaluation set is configured (set config.data.msrvtt / "
                                        "config.data.youcook2)", "no evaluation set")
@@ -175,7 +184,8 @@ def evaluate_once(config, model, evals, variables, step, output_dir, writer) -> 
     batches = sharding.batch_sharding(sharding.create_mesh([("data", -1)]))
     results = evaluation.evaluate(model, variables, evals, config.eval_batch_size, sharding=batches)
     print(evaluation.format_table(results), flush=True)
-    path = evaluation.write_json(results, output_dir, step)
+    path = result_path(output_dir, step, weights, evals)
+    storage.write_atomic(path, json.dumps(results, indent=2))
     writer.write_scalars(step, evaluation.scalars(results))
     writer.flush()
     print(f"evaluation of step {step} written to {path}", flush=True)
@@ -185,9 +195,13 @@ def evaluate_once(config, model, evals, variables, step, output_dir, writer) -> 
 def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: str = "ema",
         output_dir: str | None = None, watch: bool = False, poll_seconds: float = 30.0,
         idle_timeout: float = 3600.0) -> dict:
-    """Evaluates and returns {step: results}."""
+    """Evaluates and returns {step: results} (with `watch`: of the steps evaluated here)."""
     if bool(checkpoint) == bool(torch_checkpoint):
         raise CheckpointError("give exactly one of --checkpoint and --torch_checkpoint.")
+    # A wrong path is told before the evaluation sets are read (or the demo corpus built).
+    if torch_checkpoint and not storage.exists(torch_checkpoint):
+        raise CheckpointError(f"PyTorch checkpoint '{torch_checkpoint}' does not exist.")
+    located = locate(checkpoint) if checkpoint else None
     paths = input_pipeline.data_paths(config, training=False)
     words = input_pipeline.load_words(config, paths)
     evals = input_pipeline.build_eval_sets(config, paths, words)
@@ -197,17 +211,31 @@ def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: s
         out = output_dir or os.fspath(storage.path(torch_checkpoint).parent)
         writer = metric_writers.TensorBoardWriter(storage.join(out, "tensorboard"))
         variables = load_torch_weights(torch_checkpoint, template)
-        return {0: evaluate_once(config, model, evals, variables, 0, out, writer)}
-    workdir, folder, step = locate(checkpoint)
+        return {0: evaluate_once(config, model, evals, variables, 0, out, writer, "torch")}
+    workdir, folder, step = located
     out = output_dir or workdir
     writer = metric_writers.TensorBoardWriter(storage.join(out, "tensorboard"))
     if not watch:
         variables, step = load_msk_checkpoint(folder, step, template, weights)
-        return {step: evaluate_once(config, model, evals, variables, step, out, writer)}
-    done, results, last_new = set(), {}, time.monotonic()
-    while time.monotonic() - last_new < idle_timeout:
-        for s in finished_steps(folder):
-            if s in done or storage.exists(storage.join(out, "eval", f"step_{s}.json")):
+        return {step: evaluate_once(config, model, evals, variables, step, out, writer, weights)}
+    return _watch(config, model, evals, template, folder, out, writer, weights, poll_seconds, idle_timeout)
+
+
+def _watch(config, model, evals, template, folder, out, writer, weights, poll_seconds, idle_timeout) -> dict:
+    """Evaluates every complete checkpoint of `folder` whose result file is missing, until the
+    run's last step has its file (written here or by another watcher of the same weights and
+    sets) or no new checkpoint came for `idle_timeout` seconds."""
+    seen, done, results, last_new = set(), set(), {}, time.monotonic()
+    last_steps = {}  # step -> the run's last step, from that checkpoint's metadata
+    while True:
+        steps = finished_steps(folder)
+        if set(steps) - seen:
+            seen.update(steps)
+            last_new = time.monotonic()
+        for s in steps:
+            if s in done:
+                continue
+            if storage.exists(result_path(out, s, weights, evals)):  # evaluated before, or by another watcher
                 done.add(s)
                 continue
             try:
@@ -215,34 +243,34 @@ def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: s
             except (CheckpointError, ValueError, OSError) as err:  # e.g. still being written
                 print(f"step {s}: not readable yet ({err}); will retry", flush=True)
                 continue
-            results[s] = evaluate_once(config, model, evals, variables, s, out, writer)
+            results[s] = evaluate_once(config, model, evals, variables, s, out, writer, weights)
             done.add(s)
-            last_new = time.monotonic()
-            if final_step(folder, s) == s:
-                print(f"step {s} is the run's last; stopping.", flush=True)
+        if steps:
+            last = steps[-1]
+            if last_steps.get(last) is None:  # read once per checkpoint (again if it could not be read)
+                last_steps[last] = final_step(folder, last)
+            if last_steps[last] == last and last in done:
+                unread = [s for s in steps if s not in done]
+                print(f"step {last} is the run's last; stopping." + (f" Not evaluated (unreadable): steps {unread}."
+                                                                     if unread else ""), flush=True)
                 return results
+        if time.monotonic() - last_new >= idle_timeout:
+            print(f"no new checkpoint for {idle_timeout:.0f} s; stopping.", flush=True)
+            return results
         time.sleep(poll_seconds)
-    print(f"no new checkpoint for {idle_timeout:.0f} s; stopping.", flush=True)
-    return results
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    try:
-        run(FLAGS.config, FLAGS.checkpoint, FLAGS.torch_checkpoint, FLAGS.weights, FLAGS.output_dir, FLAGS.watch,
-            FLAGS.poll_seconds, FLAGS.idle_timeout)
-    except (CheckpointError, FileNotFoundError, DataError, convert.ConversionError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    # CheckpointError, DataError, ConversionError and OSError end in one line (msk_jax.cli).
+    run(FLAGS.config, FLAGS.checkpoint, FLAGS.torch_checkpoint, FLAGS.weights, FLAGS.output_dir, FLAGS.watch,
+        FLAGS.poll_seconds, FLAGS.idle_timeout)
 
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()
     _define_flags()
     flags.mark_flags_as_required(["config"])
-    from msk_jax import configs
-
-    sys.argv = configs.resolve_argv(sys.argv)  # --config=configs/howto.py from any directory
-    app.run(main)
+    cli.run(main, config_flag="config")

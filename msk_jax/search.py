@@ -19,10 +19,14 @@ evaluation uses for t2v+a (`evaluation.direction_embeddings`: the mean of the L2
 video and audio embeddings). A video that cannot be read is named and skipped. ASR segments
 (a caption.pickle in DIR, or --captions) are kept as each window's text, for display only.
 
-The index (a local folder or gs://...) holds `windows.npz` (per window: video id, path, start,
-end, ASR text, and the video, audio and fused embeddings) and `index.json` (the run's
-configuration, the checkpoint folder and step, the weights, the window settings, the skipped
-videos), written last.
+The index (a local folder or gs://...) holds `windows-<digest>.npz` (per window: video id, path,
+start, end, ASR text, and the video, audio and fused embeddings; named by a digest of its bytes)
+and `index.json` (the run's configuration, the checkpoint folder and step, the weights, the window
+settings, the skipped videos, and the name of its windows file). A rebuild writes its windows
+beside the live ones and then index.json, in one atomic write (a rename on disk, one upload in a
+bucket): that switches the index, and the windows it no longer names are removed after. So a
+rebuild stopped at any point (killed, out of space) leaves the previous index answering queries
+as before. One build of an index at a time.
 
 `query` embeds each query as evaluation embeds a caption (`features.tokenize`, the run's word
 vectors from the configuration's data paths, the first max_words known words) with the text
@@ -35,10 +39,12 @@ score, ASR text) or, with --json, one JSON object per query and line.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -51,6 +57,8 @@ from msk_jax.data.features import DataError
 FORMAT = "msk_jax.search/1"
 EMBEDDINGS = {"v+a": "fused video+audio", "v": "video", "a": "audio"}
 WINDOW_FIELDS = ("video_id", "path", "start", "end", "text", "video", "audio", "fused")
+# The windows files an index.json may name ("windows.npz": indexes written before the name held a digest).
+WINDOWS_NAME = re.compile(r"windows(-[0-9a-f]{16})?\.npz")
 # What of the configuration fixes the index's embeddings and the queries' inputs.
 CONFIG_FIELDS = ("model", "data.source", "data.dim_2d", "data.dim_3d", "data.word_vectors", "data.demo_dir",
                  "data.demo_size", "data.max_words", "objective.matmul_precision")
@@ -274,19 +282,34 @@ def build_index(config, checkpoint: str, features: str, index: str, *, window: f
                "text": np.array(meta_rows["text"], dtype=str), **arrays, "fused": fused.astype(np.float32)}
     buffer = io.BytesIO()
     np.savez(buffer, **columns)
+    data = buffer.getvalue()
+    # The windows go under a name of their own, beside the live index's; index.json, written last
+    # in one atomic write (a rename on disk, one upload in a bucket), names them: a build stopped
+    # at any point leaves the previous index whole.
+    windows_file = f"windows-{hashlib.sha256(data).hexdigest()[:16]}.npz"
     storage.makedirs(index)
-    storage.write_atomic(storage.join(index, "windows.npz"), buffer.getvalue())
+    storage.write_atomic(storage.join(index, windows_file), data)
     summary = {"format": FORMAT, "checkpoint": os.fspath(storage.path(folder)), "step": int(step), "weights": weights,
                "features": features, "csv": layout.csv, "captions": layout.captions, "window": window,
                "stride": stride, "video_tokens": settings.n_video_tokens, "audio_frames": settings.num_audio_frames,
                "videos": len(paths) - len(skipped), "windows": len(columns["start"]), "skipped": skipped,
-               "embedding_dim": int(fused.shape[1])}
+               "embedding_dim": int(fused.shape[1]), "windows_file": windows_file}
     storage.write_atomic(storage.join(index, "index.json"), json.dumps({**summary, "config": config.to_json()},
                                                                         indent=1))
+    _remove_other_windows(index, windows_file)
     if progress:
         print(f"[index] {summary['windows']} windows of {summary['videos']} videos ({len(skipped)} skipped) "
               f"written to {index} in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     return summary
+
+
+def _remove_other_windows(index: str, keep: str) -> None:
+    """Removes the windows files of `index` but `keep`: the index's before this build, and those
+    of builds stopped before their switch. (One build of an index at a time: a concurrent one's
+    new windows would go too.)"""
+    for name in storage.listdir(index):
+        if name != keep and WINDOWS_NAME.fullmatch(name):
+            storage.path(storage.join(index, name)).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- query
@@ -328,31 +351,51 @@ class SearchIndex:
 
         self.path = index
         meta_path = storage.join(index, "index.json")
-        if not storage.exists(meta_path):
-            raise SearchError(f"{meta_path}: no search index here (build one with `python -m msk_jax.search index`)")
-        try:
-            self.meta = json.loads(storage.read_bytes(meta_path))
-        except ValueError as err:
-            raise SearchError(f"{meta_path}: not a search index (unreadable JSON: {err})") from None
-        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
-            found = self.meta.get("format") if isinstance(self.meta, dict) else None
-            raise SearchError(f"{meta_path}: field 'format' is {found!r}, expected {FORMAT!r}")
-        for field in ("config", "checkpoint", "step", "weights"):
-            if field not in self.meta:
-                raise SearchError(f"{meta_path}: has no field '{field}'")
+        self.meta = self._read_meta(meta_path)
+        windows_path = self._windows_path(meta_path)
+        if not storage.exists(windows_path):
+            # A rebuild may have switched index.json and removed these windows since it was read.
+            self.meta = self._read_meta(meta_path)
+            windows_path = self._windows_path(meta_path)
+            if not storage.exists(windows_path):
+                raise SearchError(f"{windows_path}: missing (the index is incomplete)")
         try:
             self.config = ml_collections.ConfigDict(json.loads(self.meta["config"]))
         except (TypeError, ValueError) as err:
             raise SearchError(f"{meta_path}: field 'config' is not a configuration ({err})") from None
-        windows_path = storage.join(index, "windows.npz")
-        if not storage.exists(windows_path):
-            raise SearchError(f"{windows_path}: missing (the index is incomplete)")
         try:  # sizes and headers checked before anything is inflated
             # Stored uncompressed (np.savez), so no member is larger than the file.
             bound = max(safe_load.MAX_ARRAY_BYTES, storage.size(windows_path))
             self.columns = safe_load.load_npz(windows_path, WINDOW_FIELDS, max_bytes=bound)
         except DataError as err:
             raise SearchError(str(err)) from None
+        count = self.meta.get("windows")
+        if isinstance(count, int) and count != len(self.columns["start"]):
+            raise SearchError(f"{windows_path}: holds {len(self.columns['start'])} windows, {meta_path} {count} "
+                              "(files of two builds: build the index again)")
+
+    @staticmethod
+    def _read_meta(meta_path: str) -> dict:
+        if not storage.exists(meta_path):
+            raise SearchError(f"{meta_path}: no search index here (build one with `python -m msk_jax.search index`)")
+        try:
+            meta = json.loads(storage.read_bytes(meta_path))
+        except ValueError as err:
+            raise SearchError(f"{meta_path}: not a search index (unreadable JSON: {err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise SearchError(f"{meta_path}: field 'format' is {found!r}, expected {FORMAT!r}")
+        for field in ("config", "checkpoint", "step", "weights"):
+            if field not in meta:
+                raise SearchError(f"{meta_path}: has no field '{field}'")
+        return meta
+
+    def _windows_path(self, meta_path: str) -> str:
+        """The windows file that index.json names, a file of the index's own folder."""
+        name = self.meta.get("windows_file", "windows.npz")
+        if not isinstance(name, str) or not WINDOWS_NAME.fullmatch(name):
+            raise SearchError(f"{meta_path}: field 'windows_file' is {name!r}, not a windows file of this folder")
+        return storage.join(self.path, name)
 
     def __len__(self) -> int:
         return len(self.columns["start"])
@@ -582,13 +625,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    from msk_jax import allocator
+    from msk_jax import allocator, cli
 
     allocator.use_tcmalloc()
     _define_flags()
-    from msk_jax import configs
-
-    sys.argv = configs.resolve_argv(sys.argv)
-    app.run(main)
+    cli.run(main, config_flag="config", errors=(SearchError,))

@@ -90,7 +90,7 @@ def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus
     from_disk = evaluate.run(config, str(local), None)
     from_bucket = evaluate.run(config, workdir, None, output_dir=f"{gcs_bucket}/evaluations/once")
     assert from_bucket[12] == from_disk[12]
-    assert json.loads(storage.read_bytes(f"{gcs_bucket}/evaluations/once/eval/step_12.json")) == from_bucket[12]
+    assert json.loads(storage.read_bytes(f"{gcs_bucket}/evaluations/once/eval/step_12-ema-MSRVTT+YouCook2.json")) == from_bucket[12]
 
     # --watch on the bucket: every complete checkpoint once, stopping at the run's last.
     out = f"{gcs_bucket}/evaluations/watch"
@@ -98,7 +98,7 @@ def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus
     watched = evaluate.run(config, workdir, None, output_dir=out, watch=True, poll_seconds=0.2, idle_timeout=60)
     assert list(watched) == [6, 9, 12] and watched[12] == from_bucket[12]
     assert "step 12 is the run's last; stopping." in capsys.readouterr().out
-    assert storage.listdir(f"{out}/eval") == ["step_12.json", "step_6.json", "step_9.json"]
+    assert storage.listdir(f"{out}/eval") == [f"step_{n}-ema-MSRVTT+YouCook2.json" for n in (12, 6, 9)]
     assert storage.listdir(f"{out}/tensorboard")
 
     # A checkpoint that appears in the bucket after a first look is seen at the next poll.

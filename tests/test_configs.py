@@ -29,11 +29,15 @@ def test_the_documented_path_and_the_package_give_one_configuration(tmp_path):
     assert configs.resolve(str(tmp_path / "configs" / "bench.py")) == configs.path("bench")
     assert configs.resolve_argv(["x", "--config", "nowhere/howto.py:demo", "--workdir=w"]) == \
         ["x", "--config", configs.path("howto") + ":demo", "--workdir=w"]
-    # From another directory the command line finds it (here: and reports the unknown variant).
+    # From another directory the command line finds it (here: and reports the unknown variant, in
+    # one line, before making the work directory).
     done = subprocess.run([sys.executable, "-m", "msk_jax.main", "--config=configs/howto.py:nope",
                            f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
                           env=run_env(MSK_JAX_TCMALLOC="0", PYTHONPATH=REPO_ROOT))
-    assert done.returncode != 0 and "unknown variant(s) ['nope']" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: --config=configs/howto.py:nope: configs/howto.py: unknown variant(s) ['nope']; use paper, baseline, "
+        "demo (comma-separated)."], done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_paper_config():

@@ -3,10 +3,13 @@ corpus's training videos in 8 s windows every 4 s, and digit strings spoken and 
 find the windows where they are said far more often than chance; the command line's JSON, the
 words without a vector, a video that cannot be read, and bad input in one line."""
 
+import contextlib
+import io
 import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -41,9 +44,6 @@ def index(trained_run, corpus_layout, tmp_path_factory):
     """(index folder, summary, what the indexing printed)."""
     config, workdir, _ = trained_run
     out = str(tmp_path_factory.mktemp("search") / "index")
-    import contextlib
-    import io
-
     printed = io.StringIO()
     with contextlib.redirect_stderr(printed):
         summary = search.build_index(config, workdir, corpus_layout, out, window=8, stride=4)
@@ -172,6 +172,48 @@ def test_bad_input_is_one_line(index, tmp_path):
     (broken / "index.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(search.SearchError, match="field 'format'"):
         search.SearchIndex(str(broken))
+
+
+_KILLED_REBUILD = """
+import os, signal, sys
+from msk_jax import search, storage
+
+
+def write_then_die(path, data, write=storage.write_atomic):
+    write(path, data)
+    os.kill(os.getpid(), signal.SIGKILL)  # the build's first file is written: it dies there
+
+
+if __name__ == "__main__":
+    index, checkpoint, features = sys.argv[1:]
+    storage.write_atomic = write_then_die
+    search.build_index(search.SearchIndex(index).config, checkpoint, features, index, window=8, stride=2)
+"""
+
+
+def test_a_rebuild_killed_midway_leaves_the_old_index(index, trained_run, corpus_layout, tmp_path):
+    """A rebuild with other windows (stride 2 s) SIGKILLed once it has written its windows: the
+    index answers queries as before; a rebuild that finishes switches to its windows and leaves
+    no other windows file behind."""
+    import shutil
+
+    out, summary, _ = index
+    config, workdir, _ = trained_run
+    copy = str(tmp_path / "index")
+    shutil.copytree(out, copy)
+    script = tmp_path / "rebuild.py"
+    script.write_text(_KILLED_REBUILD)
+    killed = subprocess.run([sys.executable, str(script), copy, workdir, corpus_layout], cwd=REPO_ROOT,
+                            env=run_env(PYTHONPATH=REPO_ROOT), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    queries = ["three four seven", "one two", "nine"]
+    want = [r.hits for r in search.Searcher(out).search(queries, k=5)]
+    assert [r.hits for r in search.Searcher(copy).search(queries, k=5)] == want
+    assert len(search.SearchIndex(copy)) == summary["windows"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        rebuilt = search.build_index(config, workdir, corpus_layout, copy, window=8, stride=2)
+    assert len(search.SearchIndex(copy)) == rebuilt["windows"] > summary["windows"]
+    assert sorted(os.listdir(copy)) == ["index.json", rebuilt["windows_file"]]
 
 
 def test_a_query_builds_no_data(tmp_path, monkeypatch):

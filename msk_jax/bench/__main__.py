@@ -1,12 +1,12 @@
 """The command line: ``python -m msk_jax.bench COMMAND [--config=configs/bench.py[:cpu_bench]]
 [--json=OUT]``, COMMAND one of ``BENCHMARKS`` or ``all``; tcmalloc preloaded first (CPU hosts), the
-``--config`` file found from any directory (``configs.resolve_argv``).
+``--config`` file found from any directory and checked with its overrides (``msk_jax.cli``).
 """
 
 import json
 import sys
 
-from msk_jax import allocator, configs
+from msk_jax import allocator, cli
 from msk_jax.bench import BENCHMARKS, CONFIG, run
 
 
@@ -27,13 +27,18 @@ def main(argv):
             json.dump(results, f, indent=2, sort_keys=True)
 
 
-if __name__ == "__main__":
-    allocator.use_tcmalloc()
-    from absl import app, flags
+def _define_flags():
+    # Called by cli.run: a config flag with a default reads its overrides when defined.
+    from absl import flags
     from ml_collections import config_flags
 
-    FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", CONFIG, "The benchmarks' shapes (configs/bench.py).")
     flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
-    sys.argv = configs.resolve_argv(sys.argv)
-    app.run(main)
+
+
+if __name__ == "__main__":
+    allocator.use_tcmalloc()
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    cli.run(main, config_flag="config", default_config=CONFIG, define_flags=_define_flags)

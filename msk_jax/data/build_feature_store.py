@@ -50,7 +50,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from msk_jax import configs
+    from msk_jax import cli
 
-    sys.argv = configs.resolve_argv(sys.argv)  # --config=configs/howto.py from any directory
-    app.run(main)
+    cli.run(main, config_flag="config")  # --config=configs/howto.py from any directory, checked

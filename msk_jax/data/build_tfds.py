@@ -33,4 +33,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("manual_dir", None, "Folder with the original files.")
     flags.DEFINE_string("data_dir", None, "Where the built dataset goes.")
     flags.mark_flags_as_required(["manual_dir", "data_dir"])
-    app.run(main)
+    from msk_jax import cli
+
+    cli.run(main)

@@ -508,7 +508,8 @@ def build_training(paths: DemoCorpusPaths, src: Sources, cfg: SizeConfig, seed: 
             for lang in clip_languages:
                 languages[lang] = languages.get(lang, 0) + 1
             if (v + 1) % step == 0 or v + 1 == cfg.train_videos:
-                _log(progress, f"training videos {v + 1}/{cfg.train_videos} ({sum(durations.values()):.0f} s so far)")
+                _log(progress, f"training videos {v + 1}/{cfg.train_videos} "
+                               f"({sum(durations.values()):.0f} s of video so far)")
     finally:
         if pool is not None:
             pool.shutdown()

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from msk_jax import configs, storage
+from msk_jax import storage
 from msk_jax.experiments.report import plot
 from msk_jax.experiments.runner import analyse, parse_grid, plot_field, run_grid
 
@@ -68,6 +68,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.argv = configs.resolve_argv(sys.argv)
+    from msk_jax import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main, config_flag="config")

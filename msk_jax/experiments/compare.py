@@ -26,11 +26,12 @@ def compare(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Se
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
     import json
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m msk_jax.experiments.compare", description=compare.__doc__)
+    from msk_jax import cli
+
+    parser = cli.ArgumentParser(prog="python -m msk_jax.experiments.compare", description=compare.__doc__)
     parser.add_argument("--runs", required=True, help="Comma-separated summary.json files (or JSON of {'runs': [...]}).")
     parser.add_argument("--baseline", required=True, help="FIELD=VALUE[;FIELD=VALUE]: the baseline's overrides.")
     parser.add_argument("--directions", default="t2v,t2v+a")
@@ -63,4 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from msk_jax import cli
+
+    raise SystemExit(cli.call(main))

@@ -110,4 +110,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from msk_jax import cli
+
+    cli.run(main)

@@ -30,4 +30,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("features_dtype", "float32", ["float32", "float16", "bfloat16"],
                       "Round the video and audio inputs to this dtype first (a feature store's dtype): measures "
                       "its effect against the tolerances.")
-    app.run(main)
+    from msk_jax import cli
+
+    cli.run(main)
