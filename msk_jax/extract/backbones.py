@@ -337,18 +337,17 @@ def load_backbone_weights(path: str, kind: str) -> dict:
     (needs torch, read with ``weights_only=True``: torchvision's ``resnet152`` ImageNet file, or
     Hara et al.'s ``resnext-101-kinetics.pth``) or an ``.npz`` of the same torch names (no torch
     needed). See :func:`variables_from_state_dict`."""
-    from msk_jax import storage
+    from msk_jax import safe_load
 
     if str(path).endswith(".npz"):
-        with np.load(storage.local_or_buffer(path), allow_pickle=False) as npz:
-            state = {k: npz[k] for k in npz.files}
+        state = safe_load.load_npz(path)  # sizes and headers checked before anything is inflated
     else:
         try:
-            import torch
+            import torch  # noqa: F401
         except ImportError as err:
             raise ImportError(f"Reading '{path}' needs PyTorch (pip install torch, the CPU build is enough); "
                               "or save its state dict as an .npz of name -> array and load that.") from err
-        state = torch.load(storage.local_or_buffer(path), map_location="cpu", weights_only=True)
+        state = safe_load.load_torch_checkpoint(path)  # torch >= 2.6, tensors and plain data only
         if not isinstance(state, Mapping):
             raise ConversionError(f"'{path}' holds a {type(state).__name__}, not a state dict.")
     return variables_from_state_dict(state, kind)
