@@ -7,6 +7,14 @@ folder and renames it when complete (in a bucket: marks it complete), so a crash
 leaves a half checkpoint that would be restored; the last `keep` checkpoints are kept. On
 multi-host runs every process calls `save`; only process 0 writes the metadata.
 
+A save returns once the checkpoint is committed, so a save that fails (no space, a read-only
+folder, no permission, a bucket error) stops the run at the step it was made for
+(`SaveError`, one line naming the cause and the last good checkpoint), its temporary folder
+removed and the echoes of Orbax's background writes not shown. Orbax would otherwise report it
+only at the next save, the steps between trained with no checkpoint. In a local folder a save
+is refused before it starts when the folder cannot take a new entry (read-only, no permission)
+or when its free space is below the size of the last checkpoint.
+
 Resuming is safe: `restore_latest` compares the checkpoint's stored configuration with the
 run's and refuses (`IncompatibleCheckpointError`, listing the fields) when they differ in
 anything that changes the state's shapes or meaning; a checkpoint that cannot be read is named
@@ -20,8 +28,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
+import traceback
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -43,6 +54,7 @@ RESUMABLE_CHANGES = (
     "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
     "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
     "data.eval_video_tokens", "data.eval_audio_frames", "objective.sinkhorn.problems_at_once",
+    "evals", "data.ucf101", "data.hmdb51", "data.digits",
 )
 
 
@@ -60,6 +72,10 @@ class CheckpointError(RuntimeError):
 
 class IncompatibleCheckpointError(CheckpointError):
     """The work directory's checkpoint was trained with a configuration this run cannot continue."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (or would not fit); the run stops at that step."""
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
@@ -205,6 +221,148 @@ class _FailedReadEchoes(logging.Filter):
 _ECHOES = _FailedReadEchoes()
 
 
+class _SaveEchoes(logging.Filter):
+    """The echoes of a checkpoint save that failed, dropped: Orbax's background threads log the
+    failure of each of their writes (with tracebacks), TensorStore's callbacks print "Event loop
+    is closed" tracebacks for writes that end after Orbax closed its loop, asyncio reports every
+    write nobody waited for ("Task exception was never retrieved"), and Python warns of the
+    writes that never started ("coroutine ... was never awaited"), some after the run has
+    stopped. The failure itself is reported once, by `Checkpointer.save`.
+
+    While a save runs, what Orbax logs at WARNING or above is held back; a save that succeeds
+    lets it through, one that fails drops it. From a failed save on, log records and
+    unraisables that name its folder (or are asyncio's unretrieved Orbax tasks), closed-loop
+    tracebacks and unawaited-coroutine warnings are dropped too. Everything else passes
+    unchanged."""
+
+    LOGGERS = ("absl", "asyncio", "orbax")
+
+    def __init__(self):
+        super().__init__()
+        self.saving: str | None = None  # the folder being saved
+        self.held: list[logging.LogRecord] = []
+        self.failed: set[str] = set()  # folders whose save failed
+        self.previous_hook = self.previous_excepthook = None
+
+    def _install(self) -> None:
+        if self.previous_hook is None:
+            self.previous_hook, self.previous_excepthook = sys.unraisablehook, sys.excepthook
+            sys.unraisablehook, sys.excepthook = self.hook, self.excepthook
+            for name in self.LOGGERS:
+                logging.getLogger(name).addFilter(self)
+
+    @staticmethod
+    def _text(record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info and record.exc_info[1] is not None else None
+        if exc is None:
+            return record.getMessage()
+        return record.getMessage() + "".join(traceback.format_exception(exc))
+
+    def _echo_of_failure(self, text: str) -> bool:
+        return any(f in text for f in self.failed) or ("never retrieved" in text and "orbax" in text.lower())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Waiting for previous save to complete"):
+            return False  # the wait it reports is `save`'s own, on purpose
+        text = self._text(record)
+        if self.failed and self._echo_of_failure(text):
+            return False
+        if self.saving is not None and record.levelno >= logging.WARNING and (
+                "orbax" in record.pathname or self.saving in text or "never retrieved" in text):
+            self.held.append(record)
+            return False
+        return True
+
+    def _closed_loop(self, exc) -> bool:
+        """A write of a save reporting to the event loop Orbax closed (during or after a failed save)."""
+        return ((self.saving is not None or bool(self.failed)) and isinstance(exc, RuntimeError)
+                and "Event loop is closed" in str(exc))
+
+    def hook(self, unraisable) -> None:
+        exc = unraisable.exc_value
+        if self._closed_loop(exc) or (self.failed and self._echo_of_failure(repr(exc))):
+            return
+        self.previous_hook(unraisable)
+
+    def excepthook(self, exc_type, exc, tb) -> None:
+        """TensorStore's callbacks print what they raise through `sys.excepthook`."""
+        if self._closed_loop(exc):
+            return
+        self.previous_excepthook(exc_type, exc, tb)
+
+    def start(self, folder: str) -> None:
+        self._install()
+        self.saving, self.held = folder.rstrip("/"), []
+
+    def succeeded(self) -> None:
+        held, self.saving, self.held = self.held, None, []
+        for record in held:  # what a successful save logged still shows
+            logging.getLogger(record.name).handle(record)
+
+    def failure(self, directory: str, step: int) -> None:
+        """The save of `step` into `directory` failed: its echoes are dropped from now on."""
+        self.failed.add(storage.join(directory, f"{step}.orbax-checkpoint-tmp"))
+        self.failed.add(storage.join(directory, str(step)))
+        self.saving, self.held = None, []
+        # Its writes that never started are collected unawaited, at the latest when the process ends.
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+
+_SAVE_ECHOES = _SaveEchoes()
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_HTTP_STATUS = re.compile(r"HTTP response code: (\d{3})|\b(?:status|code)[^0-9a-z]{0,3}(\d{3})\b", re.IGNORECASE)
+_HTTP_MEANING = {401: "not authenticated", 403: "permission denied", 404: "no such bucket or object",
+                 409: "conflict", 412: "precondition failed", 429: "too many requests"}
+
+
+def describe_write_failure(err: BaseException) -> str:
+    """The cause of a failed write, short: the operating system's words for its error number
+    ("No space left on device", "Read-only file system", "Permission denied") wherever in the
+    chain it is, a bucket's HTTP status with its meaning, else the first line of the deepest
+    error."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen and len(chain) < 10:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno and e.strerror:
+            return e.strerror
+        match = _OS_ERROR_CODE.search(str(e))
+        if match:
+            return os.strerror(int(match.group(1)))
+    for e in chain:
+        match = _HTTP_STATUS.search(str(e))
+        if match:
+            status = int(match.group(1) or match.group(2))
+            meaning = _HTTP_MEANING.get(status, "server error" if status >= 500 else "refused")
+            return f"{meaning} (HTTP {status}: {str(e).splitlines()[0].split(' with body')[0][:200]})"
+    for e in reversed(chain):
+        text = str(e).strip()
+        if text:
+            return f"{type(e).__name__}: {text.splitlines()[0][:300]}"
+    return type(chain[0]).__name__
+
+
+def folder_size(folder: str) -> int:
+    """The bytes a local folder takes on its disk (allocated blocks, where the system tells them)."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                stat = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            blocks = getattr(stat, "st_blocks", None)
+            total += blocks * 512 if blocks is not None else stat.st_size
+    return total
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 _RESTORED, _UNREADABLE, _TRANSIENT, _INCOMPATIBLE = 0, 1, 2, 3
 
 # Storage errors that may pass: timeouts, throttling, server errors, dropped connections (as
@@ -249,10 +407,17 @@ class Checkpointer:
     A read that fails is tried `read_attempts` times in all when the error may pass (with
     backoff from `backoff_seconds`, doubling), twice otherwise."""
 
-    def __init__(self, workdir: str, keep: int = 3, read_attempts: int = 5, backoff_seconds: float = 1.0):
+    def __init__(self, workdir: str, keep: int = 3, read_attempts: int = 5, backoff_seconds: float = 1.0,
+                 clean_partial: bool = False):
+        """clean_partial: remove the temporary folders of saves that never finished (only a
+        process that holds the work directory's lease may: another training may be saving)."""
         self.read_attempts, self.backoff_seconds = max(2, read_attempts), backoff_seconds
         self.directory = storage.join(workdir, "checkpoints")
-        self.manager = open_manager(self.directory, max_to_keep=keep, create=True)
+        self.manager = open_manager(self.directory, max_to_keep=keep, create=True,
+                                    cleanup_tmp_directories=clean_partial)
+        self.save_failed = False
+        self._size: int | None = None  # of the last checkpoint on a local disk (what the next one needs)
+        self._sized_step: int | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -261,10 +426,109 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, state: TrainState, meta: dict, force: bool = False) -> bool:
+        """Saves the state's step and returns once it is committed (False when the manager's
+        policy skips the step). Raises SaveError, the run's last good checkpoint named, when it
+        would not fit or could not be written; the partial save is removed then."""
         step = int(to_host(state.step))
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_arrays(state)), meta=ocp.args.JsonSave(meta)), force=force)
+        self._check_space(step)
+        _SAVE_ECHOES.start(self.directory)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state_arrays(state)), meta=ocp.args.JsonSave(meta)), force=force)
+            self.manager.wait_until_finished()  # the result of this save, before training goes on
+        except Exception as err:  # noqa: BLE001 - any failure of the save is reported as one
+            self._failed(step, err)
+        _SAVE_ECHOES.succeeded()
+        if saved:
+            self._size, self._sized_step = None, step  # measured when the next save asks
         return bool(saved)
+
+    def resume_note(self, failed_step: int | None = None) -> str:
+        """Where a rerun continues from (the newest committed checkpoint other than `failed_step`)."""
+        steps = [s for s in self.manager.all_steps() if s != failed_step]
+        if not steps:
+            return "no checkpoint was saved before it: a rerun starts from step 0"
+        return f"the last good checkpoint is step {max(steps)}, from which a rerun resumes once that is fixed"
+
+    def _needed(self) -> int | None:
+        """The size of the last checkpoint on a local disk (what a new one takes), None elsewhere."""
+        if storage.is_remote(self.directory):
+            return None
+        if self._size is None:
+            step = self._sized_step if self._sized_step is not None else self.latest_step()
+            if step is None:
+                return None
+            self._size, self._sized_step = folder_size(os.path.join(self.directory, str(step))), step
+        return self._size
+
+    def _check_space(self, step: int) -> None:
+        """Refuses a save into a local folder that cannot take a new entry (read-only, no
+        permission, a full disk: Orbax would fail while making the step's folder, and its
+        background threads would then wait minutes for that folder before the process could
+        end), or whose free space cannot hold the checkpoint. Multi-host: every process refuses
+        when any does (the others would wait for it in the save)."""
+        problem = None
+        if not storage.is_remote(self.directory):
+            probe = os.path.join(self.directory, f".{step}.write-probe-{os.getpid()}")
+            try:
+                os.mkdir(probe)
+                os.rmdir(probe)
+            except OSError as err:
+                problem = (f"the checkpoint of step {step} cannot be written to {self.directory}: "
+                           f"{describe_write_failure(err)}")
+        needed = self._needed() if problem is None else None
+        if needed:
+            try:
+                stat = os.statvfs(self.directory)
+            except OSError:
+                stat = None
+            free = stat.f_bavail * stat.f_frsize if stat is not None else None
+            if free is not None and free < needed:
+                problem = (f"no space for the checkpoint of step {step} in {self.directory}: {_megabytes(free)} free, "
+                           f"a checkpoint takes {_megabytes(needed)} (step {self._sized_step}'s)")
+        if jax.process_count() > 1:
+            refused = _agree(int(problem is not None))
+            if any(refused) and problem is None:
+                problem = (f"the checkpoint of step {step} cannot be saved on process(es) "
+                           f"{', '.join(str(i) for i, r in enumerate(refused) if r)} (their messages say why)")
+        if problem is not None:
+            raise SaveError(f"{problem}; {self.resume_note()}.")
+
+    def _failed(self, step: int, err: BaseException) -> None:
+        """Reports a failed save as one SaveError, after removing what it left."""
+        self.save_failed = True
+        _SAVE_ECHOES.failure(self.directory, step)
+        cause = describe_write_failure(err)
+        left = self._remove_partial(step)
+        raise SaveError(f"the checkpoint of step {step} could not be written to {self.directory}: {cause}; "
+                        f"{self.resume_note(step)}." + (f" (Could not remove {left}.)" if left else "")) from None
+
+    def _remove_partial(self, step: int) -> str | None:
+        """Removes the failed save's temporary folder (process 0; its writes may still be ending,
+        so it is removed until it stays gone). Returns what could not be removed."""
+        if jax.process_index() != 0:
+            return None
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        remote = storage.is_remote(self.directory)
+        left = []
+        for attempt in range(20):
+            storage.refresh(self.directory)
+            left = [storage.join(self.directory, n) for n in storage.listdir(self.directory) if n.startswith(prefix)]
+            if not left:
+                return None
+            for folder in left:
+                try:
+                    if remote:
+                        import fsspec
+
+                        fs, name = fsspec.core.url_to_fs(folder)
+                        fs.rm(name, recursive=True)
+                    else:
+                        shutil.rmtree(folder)
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.05 * (attempt + 1))
+        return ", ".join(left)
 
     def _item(self, step: int, name: str) -> epath.Path:
         return storage.path(self.directory) / str(step) / name
@@ -445,5 +709,9 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - after a failed save (already reported), closing is best effort
+            if not self.save_failed:
+                raise

@@ -1,20 +1,26 @@
-"""Zero-shot retrieval of a checkpoint: `python -m msk_jax.evaluate --config=... --checkpoint=...`.
+"""Zero-shot evaluation of a checkpoint: `python -m msk_jax.evaluate --config=... --checkpoint=...`.
 
     python -m msk_jax.evaluate --config=configs/howto.py:demo --checkpoint=/tmp/msk_demo
     python -m msk_jax.evaluate --config=configs/howto.py --checkpoint=RUN --weights=online
     python -m msk_jax.evaluate --config=configs/howto.py --torch_checkpoint=model_best.pth --output_dir=OUT
     python -m msk_jax.evaluate --config=configs/howto.py:demo --checkpoint=RUN --watch
     python -m msk_jax.evaluate --config=configs/howto.py --checkpoint=gs://bucket/run --watch
+    python -m msk_jax.evaluate --config=configs/howto.py --checkpoint=RUN --evals=classification \
+        --config.data.ucf101=ucf101_classification.pkl --config.data.hmdb51=hmdb51_classification.pkl
 
 --checkpoint takes a training workdir (its latest checkpoint), its `checkpoints/` folder, or one
 step folder, on disk or in a bucket (gs://...; so do --output_dir and the data paths).
 --torch_checkpoint takes original PyTorch weights (.pth, needs torch) or a .npz of torch name ->
-array. Results: a table on the terminal, `<dir>/eval/step_<step>-<weights>-<sets>.json` (e.g.
-`step_600-ema-MSRVTT+YouCook2.json`; training's own evaluation is `step_<step>.json`, so neither
+array. It runs the evaluators of `config.evals` (`msk_jax.evaluators`; --evals=NAME,... a subset).
+Results: a table per evaluator on the terminal, a JSON file per evaluator in `<dir>/eval/`
+(retrieval: `step_<step>-<weights>-<sets>.json`, e.g. `step_600-ema-MSRVTT+YouCook2.json`; the
+others `step_<step>-<weights>-<evaluator>-<sets>.json`, e.g.
+`step_600-ema-classification-Digits.json` with the confusion matrix `...-Digits.png` beside it;
+training's own evaluation is `step_<step>.json`, `step_<step>-classification.json`, so neither
 overwrites the other) and TensorBoard scalars in `<dir>/tensorboard`, where <dir> is the workdir
 (or --output_dir). With --watch it follows a training workdir and evaluates each checkpoint whose
-file (same weights, same sets) is missing; it stops once the run's last step has one, whoever
-wrote it, at once on a finished run.
+files (same weights, same sets) are missing; it stops once the run's last step has them, whoever
+wrote them, at once on a finished run.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, cli, convert, evaluation, input_pipeline, metric_writers, safe_load, sharding, storage
+from msk_jax import allocator, cli, convert, evaluators, input_pipeline, metric_writers, safe_load, sharding, storage
 from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
 from msk_jax.data.features import DataError
 from msk_jax.model import MultiSKModel
@@ -51,6 +57,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("watch", False, "Follow a training workdir and evaluate every new checkpoint once.")
     flags.DEFINE_float("poll_seconds", 30.0, "With --watch: how often to look for new checkpoints.")
     flags.DEFINE_float("idle_timeout", 3600.0, "With --watch: stop after this long without a new checkpoint.")
+    flags.DEFINE_list("evals", None, "Which evaluators of config.evals run (default: all of them).")
 
 
 def locate(path: str) -> tuple[str, str, int | None]:
@@ -169,33 +176,47 @@ def restore_for_evaluation(config, checkpoint: str, weights: str = "ema"):
     return model, variables, eval_sets
 
 
-def result_path(output_dir: str, step: int, weights: str, sets) -> str:
-    """`<output_dir>/eval/step_<step>-<weights>-<set+set>.json`: the binary's results, named
-    apart from training's `step_<step>.json` (whose weights and sets are the training config's)
-    and from an evaluation of other weights or sets."""
-    return storage.join(output_dir, "eval", f"step_{step}-{weights}-{'+'.join(sets)}.json")
+def result_path(output_dir: str, step: int, weights: str, sets, evaluator: str = evaluators.RETRIEVAL) -> str:
+    """`<output_dir>/eval/step_<step>-<weights>-<set+set>.json` (other evaluators than retrieval:
+    `step_<step>-<weights>-<evaluator>-<set+set>.json`): the binary's results, named apart from
+    training's `step_<step>.json` (whose weights and sets are the training config's) and from an
+    evaluation of other weights or sets."""
+    return evaluators.result_path(output_dir, step, evaluator, list(sets), weights)
 
 
 def evaluate_once(config, model, evals, variables, step, output_dir, writer, weights: str = "ema") -> dict:
+    """Runs `evals` (evaluators), prints their tables, writes their files and scalars; returns
+    the retrieval results (`evaluators.retrieval_results`)."""
     if not evals:
         raise DataError("config.data", "no evaluation set is configured (set config.data.msrvtt / "
-                                       "config.data.youcook2)", "no evaluation set")
+                                       "config.data.youcook2, or a classification set of config.evals)",
+                        "no evaluation set")
     # Each local device embeds a slice of every batch.
     batches = sharding.batch_sharding(sharding.create_mesh([("data", -1)]))
-    results = evaluation.evaluate(model, variables, evals, config.eval_batch_size, sharding=batches)
-    print(evaluation.format_table(results), flush=True)
-    path = result_path(output_dir, step, weights, evals)
-    storage.write_atomic(path, json.dumps(results, indent=2))
-    writer.write_scalars(step, evaluation.scalars(results))
+    results = evaluators.run(evals, model, variables, config.eval_batch_size, sharding=batches)
+    paths = evaluators.report(evals, results, output_dir, step, writer, weights)
     writer.flush()
-    print(f"evaluation of step {step} written to {path}", flush=True)
-    return results
+    print(f"evaluation of step {step} written to {', '.join(paths)}", flush=True)
+    return evaluators.retrieval_results(evals, results)
+
+
+def _evaluators(config, paths, words, names) -> list:
+    """The evaluators of `config.evals` (of `names` only, when given) with their sets."""
+    sets = input_pipeline.build_evaluation_sets(config, paths, words, names)
+    return evaluators.build(config, sets, names)
+
+
+def _evaluated(evals, out: str, step: int, weights: str) -> bool:
+    """Whether every evaluator's file of `step` exists (written here or by another watcher)."""
+    return all(storage.exists(e.result_path(out, step, weights)) for e in evals)
 
 
 def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: str = "ema",
         output_dir: str | None = None, watch: bool = False, poll_seconds: float = 30.0,
-        idle_timeout: float = 3600.0) -> dict:
-    """Evaluates and returns {step: results} (with `watch`: of the steps evaluated here)."""
+        idle_timeout: float = 3600.0, evals: list[str] | None = None) -> dict:
+    """Evaluates and returns {step: retrieval results} (with `watch`: of the steps evaluated
+    here); every evaluator's results are in its files. `evals`: the names of the evaluators of
+    `config.evals` to run (None: all)."""
     if bool(checkpoint) == bool(torch_checkpoint):
         raise CheckpointError("give exactly one of --checkpoint and --torch_checkpoint.")
     # A wrong path is told before the evaluation sets are read (or the demo corpus built).
@@ -204,7 +225,7 @@ def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: s
     located = locate(checkpoint) if checkpoint else None
     paths = input_pipeline.data_paths(config, training=False)
     words = input_pipeline.load_words(config, paths)
-    evals = input_pipeline.build_eval_sets(config, paths, words)
+    evals = _evaluators(config, paths, words, evals)
     model = MultiSKModel.from_config(config)
     template = model_template(model, config, words.dim)
     if torch_checkpoint:
@@ -235,7 +256,7 @@ def _watch(config, model, evals, template, folder, out, writer, weights, poll_se
         for s in steps:
             if s in done:
                 continue
-            if storage.exists(result_path(out, s, weights, evals)):  # evaluated before, or by another watcher
+            if _evaluated(evals, out, s, weights):  # evaluated before, or by another watcher
                 done.add(s)
                 continue
             try:
@@ -266,7 +287,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     # CheckpointError, DataError, ConversionError and OSError end in one line (msk_jax.cli).
     run(FLAGS.config, FLAGS.checkpoint, FLAGS.torch_checkpoint, FLAGS.weights, FLAGS.output_dir, FLAGS.watch,
-        FLAGS.poll_seconds, FLAGS.idle_timeout)
+        FLAGS.poll_seconds, FLAGS.idle_timeout, FLAGS.evals)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ and the evaluation sets, for every `config.data.source`.
   the configured pickles);
 - "demo": the demo corpus, built on first use.
 
+Zero-shot classification sets (`config.data.ucf101`, `hmdb51`, the demo's `digits`; format in
+`msk_jax.data.classification_sets`) are read from their files with every source. Which
+evaluation sets are built follows `config.evals` (`evaluator_entries`).
+
 `train.py`, `evaluate.py` and the analysis tools all build their data here.
 """
 
@@ -20,6 +24,7 @@ import jax
 import numpy as np
 
 from msk_jax import storage
+from msk_jax.data import classification_sets as cls_data
 from msk_jax.data import eval_sets as eval_data
 from msk_jax.data.features import DataError
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
@@ -29,6 +34,13 @@ README_DATA = "see 'Data' in README.md, or try the demo: --config=configs/howto.
 # Evaluation sets: (name, config.data field of the pickle, format, field of the complete size, TFDS dataset).
 EVAL_SETS = (("MSRVTT", "msrvtt", eval_data.MSRVTT, "msrvtt_complete_size", "msrvtt_retrieval"),
              ("YouCook2", "youcook2", eval_data.YOUCOOK2, "youcook2_complete_size", "youcook2_retrieval"))
+# Classification sets: config.data field -> (name, what the file is).
+CLASSIFICATION_SETS = {"ucf101": ("UCF101", "the UCF101 classification set"),
+                       "hmdb51": ("HMDB51", "the HMDB51 classification set"),
+                       "digits": ("Digits", "the demo's spoken-digit classification set")}
+# The original's classification windows (`val_cls_data_loaders`): 48 video tokens, 3072 STFT frames.
+CLASSIFICATION_VIDEO_TOKENS, CLASSIFICATION_AUDIO_FRAMES = 48, 3072
+EVALUATOR_KINDS = {"retrieval": {field for _, field, *_ in EVAL_SETS}, "classification": set(CLASSIFICATION_SETS)}
 
 
 def clip_settings(config) -> ClipSettings:
@@ -67,6 +79,9 @@ class DataPaths:
     word_vectors: str
     msrvtt: str = ""
     youcook2: str = ""
+    ucf101: str = ""
+    hmdb51: str = ""
+    digits: str = ""
     csv: str = ""
     caption: str = ""
     features_2d: str = ""
@@ -80,11 +95,14 @@ def data_paths(config, training: bool = True) -> DataPaths:
     d = config.data
     if d.source == "demo":
         corpus = demo_paths(config)
-        return DataPaths(**{field.name: getattr(corpus, field.name) for field in dataclasses.fields(DataPaths)})
+        # The demo corpus has no UCF101 or HMDB51: those come from config.data as with other sources.
+        return DataPaths(**{field.name: getattr(corpus, field.name, None) or d.get(field.name, "")
+                            for field in dataclasses.fields(DataPaths)})
     if d.source not in ("files", "tfds", "store"):
         raise ValueError(f"config.data.source='{d.source}': expected 'files', 'tfds', 'store' or 'demo'.")
     paths = DataPaths(_require(d.word_vectors, "the word2vec binary word vectors", "word_vectors"),
-                      msrvtt=d.msrvtt, youcook2=d.youcook2)
+                      msrvtt=d.msrvtt, youcook2=d.youcook2,
+                      **{field: d.get(field, "") for field in CLASSIFICATION_SETS})
     if training and d.source == "files":
         paths.csv = _require(d.csv, "the HowTo100M csv", "csv")
         paths.caption = _require(d.caption, "caption.pickle", "caption")
@@ -148,11 +166,119 @@ def build_eval_sets(config, paths: DataPaths, words) -> dict:
     return evals
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluatorEntry:
+    """One `config.evals` entry: its name, kind, data fields (and their set names), period and
+    kind-specific options."""
+
+    name: str
+    kind: str
+    fields: tuple[str, ...]
+    every_steps: int
+    options: dict
+
+    @property
+    def set_names(self) -> list[str]:
+        return [set_name(field) for field in self.fields]
+
+
+def set_name(field: str) -> str:
+    """The name an evaluation set is reported under ('msrvtt' -> 'MSRVTT')."""
+    names = {f: name for name, f, *_ in EVAL_SETS}
+    names.update({f: name for f, (name, _) in CLASSIFICATION_SETS.items()})
+    return names[field]
+
+
+# Without `config.evals` (a configuration written before there were several evaluators):
+# retrieval on the MSR-VTT and YouCook2 pickles, as then.
+_DEFAULT_EVALS = {"retrieval": {"kind": "retrieval", "sets": "msrvtt,youcook2", "every_steps": 0}}
+
+
+def evaluator_entries(config, names=None) -> list[EvaluatorEntry]:
+    """The evaluators of `config.evals` (those of `names` only, when given), retrieval first;
+    a mistake (an unknown kind or set, a set listed twice) is a DataError naming the field."""
+    evals = config.get("evals") if hasattr(config, "get") else None
+    evals = _DEFAULT_EVALS if evals is None else evals
+    known = list(evals.keys())
+    if names is not None:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DataError("--evals", f"no evaluator {', '.join(unknown)} in config.evals (configured: "
+                                       f"{', '.join(known) or 'none'})", "unknown evaluator")
+    entries, owner = [], {}
+    for name in known:
+        if names is not None and name not in names:
+            continue
+        entry = evals[name]
+        kind = entry.get("kind", "")
+        if kind not in EVALUATOR_KINDS:
+            raise DataError(f"config.evals.{name}.kind", f"'{kind}' is not an evaluator; expected one of "
+                                                         f"{', '.join(EVALUATOR_KINDS)}", "unknown evaluator")
+        fields = tuple(f.strip() for f in str(entry.get("sets", "")).split(",") if f.strip())
+        for field in fields:
+            if field not in EVALUATOR_KINDS[kind]:
+                raise DataError(f"config.evals.{name}.sets", f"names '{field}', which is not a {kind} set "
+                                f"({', '.join(sorted(EVALUATOR_KINDS[kind]))})", "unknown set")
+            if field in owner:
+                raise DataError(f"config.evals.{name}.sets", f"names '{field}', which config.evals.{owner[field]} "
+                                                             "evaluates already", "set listed twice")
+            owner[field] = name
+        options = {k: v for k, v in entry.items() if k not in ("kind", "sets", "every_steps")}
+        entries.append(EvaluatorEntry(name, kind, fields, int(entry.get("every_steps", 0)), options))
+    return sorted(entries, key=lambda e: list(EVALUATOR_KINDS).index(e.kind))
+
+
+def build_classification_sets(config, paths: DataPaths, words, entry: EvaluatorEntry) -> dict:
+    """{name: ClassificationSet} of the entry's sets whose path is set (an empty path is
+    skipped, a missing file stops naming its field)."""
+    d, options = config.data, entry.options
+    templates = options.get("templates", ("{}",))
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+    if not templates or any("{}" not in t for t in templates):
+        raise DataError(f"config.evals.{entry.name}.templates", f"{list(templates)}: each template must hold '{{}}' "
+                        "(where the class name goes)", "bad template")
+    sets = {}
+    for field in entry.fields:
+        path = getattr(paths, field)
+        if not path:
+            continue
+        name, what = CLASSIFICATION_SETS[field]
+        classes, videos, order = cls_data.load_entries(path, what, field, dim_2d=d.dim_2d, dim_3d=d.dim_3d,
+                                                       audio_bins=config.model.audio_feat_dim)
+        sets[name] = cls_data.build_classification_set(
+            name, classes, videos, words, source=path,
+            n_video_tokens=d.eval_video_tokens or CLASSIFICATION_VIDEO_TOKENS,
+            num_audio_frames=d.eval_audio_frames or CLASSIFICATION_AUDIO_FRAMES, video_dim=config.model.video_dim,
+            max_words=d.max_words, audio_bins=config.model.audio_feat_dim, templates=templates,
+            windows=int(options.get("windows", 1)), split_order=order, dim_2d=d.dim_2d, dim_3d=d.dim_3d)
+        if sets[name].unknown_words and jax.process_index() == 0:
+            missing = "; ".join(f"{c}: {', '.join(w)}" for c, w in sets[name].unknown_words.items())
+            print(f"{name}: class-name words without a vector, left out: {missing}", flush=True)
+    return sets
+
+
+def build_evaluation_sets(config, paths: DataPaths, words, names=None) -> dict:
+    """{name: EvalSet or ClassificationSet} of the evaluators of `config.evals` (those of
+    `names` only), in their order: what `msk_jax.evaluators.build` runs."""
+    sets = {}
+    entries = evaluator_entries(config, names)
+    if any(e.kind == "retrieval" for e in entries):
+        retrieval = build_eval_sets(config, paths, words)
+        for entry in entries:
+            if entry.kind == "retrieval":
+                sets.update({name: retrieval[name] for name in entry.set_names if name in retrieval})
+    for entry in entries:
+        if entry.kind == "classification":
+            sets.update(build_classification_sets(config, paths, words, entry))
+    return sets
+
+
 def build_data(config):
-    """(training video source, word vectors, {name: EvalSet}) from config.data."""
+    """(training video source, word vectors, {name: evaluation set}) from config.data and
+    config.evals."""
     paths = data_paths(config)
     words = load_words(config, paths)
-    return build_training_source(config, paths, words), words, build_eval_sets(config, paths, words)
+    return build_training_source(config, paths, words), words, build_evaluation_sets(config, paths, words)
 
 
 def sample_batch(config, word_dim: int) -> dict[str, np.ndarray]:

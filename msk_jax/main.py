@@ -1,7 +1,8 @@
 """Pretrains Multi-SK: `python -m msk_jax.main --config=configs/howto.py[:variant] --workdir=DIR`.
 
 The logic lives in `msk_jax.train` (importable by tests and notebooks); this file only parses
-flags, starts multi-host JAX when asked, and calls `train.train_and_evaluate`.
+flags, starts multi-host JAX when asked, and calls `train.train_and_evaluate`. A mistake ends in one
+line on stderr (`msk_jax.cli`; `--verbose` shows the traceback).
 
     python -m msk_jax.main --config=configs/howto.py:demo --workdir=/tmp/msk_demo
     python -m msk_jax.main --config=configs/howto.py --workdir=gs://bucket/run \\
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from msk_jax import allocator, layout
+from msk_jax import allocator, cli, layout
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file: configs/howto.py[:variant] (the "
@@ -56,21 +57,22 @@ def main(argv):
     for line in layout.describe(jax, device_ids, os.environ):
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
-    from msk_jax import checkpoints, train
+    from msk_jax import checkpoints, lease, train
     from msk_jax.data.features import DataError
     from msk_jax.data.pipeline import InputPositionError
 
+    # Ctrl-C and SIGTERM save a checkpoint and stop (a second Ctrl-C stops at once, even inside XLA).
+    stop = train.StopRequest(multihost=jax.process_count() > 1, exit_at_once=True)
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop=stop)
     except (FileNotFoundError, train.NonFiniteLossError, DataError, checkpoints.CheckpointError,
-            InputPositionError) as err:
+            InputPositionError, lease.LeaseError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()
-    from msk_jax import configs
-
-    sys.argv = configs.resolve_argv(sys.argv)  # --config=configs/howto.py from any directory
-    app.run(main)
+    cli.run(main, config_flag="config")  # the --config checked before anything is created

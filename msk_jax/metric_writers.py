@@ -110,19 +110,71 @@ class MultiWriter(MetricWriter):
             w.close()
 
 
-def create_default_writer(workdir: str, just_logging: bool, log_keys: tuple[str, ...] | None = None
-                          ) -> MetricWriter:
+def create_default_writer(workdir: str, just_logging: bool, log_keys: tuple[str, ...] | None = None,
+                          resume_step: int | None = None) -> MetricWriter:
     """TensorBoard (`<workdir>/tensorboard`) + `<workdir>/metrics.jsonl` + terminal; terminal only
-    when `just_logging` (processes other than 0)."""
+    when `just_logging` (processes other than 0). `resume_step`: the step the run continues from
+    (0 for a new one); `metrics.jsonl` is first cut to it (`cut_jsonl`)."""
     if just_logging:
         return LoggingWriter(log_keys)
+    metrics = storage.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+        cut_jsonl(metrics, resume_step)
     return MultiWriter([LoggingWriter(log_keys), TensorBoardWriter(storage.join(workdir, "tensorboard")),
-                        JsonlWriter(storage.join(workdir, "metrics.jsonl"))])
+                        JsonlWriter(metrics)])
+
+
+def cut_jsonl(path: str, last_step: int) -> bool:
+    """Cuts a JSON-lines log, as a run resumed from `last_step` continues it: to its rows up to
+    that step (those after it are trained again and written again) and to complete lines (a
+    crash can leave half of the last one, which the next append would run into). Rows that are
+    not JSON are dropped. The file is truncated where what it keeps is its beginning, else
+    rewritten whole (atomically). Returns whether it changed."""
+    if not storage.exists(path):
+        return False
+    data = storage.read_bytes(path)
+    kept, start, prefix = [], 0, True
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            break  # half a line
+        line = data[start:end + 1]
+        start = end + 1
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            prefix = False
+            continue
+        if row["step"] > last_step:
+            break
+        kept.append(line)
+    content = b"".join(kept)
+    if len(content) == len(data):
+        return False
+    if prefix and not storage.is_remote(path):
+        os.truncate(path, len(content))
+    else:
+        storage.write_atomic(path, content)
+    return True
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSON-lines log (a local path or a URL)."""
-    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+    """The rows of a JSON-lines log (a local path or a URL). A last line cut short (a crash while
+    it was written) is left out; any other line that is not JSON raises ValueError naming it."""
+    lines = storage.read_bytes(path).decode(errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: written in part
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON row ({err})") from None
+    return rows
 
 
 class ReportProgress:

@@ -140,3 +140,44 @@ def test_transient_storage_errors_are_retried_and_never_move_a_checkpoint(tmp_pa
 ])
 def test_which_errors_are_transient(error, transient):
     assert checkpoints.is_transient(error) is transient
+
+
+@pytest.mark.parametrize("error, cause", [
+    (ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/6.orbax-checkpoint-tmp/state/_sharding": '
+                "Failed to write 176889 bytes to file 6: No space left on device [os_error_code='28']"),
+     "No space left on device"),
+    (OSError(30, "Read-only file system", "/w/checkpoints/6.orbax-checkpoint-tmp"), "Read-only file system"),
+    (ValueError('PERMISSION_DENIED: Error writing "state/_METADATA" in gs://b/run/checkpoints/6: HTTP response code: '
+                '403 with body: {"error": "denied"}'), "permission denied (HTTP 403: PERMISSION_DENIED: Error writing"),
+])
+def test_a_failed_write_is_named_by_its_cause(error, cause):
+    assert checkpoints.describe_write_failure(RuntimeError("wrapped")).startswith("RuntimeError: wrapped")
+    wrapped = RuntimeError("Save Finalize thread failed")
+    wrapped.__cause__ = error
+    assert checkpoints.describe_write_failure(wrapped).startswith(cause)
+
+
+def test_a_save_into_a_read_only_folder_stops_in_one_line(tmp_path):
+    """The work directory's disk turns read-only between two saves: the second save raises
+    SaveError naming the cause and the last good checkpoint, and leaves nothing behind."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    checkpointer = None
+    try:
+        checkpointer = checkpoints.Checkpointer(str(disk))
+        checkpointer.save(_state(1, 1.0), {"input": [], "config": CONFIG})
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(checkpoints.SaveError) as raised:
+            checkpointer.save(_state(2, 2.0), {"input": [], "config": CONFIG})
+        message = str(raised.value)
+        assert "the checkpoint of step 2 cannot be written" in message and "Read-only file system" in message
+        assert "the last good checkpoint is step 1" in message and "\n" not in message
+        assert sorted(os.listdir(disk / "checkpoints")) == ["1"]
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -1,5 +1,6 @@
-"""The training loop end to end: runs, evaluates, resumes after SIGKILL, stops on NaN (SIGTERM: test_multihost.py),
-refuses a checkpoint of another configuration and steps over an unreadable one."""
+"""The training loop end to end: runs, evaluates, resumes after SIGKILL, stops on NaN, refuses a checkpoint of
+another configuration and steps over an unreadable one. (SIGTERM on several processes: test_multihost.py; Ctrl-C,
+SIGTERM, failed saves and the work directory's lease: test_stop_and_save.py.)"""
 
 import glob
 import itertools

@@ -94,13 +94,33 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.youcook2 = ""             # youcook_val.pkl
     data.msrvtt_complete_size = 1000
     data.youcook2_complete_size = 3350
-    data.eval_video_tokens = 0     # 0: the format's (48 MSR-VTT, 72 YouCook2)
-    data.eval_audio_frames = 0     # 0: the format's (3072 MSR-VTT, 4608 YouCook2)
+    data.eval_video_tokens = 0     # 0: the format's (48 MSR-VTT, 72 YouCook2, 48 classification)
+    data.eval_audio_frames = 0     # 0: the format's (3072 MSR-VTT, 4608 YouCook2, 3072 classification)
+    # Zero-shot classification sets (the original's val_cls_data_loaders; format: README, "Zero-shot
+    # classification"): a pickle, or a csv (video, label, splits) in a folder of HowTo100M-layout
+    # features; empty paths are skipped.
+    data.ucf101 = ""               # e.g. ucf101_classification.pkl
+    data.hmdb51 = ""               # e.g. hmdb51_classification.pkl
     # source="demo": where the demo corpus is built (default ~/.cache/msk_jax/demo_corpus, or
     # $MSK_JAX_CACHE_DIR/demo_corpus).
     data.demo_dir = ""
     data.demo_size = "default"     # "tiny", "small", "default" (120 training videos) or "large" (1,200)
     return data
+
+
+def get_evals_config() -> ml_collections.ConfigDict:
+    """The evaluators (msk_jax.evaluators), their data (`sets`: config.data fields) and how often
+    they run during training (`every_steps`: 0 as config.eval_every_steps, < 0 only at the end);
+    `python -m msk_jax.evaluate` runs them all, or --evals=NAME,..."""
+    evals = ml_collections.ConfigDict()
+    evals.retrieval = ml_collections.ConfigDict({"kind": "retrieval", "sets": "msrvtt,youcook2", "every_steps": 0})
+    evals.classification = ml_collections.ConfigDict({
+        "kind": "classification", "sets": "ucf101,hmdb51", "every_steps": 0,
+        # Prompts a class name goes into ('{}'); a class's text embedding is the mean over them.
+        "templates": ("{}",),
+        # 32-s windows averaged per video (1: the first 32 s, as the original configures).
+        "windows": 1})
+    return evals
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -114,6 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = get_model_config()
     config.objective = get_objective_config(consistency="baseline" not in variants)
     config.data = get_data_config()
+    config.evals = get_evals_config()
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.lr = 5e-5
@@ -157,6 +178,9 @@ def _demo(config: ml_collections.ConfigDict) -> None:
     config.data.worker_processes = False   # the demo's videos are small: threads keep up
     config.data.msrvtt_complete_size = -1   # the demo sets are complete: their own size
     config.data.youcook2_complete_size = -1
+    # The corpus's spoken-digit classification set (source="demo": the corpus's own file).
+    config.data.digits = ""
+    config.evals.classification.sets = "digits"
     m = config.model
     m.video_dim, m.text_dim = 256, 50
     m.davenet_widths = (16, 16, 32, 32, 64, 64, 128)

@@ -17,7 +17,12 @@ content while coming from three unrelated real sources:
 Splits: training videos (HowTo100M layout) with languages en/fr/es/ru; an in-domain test set
 (`msrvtt_jsfusion_test.pkl` layout) with digit strings never used in training and images
 disjoint from training; an out-of-domain test set (`youcook_val.pkl` layout) with a held-out
-voice (Italian) and held-out handwriting (the last 20% of the images).
+voice (Italian) and held-out handwriting (the last 20% of the images); and a zero-shot
+classification set (`digits_classification.pkl`, `msk_jax.data.classification_sets` format; all
+sizes but tiny): clips whose frames and speech are one digit repeated, 10 classes "zero" ...
+"nine", in two splits, the training voices with the in-domain test images ("seen_voices") and
+the held-out voice with the held-out handwriting ("held_out_voice"). A corpus built before it had
+this set gets it added (`ensure_digits`); its other files stay as they are.
 
     python -m msk_jax.data.demo_corpus --out DIR [--size tiny|default] [--force]
 
@@ -46,7 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
-from msk_jax import environment
+from msk_jax import environment, storage
 from msk_jax.data.audio import SAMPLE_RATE, log_mel_spectrogram, resample
 from msk_jax.data.features import DataError
 from msk_jax.data.word2vec import save_word2vec_binary
@@ -96,16 +101,22 @@ class SizeConfig:
     train_seconds: tuple[float, float]
     msrvtt_clips: int
     youcook_clips: int
+    digit_clips: int = 0  # classification clips per class and split (0: no classification set)
 
 
 SIZES = {
+    # The tests' shortest runs: no classification set, so their evaluation stays retrieval alone.
     "tiny": SizeConfig(train_videos=4, train_seconds=(25.0, 35.0), msrvtt_clips=12, youcook_clips=12),
-    "small": SizeConfig(train_videos=40, train_seconds=(30.0, 50.0), msrvtt_clips=100, youcook_clips=100),
-    "default": SizeConfig(train_videos=120, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200),
+    "small": SizeConfig(train_videos=40, train_seconds=(30.0, 50.0), msrvtt_clips=100, youcook_clips=100,
+                        digit_clips=5),
+    "default": SizeConfig(train_videos=120, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200,
+                          digit_clips=10),
     # Ten times the default's training videos (its 120 first, then new digit strings; the same
     # voices, handwriting split and test sets), built by worker processes.
-    "large": SizeConfig(train_videos=1200, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200),
+    "large": SizeConfig(train_videos=1200, train_seconds=(30.0, 70.0), msrvtt_clips=200, youcook_clips=200,
+                        digit_clips=10),
 }
+DIGIT_SPLITS = (("seen_voices", "msrvtt", TRAIN_LANGUAGES, 4), ("held_out_voice", "youcook", (HELD_OUT_LANGUAGE,), 5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +132,7 @@ class DemoCorpusPaths:
     youcook2: str
     word_vectors: str
     meta: str
+    digits: str = ""  # the classification set ("" where the size has none)
 
 
 @dataclasses.dataclass
@@ -142,7 +154,8 @@ def corpus_paths(root: str) -> DemoCorpusPaths:
         features_2d=os.path.join(howto, "features_2d"), features_3d=os.path.join(howto, "features_3d"),
         audio=os.path.join(howto, "audio"), caption=os.path.join(howto, "caption.pickle"),
         msrvtt=os.path.join(root, "msrvtt_jsfusion_test.pkl"), youcook2=os.path.join(root, "youcook_val.pkl"),
-        word_vectors=os.path.join(root, "word2vec.bin"), meta=os.path.join(root, "meta.json"))
+        word_vectors=os.path.join(root, "word2vec.bin"), meta=os.path.join(root, "meta.json"),
+        digits=os.path.join(root, "digits_classification.pkl"))
 
 
 def _log(progress: bool, message: str) -> None:
@@ -575,6 +588,32 @@ def write_youcook(path: str, entries: list[dict], missing: set[str]) -> None:
         pickle.dump(records, f)
 
 
+def build_digits_set(src: Sources, clips: int, seed: int, progress: bool) -> dict:
+    """The classification set: per split and digit, `clips` clips of the digit shown and spoken
+    3-6 times (seeded per clip: the other files' random streams are untouched); a dict in the
+    `msk_jax.data.classification_sets` pickle format."""
+    videos = []
+    for split, pool, languages, split_code in DIGIT_SPLITS:
+        for digit in range(10):
+            for i in range(clips):
+                rng = np.random.default_rng([seed, split_code, digit, i])
+                digits = str(digit) * int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
+                events, duration = plan_test_clip(rng, digits, languages)
+                clip = render(events, duration, src.images, src.pools[pool], src.voices, rng, None)
+                f2d, f3d = src.encoder.features(clip.frames, duration)
+                videos.append({"id": f"demo_digits_{split}_{digit}_{i:03d}", "2d": f2d, "3d": f3d,
+                               "audio": log_mel_spectrogram(clip.waveform), "label": digit, "splits": [split],
+                               "language": clip.languages[0], "duration": duration})
+    _log(progress, f"classification set: {len(videos)} clips, 10 classes, splits "
+                   f"{', '.join(split for split, *_ in DIGIT_SPLITS)}")
+    return {"classes": list(DIGIT_WORDS), "splits": [split for split, *_ in DIGIT_SPLITS], "videos": videos}
+
+
+def write_digits_set(path: str, src: Sources, clips: int, seed: int, progress: bool) -> None:
+    """The classification set at `path` (written whole or not at all)."""
+    storage.write_atomic(path, pickle.dumps(build_digits_set(src, clips, seed, progress), protocol=4))
+
+
 def write_word_vectors(path: str) -> int:
     words = DIGIT_WORDS + FILLER_WORDS
     save_word2vec_binary(path, load_glove(words))
@@ -600,7 +639,7 @@ def _cached(paths: DemoCorpusPaths, settings: dict) -> bool:
 def _entries(paths: DemoCorpusPaths) -> tuple[str, ...]:
     """The corpus's top-level files and folders, in the order a build puts them in place:
     meta.json last, as the corpus counts as complete once it is there."""
-    return os.path.dirname(paths.csv), paths.msrvtt, paths.youcook2, paths.word_vectors, paths.meta
+    return os.path.dirname(paths.csv), paths.msrvtt, paths.youcook2, paths.digits, paths.word_vectors, paths.meta
 
 
 def _refuse_foreign(paths: DemoCorpusPaths) -> None:
@@ -651,7 +690,8 @@ def _place(built: DemoCorpusPaths, paths: DemoCorpusPaths, settings: dict, trash
         if os.path.lexists(old):
             os.rename(old, os.path.join(trash, os.path.basename(old)))
     for new, old in zip(_entries(built), _entries(paths)):
-        os.rename(new, old)
+        if os.path.lexists(new):  # a size without a classification set has no file of it
+            os.rename(new, old)
 
 
 def _meta(settings: dict, src: Sources, train: dict, msrvtt_split: tuple, youcook_split: tuple,
@@ -716,13 +756,13 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
     paths, settings = corpus_paths(root), _settings(size, seed, feature_dim)
     if not force and _cached(paths, settings):
         _log(progress, f"already built at {paths.root} ({size}, seed {seed}); pass force=True to rebuild")
-        return paths
+        return ensure_digits(paths, size, seed, feature_dim, progress)
     _refuse_foreign(paths)  # before the lock file is written into the folder
     os.makedirs(paths.root, exist_ok=True)
     with _exclusive(paths.root):
         if not force and _cached(paths, settings):  # built by another process meanwhile
             _log(progress, f"built by another process at {paths.root} ({size}, seed {seed})")
-            return paths
+            return ensure_digits(paths, size, seed, feature_dim, progress, locked=True)
         _refuse_foreign(paths)
         _remove_leftovers(paths.root)
         building = tempfile.mkdtemp(prefix=BUILDING_PREFIX, dir=paths.root)
@@ -733,6 +773,24 @@ def build_demo_corpus(root: str, *, size: str = "default", seed: int = 0, featur
         finally:
             shutil.rmtree(building, ignore_errors=True)
     _log(progress, f"done in {meta['build_seconds']:.1f} s: {paths.root}")
+    return ensure_digits(paths, size, seed, feature_dim, progress)
+
+
+def ensure_digits(paths: DemoCorpusPaths, size: str, seed: int, feature_dim: int, progress: bool,
+                  locked: bool = False) -> DemoCorpusPaths:
+    """The paths of a complete corpus, with its classification set: written now (under the
+    folder's lock unless `locked`) when the corpus was built before it had one; `digits` is ""
+    for a size without one."""
+    clips = SIZES[size].digit_clips
+    if not clips:
+        return dataclasses.replace(paths, digits="")
+    if not os.path.exists(paths.digits):
+        with contextlib.ExitStack() as stack:
+            if not locked:
+                stack.enter_context(_exclusive(paths.root))
+            if not os.path.exists(paths.digits):  # another process may have written it meanwhile
+                _log(progress, f"adding the classification set to the corpus at {paths.root}")
+                write_digits_set(paths.digits, load_sources(seed, feature_dim, progress), clips, seed, progress)
     return paths
 
 
@@ -755,6 +813,8 @@ def _write_corpus(paths: DemoCorpusPaths, size: str, seed: int, feature_dim: int
     youcook, youcook_langs = build_test_set("youcook", src, youcook_strings, (HELD_OUT_LANGUAGE,), seed, 3, progress)
     missing_ids = sorted(youcook[i]["id"] for i in rng.choice(len(youcook), NUM_MISSING_YOUCOOK, replace=False))
     write_youcook(paths.youcook2, youcook, set(missing_ids))
+    if cfg.digit_clips:
+        write_digits_set(paths.digits, src, cfg.digit_clips, seed, progress)
     vocabulary = write_word_vectors(paths.word_vectors)
     _log(progress, f"word vectors: {vocabulary} words (GloVe 6B 50-d); left out on purpose: {', '.join(OOV_WORDS)}")
 

@@ -4,7 +4,7 @@
         --weights_2d=resnet152.pth --weights_3d=resnext101.pth [--backbone=real|demo] \\
         [--dtype=float32|bfloat16] [--batch=64] [--captions=CSV_OR_PICKLE] \\
         [--store=DIR_OR_URL --word_vectors=word2vec.bin] \\
-        [--eval_csv=clips.csv --eval_format=msrvtt|youcook2 --eval_output=test.pkl] \\
+        [--eval_csv=clips.csv --eval_format=msrvtt|youcook2|classification --eval_output=test.pkl] \\
         [--max_duration=14400 --max_pixels=16777216 --max_aspect=10] [--retry_killed]
 
 The demo corpus end to end (`msk_jax.data.demo_videos` writes the mp4 files and captions.csv):
@@ -13,6 +13,14 @@ The demo corpus end to end (`msk_jax.data.demo_videos` writes the mp4 files and 
     python -m msk_jax.extract --videos=/tmp/demo_videos --output=/tmp/demo_features --backbone=demo \\
         --captions=/tmp/demo_videos/captions.csv --eval_csv=/tmp/demo_videos/captions.csv \\
         --eval_output=/tmp/demo_features/msrvtt_test.pkl
+
+A classification set (`msk_jax.data.classification_sets`) of UCF101 or HMDB51 from your copy of
+the videos: --eval_format=classification with --eval_csv listing video, label (the class name)
+and splits (the official splits whose test list holds the video, e.g. "1 3"):
+
+    python -m msk_jax.extract --videos=UCF-101 --output=/data/ucf101_features --weights_2d=... \
+        --weights_3d=... --eval_csv=ucf101_classes.csv --eval_format=classification \
+        --eval_output=/data/ucf101_classification.pkl
 
 A run resumes where it stopped (videos whose files exist are skipped), shards the videos over
 processes (--process_index/--process_count, default JAX's), names every video it cannot decode or
@@ -45,8 +53,9 @@ flags.DEFINE_string("captions", "", "ASR captions: a caption.pickle, or a csv wi
 flags.DEFINE_string("store", "", "Also build a feature store here (msk_jax.data.feature_store).")
 flags.DEFINE_string("word_vectors", "", "word2vec binary file, for --store.")
 flags.DEFINE_enum("store_dtype", "float16", ["float32", "float16", "bfloat16"], "Row dtype of the store.")
-flags.DEFINE_string("eval_csv", "", "Evaluation clips: a csv with video, start, end, caption.")
-flags.DEFINE_enum("eval_format", "msrvtt", ["msrvtt", "youcook2"], "Format of the evaluation pickle.")
+flags.DEFINE_string("eval_csv", "", "Evaluation clips: a csv with video, start, end, caption (for "
+                    "--eval_format=classification: video, label, splits).")
+flags.DEFINE_enum("eval_format", "msrvtt", ["msrvtt", "youcook2", "classification"], "Format of the evaluation pickle.")
 flags.DEFINE_string("eval_output", "", "Where the evaluation pickle goes.")
 flags.DEFINE_integer("process_index", None, "This process's share of the videos (default: jax.process_index()).")
 flags.DEFINE_integer("process_count", None, "Number of processes sharing the videos (default: jax.process_count()).")

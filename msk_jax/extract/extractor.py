@@ -53,6 +53,7 @@ import math
 import os
 import pickle
 import posixpath
+import re
 import socket
 import sys
 import time
@@ -67,6 +68,7 @@ from msk_jax.extract import video as V
 
 Backbone = Callable[[np.ndarray], np.ndarray]
 SUFFIXES = {"2d": "_2d.npz", "3d": "_3d.npz", "audio": "_spec.npz"}
+EVAL_FORMATS = ("msrvtt", "youcook2", "classification")
 STATE_DIR = ".extract-state"
 # First components of <path> that would put features on the run's own files and folders.
 RESERVED_NAMES = ("parts", STATE_DIR, "videos.csv", "caption.pickle", "index.json")
@@ -222,6 +224,10 @@ def check_unique(items: Sequence[VideoItem]) -> None:
     if clashes:
         more = f" (and {len(clashes) - 1} more clash{'es' if len(clashes) > 2 else ''})" if len(clashes) > 1 else ""
         raise InputError(f"{clashes[0]}{more}; rename one, or give each a distinct name in a csv's 'path' column")
+
+
+def _classification_rows(path: str) -> list[dict]:
+    return _read_csv(path, ["video", "label", "splits"])
 
 
 def _segment_rows(path: str) -> list[dict]:
@@ -505,12 +511,13 @@ def run(opts: Options) -> dict:
         raise InputError("--store needs --word_vectors (the store keeps the vectors of the caption words)")
     if opts.eval_csv and not opts.eval_output:
         raise InputError("--eval_csv needs --eval_output (the pickle to write)")
-    if opts.eval_format not in ("msrvtt", "youcook2"):
-        raise InputError(f"--eval_format={opts.eval_format}: expected msrvtt or youcook2")
+    if opts.eval_format not in EVAL_FORMATS:
+        raise InputError(f"--eval_format={opts.eval_format}: expected {', '.join(EVAL_FORMATS)}")
     limits = opts.limits()
     items, refused = check_output_paths(opts.output, list_videos(opts.videos))
     check_unique([it for it in items if it.path not in refused])
-    eval_rows = _segment_rows(opts.eval_csv) if opts.eval_csv else []
+    eval_rows = ((_classification_rows if opts.eval_format == "classification" else _segment_rows)(opts.eval_csv)
+                 if opts.eval_csv else [])
     captions = load_captions(opts.captions, items)
     storage.makedirs(opts.output)
     mine = items[opts.process_index::opts.process_count]
@@ -789,6 +796,8 @@ def write_eval_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict
     as the original sets hold each clip's own spectrogram. Returns the number of entries."""
     from msk_jax.data.audio import SAMPLE_RATE, log_mel_spectrogram
 
+    if opts.eval_format == "classification":
+        return write_classification_pickle(opts, items, rows)
     by_key = {}
     for it in items:
         by_key.setdefault(it.id, it)
@@ -828,3 +837,50 @@ def write_eval_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict
     storage.write_atomic(opts.eval_output, pickle.dumps(entries, protocol=4))
     opts.log(f"evaluation pickle ({opts.eval_format}): {len(entries)} clips -> {opts.eval_output}")
     return len(entries)
+
+
+def _item_of(by_key: dict, name: str, base: str) -> VideoItem | None:
+    return by_key.get(os.path.abspath(_resolve(name, base))) or by_key.get(os.path.splitext(os.path.basename(name))[0])
+
+
+def write_classification_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict]) -> int:
+    """A classification pickle (`msk_jax.data.classification_sets`) of the videos of `rows`
+    (video, label: a class name, splits: the split names whose test list holds the video): each
+    whole video's 2D and 3D features and log-mel as extracted; the classes are the sorted labels
+    of every row (a video without features is left out, named, and its class kept). Returns
+    the number of videos."""
+    from msk_jax.data.classification_sets import write_pickle
+
+    by_key = {}
+    for it in items:
+        by_key.setdefault(it.id, it)
+        by_key.setdefault(os.path.abspath(it.file), it)
+    base = os.path.dirname(os.path.abspath(opts.eval_csv))
+    labels = [(row.get("label") or "").strip() for row in rows]
+    for i, label in enumerate(labels):
+        if not label:
+            raise InputError(f"{opts.eval_csv} row {i + 2}: empty 'label' (the class name)")
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    videos, rows_of = [], {}
+    for i, row in enumerate(rows):
+        where = f"{opts.eval_csv} row {i + 2}"
+        name = (row.get("video") or "").strip()
+        item = _item_of(by_key, name, base)
+        if item is None:
+            raise InputError(f"{where}: video {name!r} is not among --videos")
+        if item.path in rows_of:
+            raise InputError(f"{where}: video {name!r} is listed twice (also {rows_of[item.path]}); a video has "
+                             "one label and lists all its splits in one row")
+        rows_of[item.path] = where
+        if not is_done(opts.output, item):
+            opts.log(f"classification video {where} left out: {item.file} has no features")
+            continue
+        files = feature_files(opts.output, item)
+        videos.append({"id": item.id, "2d": _load_npz(files["2d"], "features"),
+                       "3d": _load_npz(files["3d"], "features"), "audio": _load_npz(files["audio"], "arr_0"),
+                       "label": index[labels[i]],
+                       "splits": [s for s in re.split(r"[\s,;|]+", row.get("splits") or "") if s]})
+    write_pickle(opts.eval_output, classes, videos)
+    opts.log(f"evaluation pickle (classification): {len(videos)} videos, {len(classes)} classes -> {opts.eval_output}")
+    return len(videos)
