@@ -60,6 +60,7 @@ class UnsafePickleError(DataError):
     which type, and nothing of it has been run."""
 
     def __init__(self, path: str, name: str):
+        name = name.encode("unicode_escape").decode("ascii")[:120]  # one line, whatever the file holds
         super().__init__(str(path), f"holds a '{name}', refused: unpickling it could run code (a pickle may hold "
                                     f"only {ALLOWED_SUMMARY})", "disallowed type")
         self.name = name
@@ -133,11 +134,11 @@ class Refused:
         return f"<refused: {self.problem}>"
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """A `pickle.Unpickler` that resolves only `ALLOWED_GLOBALS` (and numpy's dtype classes);
-    any other global raises `UnsafePickleError` naming `source` before anything is called. The
-    constructors that take a size allocate at most `limit` bytes each: beyond it, a `TooLargeError`,
-    or with `in_place` a `Refused` in the value's place."""
+class _Restrictions:
+    """What both unpicklers below resolve and bound: only `ALLOWED_GLOBALS` (and numpy's dtype
+    classes); any other global raises `UnsafePickleError` naming `source` before anything is
+    called. The constructors that take a size allocate at most `limit` bytes each: beyond it, a
+    `TooLargeError`, or with `in_place` a `Refused` in the value's place."""
 
     def __init__(self, file: BinaryIO, source: str, limit: int, in_place: bool = False):
         super().__init__(file)
@@ -207,6 +208,23 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(self.source, f"persistent id {str(pid)[:40]!r}")
 
 
+class RestrictedUnpickler(_Restrictions, pickle.Unpickler):
+    """The restrictions on CPython's C unpickler (fast: large files)."""
+
+
+class _CheckedUnpickler(_Restrictions, pickle._Unpickler):
+    """The restrictions on the pure-Python unpickler, which keeps its memo in a dict and reads every
+    length-prefixed value from the file as it comes: a forged memo index or length costs nothing.
+    (The C unpickler grows its memo array to the largest index a PUT names, touching 8 bytes per
+    index, so a few bytes can ask for gigabytes.) About six times slower: used for files up to
+    `CHECKED_BYTES`."""
+
+
+# Pickles up to this size are read by the pure-Python unpickler (every size bounded by the file);
+# larger ones, e.g. HowTo100M's caption file, by the C one, whose memo indices are not bounded.
+CHECKED_BYTES = 64 << 20
+
+
 def _size(file: BinaryIO) -> int | None:
     try:
         here = file.tell()
@@ -225,8 +243,9 @@ def load(file: BinaryIO, source: str, *, in_place: bool = False) -> Any:
     refuse that entry alone."""
     size = _size(file)
     limit = allocation_limit(size if size is not None else 64 << 20)
+    unpickler = _CheckedUnpickler if size is not None and size <= CHECKED_BYTES else RestrictedUnpickler
     try:
-        return RestrictedUnpickler(file, str(source), limit, in_place).load()
+        return unpickler(file, str(source), limit, in_place).load()
     except DataError:
         raise
     except MemoryError:

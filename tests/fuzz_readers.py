@@ -261,6 +261,7 @@ def main(argv=None) -> int:
             base, read, suffix = readers[kind]()
         read(_write(args.folder, f"{kind}-base{suffix}", base))  # the unmutated file reads
         counts, violations = fuzz(kind, base, read, args.folder, args.seconds, args.seed, suffix, names, start_rss)
+        start_rss = max(start_rss, _peak_rss())  # a rise is reported once, by the reader that made it
         print(f"{kind}: {counts['inputs']} inputs, {counts['results']} read, {counts['errors']} one-line errors, "
               f"{len(violations)} violations", flush=True)
         failed += violations

@@ -252,29 +252,24 @@ def test_a_pickle_cannot_allocate_far_beyond_its_size():
 
 
 @pytest.mark.slow
-def test_a_training_run_over_odd_videos_reaches_its_last_step_with_the_same_losses(corpora, tmp_path):
-    """`python -m msk_jax.main` over the odd corpus (worker processes) trains to its last step,
-    names each odd video once, and logs the losses of the run in which they are missing."""
+def test_a_training_run_over_odd_videos_reaches_its_last_step(corpora, tmp_path):
+    """`python -m msk_jax.main` over the odd corpus (worker processes) trains to its last step and
+    names each odd video once (its batches are those of the corpus without them: above)."""
     from tests.train_fixtures import losses, overrides
 
-    runs = {}
-    for name, root in zip(("odd", "missing"), corpora):
-        workdir = str(tmp_path / name)
-        args = [sys.executable, "-m", "msk_jax.main", "--config=configs/howto.py:demo", f"--workdir={workdir}"]
-        settings = {**overrides(root, 8), "data.source": "files", "data.csv": f"{root}/howto_train.csv",
-                    "data.caption": f"{root}/caption.pickle", "data.features_2d": f"{root}/features_2d",
-                    "data.features_3d": f"{root}/features_3d", "data.audio": f"{root}/audio",
-                    "data.word_vectors": f"{root}/word2vec.bin", "data.dim_2d": 4, "data.dim_3d": 6,
-                    "model.video_dim": 10, "model.text_dim": 5, "data.worker_processes": True,
-                    "data.workers": 2, "checkpoint_every_steps": 4}
-        args += [f"--config.{key}={value}" for key, value in settings.items()]
-        done = subprocess.run(args, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = losses(workdir)
-        if name == "odd":
-            assert "Traceback" not in done.stderr
-            assert "input: skipped 5 videos" in done.stdout
-            listed = open(os.path.join(workdir, "input_skipped.txt")).read()
-            for path in ODD:
-                assert listed.count(path.split("/")[1]) >= 1
-    assert sorted(runs["odd"]) == list(range(1, 9)) and runs["odd"] == runs["missing"]
+    root, workdir = corpora[0], str(tmp_path / "odd")
+    args = [sys.executable, "-m", "msk_jax.main", "--config=configs/howto.py:demo", f"--workdir={workdir}"]
+    settings = {**overrides(root, 6), "data.source": "files", "data.csv": f"{root}/howto_train.csv",
+                "data.caption": f"{root}/caption.pickle", "data.features_2d": f"{root}/features_2d",
+                "data.features_3d": f"{root}/features_3d", "data.audio": f"{root}/audio",
+                "data.word_vectors": f"{root}/word2vec.bin", "data.dim_2d": 4, "data.dim_3d": 6,
+                "model.video_dim": 10, "model.text_dim": 5, "data.worker_processes": True,
+                "data.workers": 2, "checkpoint_every_steps": 6}
+    args += [f"--config.{key}={value}" for key, value in settings.items()]
+    done = subprocess.run(args, cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "input: skipped 5 videos" in done.stdout
+    assert sorted(losses(workdir)) == list(range(1, 7))
+    listed = open(os.path.join(workdir, "input_skipped.txt")).read().splitlines()
+    assert len(listed) == 5 and all(sum(f"/{p.split('/')[1]}" in line or f"[{p.split('/')[1]}]" in line
+                                        for line in listed) == 1 for p in ODD), listed
