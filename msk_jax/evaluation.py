@@ -9,7 +9,6 @@ as the original's `np.unique`). Recalls are over the set's complete dataset size
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Mapping
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from msk_jax import retrieval, storage
+from msk_jax import retrieval
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.data.features import l2_normalize_rows
 from msk_jax.data.pipeline import MODEL_KEYS
@@ -135,14 +134,6 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
         for direction, m in directions.items():
             lines.append(f"  {direction:<8}" + "".join(f"{m[k]:>8.1f}" for k in REPORTED))
     return "\n".join(lines)
-
-
-def write_json(results: Mapping, workdir: str, step: int) -> str:
-    """Writes `<workdir>/eval/step_<step>.json` (atomically; workdir local or a URL) and returns
-    its path."""
-    path = storage.join(workdir, "eval", f"step_{step}.json")
-    storage.write_atomic(path, json.dumps(results, indent=2))
-    return path
 
 
 def scalars(results: Mapping) -> dict[str, float]:
