@@ -42,12 +42,12 @@ TRACEBACK_ENV = "MSK_JAX_TRACEBACK"
 # already imported (an exception of a class whose module was never imported cannot occur), so
 # that this module imports none of the heavy ones.
 USER_ERRORS = {
-    "msk_jax.data.features": ("DataError",),
+    "msk_jax.errors": ("DataError",),
     "msk_jax.checkpoints": ("CheckpointError",),
     "msk_jax.convert": ("ConversionError",),
     "msk_jax.train": ("NonFiniteLossError",),
-    "msk_jax.data.pipeline": ("InputPositionError",),
-    "msk_jax.layout": ("LayoutError",),
+    "msk_jax.data.loader": ("InputPositionError",),
+    "msk_jax.hosts": ("LayoutError",),
     "msk_jax.extract.extractor": ("InputError",),
     "msk_jax.search": ("SearchError",),
     "msk_jax.lease": ("LeaseError",),

@@ -25,21 +25,16 @@ wrote them, at once on a finished run.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import re
 import time
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, cli, convert, evaluators, input_pipeline, metric_writers, safe_load, sharding, storage
-from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
-from msk_jax.data.features import DataError
+from msk_jax import allocator, checkpoint_reader, cli, evaluators, metric_writers, sharding, storage
+from msk_jax import data_sources
+from msk_jax.checkpoints import CheckpointError
+from msk_jax.errors import DataError
 from msk_jax.model import MultiSKModel
 
 FLAGS = flags.FLAGS
@@ -58,122 +53,6 @@ def _define_flags() -> None:
     flags.DEFINE_float("poll_seconds", 30.0, "With --watch: how often to look for new checkpoints.")
     flags.DEFINE_float("idle_timeout", 3600.0, "With --watch: stop after this long without a new checkpoint.")
     flags.DEFINE_list("evals", None, "Which evaluators of config.evals run (default: all of them).")
-
-
-def locate(path: str) -> tuple[str, str, int | None]:
-    """(workdir, checkpoints folder, step or None for the latest) for any accepted --checkpoint
-    (a local path or a URL such as gs://bucket/run)."""
-    path = os.fspath(storage.path(path))
-    if not storage.exists(path):
-        raise CheckpointError(f"checkpoint path '{path}' does not exist.")
-    name, parent = storage.path(path).name, os.fspath(storage.path(path).parent)
-    if storage.isdir(storage.join(path, "checkpoints")):
-        return path, storage.join(path, "checkpoints"), None
-    if re.fullmatch(r"\d+", name):
-        return os.fspath(storage.path(parent).parent), parent, int(name)
-    if name == "checkpoints":
-        return parent, path, None
-    raise CheckpointError(f"'{path}' is not a training workdir, a checkpoints/ folder or a step folder.")
-
-
-def finished_steps(folder: str) -> list[int]:
-    """Steps whose checkpoint is complete (Orbax marks a checkpoint complete when done: on disk
-    by renaming it into place, in a bucket with a commit marker)."""
-    storage.refresh(folder)
-    if not storage.isdir(folder):
-        return []
-    with open_manager(folder, create=False) as manager:
-        return sorted(manager.all_steps())
-
-
-def _check_shapes(restored, template, what: str) -> None:
-    problems = shape_differences(restored, template)
-    if problems:
-        raise CheckpointError(f"{what} does not fit the configured model (check --config and its overrides; "
-                              "checkpoint -> config):\n  " + "\n  ".join(problems[:20]))
-
-
-def final_step(folder: str, step: int) -> int | None:
-    """The run's last step, from the checkpoint's metadata (None if unknown)."""
-    try:
-        with open_manager(folder, create=False) as manager:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        return int(meta.get("num_train_steps"))
-    except Exception:  # metadata is informational here
-        return None
-
-
-def load_msk_checkpoint(folder: str, step: int | None, template: dict, weights: str) -> tuple[dict, int]:
-    """({'params', 'batch_stats'}, step) from an msk_jax checkpoint."""
-    steps = finished_steps(folder)
-    if not steps:
-        raise CheckpointError(f"no checkpoint in '{folder}'.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in '{folder}' (have {steps}).")
-    state_dir = storage.path(folder) / str(step) / "state"
-    stored = _stored_items(state_dir)
-    name = "ema_params" if weights == "ema" and "ema_params" in stored else "params"
-    restored = _restore_items(state_dir, {name: template["params"], "batch_stats": template.get("batch_stats", {})})
-    variables = {"params": restored[name], "batch_stats": restored.get("batch_stats") or {}}
-    _check_shapes(variables, template, f"checkpoint {folder}/{step}")
-    return variables, step
-
-
-def _stored_items(state_dir) -> set[str]:
-    """The top-level items of a saved state (`params`, `ema_params`, `opt_state`, ...), from its
-    tree metadata file alone: Orbax's `metadata()` (`checkpoints.Checkpointer._stored_tree`)
-    also reads every array's own metadata, the optimiser's and the queues' included, which
-    evaluation must not need."""
-    try:
-        tree = json.loads((state_dir / "_METADATA").read_text())["tree_metadata"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot read the saved state's metadata {state_dir}/_METADATA: {err}") from None
-    return {entry["key_metadata"][0]["key"] for entry in tree.values() if entry.get("key_metadata")}
-
-
-def _restore_items(state_dir, wanted: dict) -> dict:
-    """Only the items of `wanted` (name -> tree of arrays or shapes) from the saved state, as
-    host arrays (an Orbax partial restore): evaluation reads one set of weights and the
-    BatchNorm statistics, not the optimiser's moments, the other weights or the queues."""
-    wanted = {k: v for k, v in wanted.items() if jax.tree_util.tree_leaves(v)}
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wanted)
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        return handler.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True))
-    finally:
-        handler.close()
-
-
-def load_torch_weights(path: str, template: dict) -> dict:
-    if not storage.exists(path):
-        raise CheckpointError(f"PyTorch checkpoint '{path}' does not exist.")
-    if path.endswith(".npz"):
-        data = safe_load.load_npz(path)  # sizes and headers checked before anything is inflated
-        state = {k.removeprefix("param/"): v for k, v in data.items() if not k.startswith(("input/", "eval/", "train/"))
-                 and k != "config_json"}
-    else:
-        state = convert.load_torch_state_dict(path)
-    return convert.convert_state_dict(state, template)
-
-
-def model_template(model, config, words_dim: int) -> dict:
-    batch = {k: v[:1] for k, v in input_pipeline.sample_batch(config, words_dim).items()}
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), batch)
-
-
-def restore_for_evaluation(config, checkpoint: str, weights: str = "ema"):
-    """(model, variables, {name: EvalSet}) of a run's checkpoint (a workdir, its checkpoints/
-    folder or a step folder) and the configured evaluation sets: what the analysis tools need."""
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
-    eval_sets = input_pipeline.build_eval_sets(config, paths, words)
-    model = MultiSKModel.from_config(config)
-    _, folder, step = locate(checkpoint)
-    variables, _ = load_msk_checkpoint(folder, step, model_template(model, config, words.dim), weights)
-    return model, variables, eval_sets
 
 
 def result_path(output_dir: str, step: int, weights: str, sets, evaluator: str = evaluators.RETRIEVAL) -> str:
@@ -202,7 +81,7 @@ def evaluate_once(config, model, evals, variables, step, output_dir, writer, wei
 
 def _evaluators(config, paths, words, names) -> list:
     """The evaluators of `config.evals` (of `names` only, when given) with their sets."""
-    sets = input_pipeline.build_evaluation_sets(config, paths, words, names)
+    sets = data_sources.build_evaluation_sets(config, paths, words, names)
     return evaluators.build(config, sets, names)
 
 
@@ -222,22 +101,22 @@ def run(config, checkpoint: str | None, torch_checkpoint: str | None, weights: s
     # A wrong path is told before the evaluation sets are read (or the demo corpus built).
     if torch_checkpoint and not storage.exists(torch_checkpoint):
         raise CheckpointError(f"PyTorch checkpoint '{torch_checkpoint}' does not exist.")
-    located = locate(checkpoint) if checkpoint else None
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
+    located = checkpoint_reader.locate(checkpoint) if checkpoint else None
+    paths = data_sources.data_paths(config, training=False)
+    words = data_sources.load_words(config, paths)
     evals = _evaluators(config, paths, words, evals)
     model = MultiSKModel.from_config(config)
-    template = model_template(model, config, words.dim)
+    template = checkpoint_reader.model_template(model, config, words.dim)
     if torch_checkpoint:
         out = output_dir or os.fspath(storage.path(torch_checkpoint).parent)
         writer = metric_writers.TensorBoardWriter(storage.join(out, "tensorboard"))
-        variables = load_torch_weights(torch_checkpoint, template)
+        variables = checkpoint_reader.load_torch_weights(torch_checkpoint, template)
         return {0: evaluate_once(config, model, evals, variables, 0, out, writer, "torch")}
     workdir, folder, step = located
     out = output_dir or workdir
     writer = metric_writers.TensorBoardWriter(storage.join(out, "tensorboard"))
     if not watch:
-        variables, step = load_msk_checkpoint(folder, step, template, weights)
+        variables, step = checkpoint_reader.load_msk_checkpoint(folder, step, template, weights)
         return {step: evaluate_once(config, model, evals, variables, step, out, writer, weights)}
     return _watch(config, model, evals, template, folder, out, writer, weights, poll_seconds, idle_timeout)
 
@@ -249,7 +128,7 @@ def _watch(config, model, evals, template, folder, out, writer, weights, poll_se
     seen, done, results, last_new = set(), set(), {}, time.monotonic()
     last_steps = {}  # step -> the run's last step, from that checkpoint's metadata
     while True:
-        steps = finished_steps(folder)
+        steps = checkpoint_reader.finished_steps(folder)
         if set(steps) - seen:
             seen.update(steps)
             last_new = time.monotonic()
@@ -260,7 +139,7 @@ def _watch(config, model, evals, template, folder, out, writer, weights, poll_se
                 done.add(s)
                 continue
             try:
-                variables, _ = load_msk_checkpoint(folder, s, template, weights)
+                variables, _ = checkpoint_reader.load_msk_checkpoint(folder, s, template, weights)
             except (CheckpointError, ValueError, OSError) as err:  # e.g. still being written
                 print(f"step {s}: not readable yet ({err}); will retry", flush=True)
                 continue
@@ -269,7 +148,7 @@ def _watch(config, model, evals, template, folder, out, writer, weights, poll_se
         if steps:
             last = steps[-1]
             if last_steps.get(last) is None:  # read once per checkpoint (again if it could not be read)
-                last_steps[last] = final_step(folder, last)
+                last_steps[last] = checkpoint_reader.final_step(folder, last)
             if last_steps[last] == last and last in done:
                 unread = [s for s in steps if s not in done]
                 print(f"step {last} is the run's last; stopping." + (f" Not evaluated (unreadable): steps {unread}."

@@ -15,7 +15,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from msk_jax import allocator, cli, layout
+from msk_jax import allocator, cli
+from msk_jax import hosts
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file: configs/howto.py[:variant] (the "
@@ -28,7 +29,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process CPU runs ('gloo').")
 flags.DEFINE_list("local_device_ids", None, "GPUs this process uses (with --multihost/--coordinator); default: "
-                  "under SLURM the GPUs its task was given (msk_jax.layout), else JAX's choice.")
+                  "under SLURM the GPUs its task was given (msk_jax.hosts), else JAX's choice.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,17 +50,17 @@ def main(argv):
                           process_id=FLAGS.process_id)
         try:
             device_ids = ([int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids
-                          else layout.slurm_local_device_ids(os.environ))
-        except (ValueError, layout.LayoutError) as err:
+                          else hosts.slurm_local_device_ids(os.environ))
+        except (ValueError, hosts.LayoutError) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
         jax.distributed.initialize(local_device_ids=device_ids, **kwargs)
-    for line in layout.describe(jax, device_ids, os.environ):
+    for line in hosts.describe(jax, device_ids, os.environ):
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
     from msk_jax import checkpoints, lease, train
-    from msk_jax.data.features import DataError
-    from msk_jax.data.pipeline import InputPositionError
+    from msk_jax.errors import DataError
+    from msk_jax.data.loader import InputPositionError
 
     # Ctrl-C and SIGTERM save a checkpoint and stop (a second Ctrl-C stops at once, even inside XLA).
     stop = train.StopRequest(multihost=jax.process_count() > 1, exit_at_once=True)

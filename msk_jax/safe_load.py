@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 
 ALLOWED_SUMMARY = "builtin containers, numbers, strings, bytes and numpy arrays"
 

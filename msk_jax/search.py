@@ -15,7 +15,7 @@ window's inputs are built as training builds a clip (`howto100m.clip_video` for 
 tokens, the log-mel frames of [start, end] for the audio; at the training length, the training
 clip's token and frame counts, scaled with the window otherwise), embedded with the run's EMA
 weights (--weights=online for the others) and stored with the fused video+audio embedding that
-evaluation uses for t2v+a (`evaluation.direction_embeddings`: the mean of the L2-normalised
+evaluation uses for t2v+a (`embedding.direction_embeddings`: the mean of the L2-normalised
 video and audio embeddings). A video that cannot be read is named and skipped. ASR segments
 (a caption.pickle in DIR, or --captions) are kept as each window's text, for display only.
 
@@ -51,8 +51,8 @@ import time
 import numpy as np
 
 from msk_jax import safe_load, storage
-from msk_jax.data import features as F
-from msk_jax.data.features import DataError
+from msk_jax.data import model_inputs, word2vec
+from msk_jax.errors import DataError
 
 FORMAT = "msk_jax.search/1"
 EMBEDDINGS = {"v+a": "fused video+audio", "v": "video", "a": "audio"}
@@ -125,21 +125,21 @@ def read_video(layout: FeatureLayout, path: str, dim_2d: int | None, dim_3d: int
 
 
 def window_settings(config, window: float):
-    """The clip settings of a window of `window` seconds: training's (`input_pipeline.
+    """The clip settings of a window of `window` seconds: training's (`sources.
     clip_settings`), with its video tokens and audio frames scaled from training's clip length
     (config.data.min_time) to the window (the same counts at the training length)."""
-    from msk_jax.input_pipeline import clip_settings
+    from msk_jax.data_sources import clip_settings
 
     settings = clip_settings(config)
     scale = window / config.data.min_time
-    frames = max(1, math.ceil(settings.num_audio_frames * scale / F.AUDIO_TOKEN_FRAMES)) * F.AUDIO_TOKEN_FRAMES
+    frames = max(1, math.ceil(settings.num_audio_frames * scale / model_inputs.AUDIO_TOKEN_FRAMES)) * model_inputs.AUDIO_TOKEN_FRAMES
     return dataclasses.replace(settings, n_video_tokens=max(1, round(settings.n_video_tokens * scale)),
                                num_audio_frames=frames if scale != 1 else settings.num_audio_frames)
 
 
 def video_duration(video) -> float:
     """A video's length (s): its audio's, as training's clip sampling measures it."""
-    return float(F.frames_to_time(video.num_frames))
+    return float(model_inputs.frames_to_time(video.num_frames))
 
 
 def window_starts(duration: float, window: float, stride: float) -> list[float]:
@@ -159,10 +159,10 @@ def window_inputs(video, settings, start: float, end: float) -> dict[str, np.nda
     from msk_jax.data.howto100m import _window, clip_video
 
     tokens, token_mask = clip_video(video, settings, start, end)
-    first, last = F.time_to_frames([start, end])
+    first, last = model_inputs.time_to_frames([start, end])
     lo, hi = _window(max(0, int(first)), int(last), video.num_frames)
     hi = min(hi, lo + settings.num_audio_frames)
-    audio, audio_mask = F.audio_features(video.frames(lo, hi), settings.num_audio_frames)
+    audio, audio_mask = model_inputs.audio_features(video.frames(lo, hi), settings.num_audio_frames)
     return {"video": tokens, "video_mask": token_mask, "audio": audio, "audio_mask": audio_mask}
 
 
@@ -178,7 +178,8 @@ def window_text(caption: dict, start: float, end: float) -> str:
 def _embedder(config, model, variables):
     """embed(batch of model inputs) -> {'text', 'video', 'audio'} joint embeddings, each device
     embedding a slice of every batch (as evaluation does)."""
-    from msk_jax import evaluation, sharding
+    from msk_jax import sharding
+    from msk_jax.evaluators import embedding
     from msk_jax.data.eval_sets import EvalSet
 
     batches = sharding.batch_sharding(sharding.create_mesh([("data", -1)]))
@@ -186,7 +187,7 @@ def _embedder(config, model, variables):
     def embed(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
         n = len(batch["video"])
         eval_set = EvalSet("search", batch, [str(i) for i in range(n)], [""] * n, n)
-        return evaluation.embed(model, variables, eval_set, batch_size, sharding=batches)
+        return embedding.embed(model, variables, eval_set, batch_size, sharding=batches)
 
     return embed
 
@@ -195,16 +196,16 @@ def load_weights(config, checkpoint: str, weights: str = "ema", step: int | None
     """(model, variables, checkpoints folder, step) of a run's checkpoint: a workdir, its
     checkpoints/ folder or a step folder, or with `step`, that step of the checkpoints folder
     `checkpoint` (as an index records it)."""
-    from msk_jax import evaluate
+    from msk_jax import checkpoint_reader
     from msk_jax.model import MultiSKModel
 
     model = MultiSKModel.from_config(config)
     if step is None:
-        _, folder, step = evaluate.locate(checkpoint)
+        _, folder, step = checkpoint_reader.locate(checkpoint)
     else:
         folder = checkpoint
-    template = evaluate.model_template(model, config, config.model.text_dim)
-    variables, step = evaluate.load_msk_checkpoint(folder, step, template, weights)
+    template = checkpoint_reader.model_template(model, config, config.model.text_dim)
+    variables, step = checkpoint_reader.load_msk_checkpoint(folder, step, template, weights)
     return model, variables, folder, step
 
 
@@ -222,7 +223,7 @@ def build_index(config, checkpoint: str, features: str, index: str, *, window: f
     """Embeds every window of every readable video under `features` with the checkpoint's
     weights and writes the index to `index`; returns its summary (index.json's fields but the
     configuration)."""
-    from msk_jax import evaluation
+    from msk_jax.evaluators import embedding
     from msk_jax.data.howto100m import load_captions, read_csv_paths
 
     if not (window > 0 and stride > 0):
@@ -275,7 +276,7 @@ def build_index(config, checkpoint: str, features: str, index: str, *, window: f
     if not meta_rows["start"]:
         raise SearchError(f"{layout.csv}: none of its {len(paths)} videos could be read")
     arrays = {m: np.concatenate(v).astype(np.float32) for m, v in embedded.items()}
-    fused = evaluation.direction_embeddings({"video": arrays["video"], "audio": arrays["audio"],
+    fused = embedding.direction_embeddings({"video": arrays["video"], "audio": arrays["audio"],
                                              "text": arrays["video"]})["v+a"]
     columns = {"video_id": np.array(meta_rows["video_id"], dtype=str), "path": np.array(meta_rows["path"], dtype=str),
                "start": np.array(meta_rows["start"], np.float64), "end": np.array(meta_rows["end"], np.float64),
@@ -405,7 +406,7 @@ class SearchIndex:
         if embedding not in EMBEDDINGS:
             raise SearchError(f"--embedding={embedding}: expected one of {', '.join(EMBEDDINGS)}")
         key = {"v+a": "fused", "v": "video", "a": "audio"}[embedding]
-        return F.l2_normalize_rows(np.asarray(self.columns[key], np.float32))
+        return model_inputs.l2_normalize_rows(np.asarray(self.columns[key], np.float32))
 
 
 @dataclasses.dataclass
@@ -431,21 +432,21 @@ def query_data_paths(config):
     """The data a query reads, the word vectors of `config.data`, where they already are: a query
     never builds data (for source='demo', the corpus's word2vec.bin, in the folder training used);
     a SearchError or FileNotFoundError names what is missing."""
-    from msk_jax import input_pipeline
+    from msk_jax import data_sources
 
     d = config.data
     if d.source != "demo":
-        return input_pipeline.data_paths(config, training=False)  # checks only that the files exist
-    from msk_jax.data.demo_corpus import corpus_paths, default_root
+        return data_sources.data_paths(config, training=False)  # checks only that the files exist
+    from msk_jax.demo.corpus import corpus_paths, default_root
 
-    # The folder `input_pipeline.demo_paths` builds the corpus in.
+    # The folder `sources.demo_paths` builds the corpus in.
     root = d.demo_dir or default_root("demo_corpus" if d.demo_size == "default" else f"demo_corpus_{d.demo_size}")
     words = storage.join(root, "word2vec.bin") if storage.is_remote(root) else corpus_paths(root).word_vectors
     if not storage.exists(words):
         raise SearchError(f"{words}: missing, the demo corpus's word vectors that the index's queries read (a "
-                          "query builds no data: build the corpus with `python -m msk_jax.data.demo_corpus "
+                          "query builds no data: build the corpus with `python -m msk_jax.demo.corpus "
                           f"--out={root} --size={d.demo_size} --feature_dim={d.dim_2d}`)")
-    return input_pipeline.DataPaths(word_vectors=words)
+    return data_sources.DataPaths(word_vectors=words)
 
 
 class Searcher:
@@ -453,14 +454,14 @@ class Searcher:
     built it (`config` given: it must be the index's)."""
 
     def __init__(self, index: str, config=None):
-        from msk_jax import input_pipeline
+        from msk_jax import data_sources
 
         self.index = SearchIndex(index)
         if config is not None:
             check_config(config, self.index.config, storage.join(index, "index.json"))
         self.config = self.index.config
         self.paths = query_data_paths(self.config)
-        self.words = input_pipeline.load_words(self.config, self.paths)
+        self.words = data_sources.load_words(self.config, self.paths)
         model, variables, _, _ = load_weights(self.config, self.index.meta["checkpoint"], self.index.meta["weights"],
                                               step=int(self.index.meta["step"]))
         self._embed = _embedder(self.config, model, variables)
@@ -470,8 +471,8 @@ class Searcher:
         and each query's words without a vector."""
         d, text, masks, unknown = self.config.data, [], [], []
         for query in queries:
-            words = F.tokenize(query)
-            vectors, mask, _ = F.text_features(words, self.words, d.max_words)
+            words = word2vec.tokenize(query)
+            vectors, mask, _ = model_inputs.text_features(words, self.words, d.max_words)
             text.append(vectors)
             masks.append(mask)
             unknown.append([w for w in dict.fromkeys(words) if w not in self.words])
@@ -483,10 +484,10 @@ class Searcher:
         n, m = len(queries), self.config.model
         batch = {**inputs, "video": np.zeros((n, 1, m.video_dim), np.float32),
                  "video_mask": np.zeros((n, 1), np.float32),
-                 "audio": np.zeros((n, m.audio_feat_dim, F.AUDIO_TOKEN_FRAMES), np.float32),
-                 "audio_mask": np.zeros((n, F.AUDIO_TOKEN_FRAMES), np.float32)}
+                 "audio": np.zeros((n, m.audio_feat_dim, model_inputs.AUDIO_TOKEN_FRAMES), np.float32),
+                 "audio_mask": np.zeros((n, model_inputs.AUDIO_TOKEN_FRAMES), np.float32)}
         batch_size = min(self.config.eval_batch_size, 1 << max(0, n - 1).bit_length())
-        return F.l2_normalize_rows(self._embed(batch, batch_size)["text"]), unknown
+        return model_inputs.l2_normalize_rows(self._embed(batch, batch_size)["text"]), unknown
 
     def search(self, queries: list[str], k: int = 10, embedding: str = "v+a") -> list[QueryResult]:
         items = self.index.items(embedding)
@@ -495,7 +496,7 @@ class Searcher:
         c = self.index.columns
         results = []
         for q, query in enumerate(queries):
-            words = F.tokenize(query)
+            words = word2vec.tokenize(query)
             if not words or len(unknown[q]) == len(set(words)):
                 results.append(QueryResult(query, embedding, unknown[q], [], no_vector_message(query, unknown[q],
                                                                                                self.words)))
@@ -514,7 +515,7 @@ def _case_hint(words: list[str], vectors) -> str:
 
 
 def no_vector_message(query: str, unknown: list[str], vectors) -> str:
-    if not F.tokenize(query):
+    if not word2vec.tokenize(query):
         return f"the query {query!r} has no word"
     return (f"no word of the query {query!r} has a word vector ({', '.join(map(repr, unknown))})"
             + _case_hint(unknown, vectors))

@@ -28,9 +28,10 @@ import numpy as np
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from msk_jax import checkpoints, evaluators, input_pipeline, lease, metric_writers, sharding, storage, train_step
-from msk_jax.data.pipeline import InputPositionError, TrainingPipeline
-from msk_jax.input_pipeline import sample_batch
+from msk_jax import checkpoints, evaluators, lease, metric_writers, sharding, storage, train_step
+from msk_jax import data_sources
+from msk_jax.data.loader import InputPositionError, TrainingPipeline
+from msk_jax.data_sources import sample_batch
 from msk_jax.loss import ObjectiveConfig
 from msk_jax.model import MultiSKModel
 
@@ -331,7 +332,7 @@ class _EvaluationCut(Exception):
 
 class _StopChecked:
     """An evaluation set's array whose batch reads end the evaluation once a stop is requested
-    (`msk_jax.evaluation.embed` reads an evaluation set batch by batch)."""
+    (`msk_jax.evaluators.embedding.embed` reads an evaluation set batch by batch)."""
 
     def __init__(self, array, stop: StopRequest):
         self.array, self.stop = array, stop
@@ -413,7 +414,7 @@ def _train(config, workdir: str, stop: StopRequest, cleanup: contextlib.ExitStac
         cleanup.push(_closing(held.release))
     model = MultiSKModel.from_config(config)
     objective = ObjectiveConfig.from_config(config.objective)
-    source, words, evals = input_pipeline.build_data(config)
+    source, words, evals = data_sources.build_data(config)
     if config.videos_per_batch > len(source):
         raise ValueError(f"config.videos_per_batch={config.videos_per_batch} exceeds the {len(source)} training videos.")
     steps_per_epoch = max(1, len(source) // config.videos_per_batch)

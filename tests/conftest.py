@@ -100,7 +100,7 @@ def build_once(tmp_path_factory, name: str, build) -> str:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """The tiny demo corpus with 16-d video features, built once per test session."""
-    from msk_jax.data.demo_corpus import build_demo_corpus
+    from msk_jax.demo.corpus import build_demo_corpus
 
     return build_once(tmp_path_factory, "tiny_demo",
                       lambda root: build_demo_corpus(root, size="tiny", feature_dim=16, progress=False))
@@ -137,7 +137,7 @@ def uninterrupted_run(tiny_corpus, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """The small demo corpus (40 training videos, 100 clips per test set), 32-d video features."""
-    from msk_jax.data.demo_corpus import build_demo_corpus
+    from msk_jax.demo.corpus import build_demo_corpus
 
     root = str(tmp_path_factory.mktemp("small_demo"))
     build_demo_corpus(root, size="small", feature_dim=32, progress=False)

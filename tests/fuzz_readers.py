@@ -86,10 +86,10 @@ def _npz(compressed: bool) -> bytes:
 
 
 def _read_npz(path: str):
-    from msk_jax.data import features as F
+    from msk_jax.data import model_inputs
     from msk_jax.data import howto100m
 
-    return F.check_features(path, howto100m._load_npz(path, "features"), None, "2D features")
+    return model_inputs.check_features(path, howto100m._load_npz(path, "features"), None, "2D features")
 
 
 def _eval_pickle() -> bytes:
@@ -188,7 +188,7 @@ def _read_video(path: str):
 
 
 def _data_error():
-    from msk_jax.data.features import DataError
+    from msk_jax.errors import DataError
 
     return DataError
 

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from msk_jax import input_pipeline
+from msk_jax import data_sources
 from msk_jax.loss import ObjectiveConfig
 from tests.train_fixtures import load_config
 
@@ -16,4 +16,4 @@ def paper_objective(**changes) -> ObjectiveConfig:
 
 
 def paper_clip_settings(**changes):
-    return dataclasses.replace(input_pipeline.clip_settings(PAPER), **changes)
+    return dataclasses.replace(data_sources.clip_settings(PAPER), **changes)

@@ -12,7 +12,8 @@ import sys
 import jax
 import numpy as np
 
-from msk_jax import evaluation, sharding, train, train_step
+from msk_jax import sharding, train, train_step
+from msk_jax.evaluators import embedding
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
@@ -43,10 +44,10 @@ def run(mesh_axes, steps=3):
     clips = tiny_batch(9, batch=13)
     eval_set = EvalSet("eval", clips, [str(i) for i in range(13)], [""] * 13, 13)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    sharded = evaluation.embed(model, variables, eval_set, batch_size=5, sharding=batch_sharding)
-    plain = evaluation.embed(model, jax.device_get(variables), eval_set, batch_size=5)
+    sharded = embedding.embed(model, variables, eval_set, batch_size=5, sharding=batch_sharding)
+    plain = embedding.embed(model, jax.device_get(variables), eval_set, batch_size=5)
     return {"losses": losses,
-            "eval_shards": evaluation.batch_shards(batch_sharding),
+            "eval_shards": embedding.batch_shards(batch_sharding),
             "eval_difference": max(float(np.abs(sharded[m] - plain[m]).max()) for m in plain),
             "eval_rows": {m: len(v) for m, v in sharded.items()},
             "param_sum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(state.params))),

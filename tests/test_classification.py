@@ -13,9 +13,10 @@ import shutil
 import numpy as np
 import pytest
 
-from msk_jax import cli, configs, input_pipeline, retrieval
+from msk_jax import cli, configs, retrieval
+from msk_jax import data_sources
 from msk_jax.data import classification_sets as C
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.word2vec import WordVectors
 from msk_jax.evaluators import classification as E
 
@@ -159,21 +160,21 @@ def test_results_table_scalars_and_files(tmp_path):
 
 def test_the_paper_config_names_ucf101_and_hmdb51_and_a_missing_file_its_field():
     config = configs.get_config("howto")
-    [retrieval_entry, classification] = input_pipeline.evaluator_entries(config)
+    [retrieval_entry, classification] = data_sources.evaluator_entries(config)
     assert classification.fields == ("ucf101", "hmdb51") and config.data.ucf101 == config.data.hmdb51 == ""
     assert classification.set_names == ["UCF101", "HMDB51"] and retrieval_entry.set_names == ["MSRVTT", "YouCook2"]
-    paths = input_pipeline.DataPaths(word_vectors="", ucf101="/nowhere/ucf101.pkl")
+    paths = data_sources.DataPaths(word_vectors="", ucf101="/nowhere/ucf101.pkl")
     with pytest.raises(FileNotFoundError) as raised:
-        input_pipeline.build_evaluation_sets(config, paths, WORDS)
+        data_sources.build_evaluation_sets(config, paths, WORDS)
     line = cli.describe(raised.value)[1]
     assert line.startswith("config.data.ucf101='/nowhere/ucf101.pkl' (the UCF101 classification set) does not "
                            "exist") and "\n" not in line
     config.evals.classification.sets = "ucf101,msrvtt"
     with pytest.raises(DataError, match=r"config.evals.classification.sets: names 'msrvtt', which is not a "
                                         r"classification set"):
-        input_pipeline.evaluator_entries(config)
+        data_sources.evaluator_entries(config)
     with pytest.raises(DataError, match=r"--evals: no evaluator nope in config.evals"):
-        input_pipeline.evaluator_entries(configs.get_config("howto"), ["nope"])
+        data_sources.evaluator_entries(configs.get_config("howto"), ["nope"])
 
 
 def test_the_extractor_writes_a_classification_pickle(tmp_path):
@@ -200,7 +201,7 @@ def test_the_extractor_writes_a_classification_pickle(tmp_path):
 
 def test_a_corpus_built_before_the_classification_set_gets_it_added(tiny_corpus, tmp_path, monkeypatch):
     """The tiny size has none; given one, a cached tiny corpus gets the file, its others untouched."""
-    from msk_jax.data import demo_corpus
+    from msk_jax.demo import corpus as demo_corpus
 
     root = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, root)

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from msk_jax import evaluate, metric_writers, storage
+from msk_jax import checkpoint_reader, evaluate, metric_writers, storage
 from tests.conftest import REPO_ROOT, run_env
 from tests.train_fixtures import kill_after_checkpoint, losses, main_args, tiny_config
 
@@ -57,7 +57,7 @@ def test_bucket_data_and_workdir_resume_with_the_uninterrupted_losses(bucket_run
     assert sorted(got) == list(range(1, BUCKET_STEPS + 1))
     np.testing.assert_array_equal([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
     # Every artefact is in the bucket, nothing in a local "gs:" folder.
-    assert evaluate.finished_steps(f"{workdir}/checkpoints") == [6, 9, 12]
+    assert checkpoint_reader.finished_steps(f"{workdir}/checkpoints") == [6, 9, 12]
     results = json.loads(storage.read_bytes(f"{workdir}/eval/step_12.json"))
     assert set(results) == {"MSRVTT", "YouCook2"}
     events = storage.listdir(f"{workdir}/tensorboard")
@@ -103,11 +103,11 @@ def test_evaluate_a_bucket_checkpoint_and_watch_a_bucket(bucket_run, tiny_corpus
 
     # A checkpoint that appears in the bucket after a first look is seen at the next poll.
     folder = f"{workdir}/checkpoints"
-    assert evaluate.finished_steps(folder) == [6, 9, 12]
+    assert checkpoint_reader.finished_steps(folder) == [6, 9, 12]
     fs = _fs()
     fs.copy(f"{folder}/12".removeprefix("gs://"), f"{folder}/15".removeprefix("gs://"), recursive=True)
     try:
-        assert evaluate.finished_steps(folder) == [6, 9, 12, 15]
+        assert checkpoint_reader.finished_steps(folder) == [6, 9, 12, 15]
     finally:
         fs.rm(f"{folder}/15".removeprefix("gs://"), recursive=True)
 

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from msk_jax.data import demo_corpus
+from msk_jax.demo import corpus as demo_corpus
 from msk_jax.data.audio import log_mel_spectrogram, mel_filterbank, resample
-from msk_jax.data.demo_corpus import DIGIT_WORDS, build_demo_corpus
-from msk_jax.data.features import DataError
+from msk_jax.demo.corpus import DIGIT_WORDS, build_demo_corpus
+from msk_jax.errors import DataError
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.conftest import REPO_ROOT, run_env
 
@@ -320,7 +320,7 @@ def test_a_folder_of_someone_elses_files_is_left_untouched(tmp_path):
         assert str(raised.value).startswith(f"{root}: holds files the demo corpus builder did not write "
                                             "(howto/, meta.json;")
         assert "point config.data.demo_dir" in str(raised.value)
-    done = subprocess.run([sys.executable, "-m", "msk_jax.data.demo_corpus", f"--out={root}", "--size=tiny"],
+    done = subprocess.run([sys.executable, "-m", "msk_jax.demo.corpus", f"--out={root}", "--size=tiny"],
                           cwd=REPO_ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"error: {raised.value}"]
@@ -329,7 +329,7 @@ def test_a_folder_of_someone_elses_files_is_left_untouched(tmp_path):
 
 _BUILD_WHEN_TOLD = """
 import os, sys, time
-from msk_jax.data.demo_corpus import build_demo_corpus
+from msk_jax.demo.corpus import build_demo_corpus
 root, ready, go = sys.argv[1:]
 open(ready, "w").close()
 while not os.path.exists(go):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from msk_jax.data import eval_sets
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.word2vec import WordVectors, load_word2vec_binary, save_word2vec_binary
 from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, word_vectors, write_eval_pickle
 
@@ -72,7 +72,7 @@ def test_tfds_eval_builder_matches_the_pickle(tmp_path):
     for key in want.batch:
         np.testing.assert_array_equal(got.batch[key], want.batch[key])
     # With source="tfds" a run evaluates on the built dataset (no pickle configured).
-    from msk_jax import input_pipeline
+    from msk_jax import data_sources
     from tests.train_fixtures import load_config
 
     config = load_config("")
@@ -80,7 +80,7 @@ def test_tfds_eval_builder_matches_the_pickle(tmp_path):
     d.source, d.tfds_data_dir, d.msrvtt, d.youcook2 = "tfds", str(tmp_path / "out"), "", ""
     d.dim_2d, d.dim_3d, d.max_words, d.eval_video_tokens, d.eval_audio_frames = DIM_2D, DIM_3D, 20, 0, 0
     d.youcook2_complete_size = -1
-    evals = input_pipeline.build_eval_sets(config, input_pipeline.DataPaths(word_vectors=""), WORDS)
+    evals = data_sources.build_eval_sets(config, data_sources.DataPaths(word_vectors=""), WORDS)
     assert list(evals) == ["YouCook2"] and evals["YouCook2"].ids == want.ids
     assert evals["YouCook2"].complete_dataset_size == 5  # 4 entries + 1 without 2D features
     np.testing.assert_array_equal(evals["YouCook2"].batch["video"], want.batch["video"])

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from msk_jax import evaluate, evaluation, input_pipeline
+from msk_jax import checkpoint_reader, evaluate
+from msk_jax.evaluators import embedding
+from msk_jax import data_sources
 from msk_jax.model import MultiSKModel
 from tests.train_fixtures import TRAINED_STEPS
 
@@ -18,10 +20,10 @@ from tests.train_fixtures import TRAINED_STEPS
 def test_average_by_id_groups_duplicates():
     ids = ["b", "a", "b", "c"]
     emb = {"text": np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 1.0]])}
-    unique, averaged = evaluation.average_by_id(ids, emb)
+    unique, averaged = embedding.average_by_id(ids, emb)
     assert unique == ["a", "b", "c"]
     np.testing.assert_allclose(averaged["text"], [[0.0, 1.0], [2.0, 0.0], [1.0, 1.0]])
-    same_ids, same = evaluation.average_by_id(["x", "y"], {"text": emb["text"][:2]})
+    same_ids, same = embedding.average_by_id(["x", "y"], {"text": emb["text"][:2]})
     assert same_ids == ["x", "y"] and same["text"] is not None
 
 
@@ -29,11 +31,11 @@ def test_every_direction_and_fused_embeddings():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(30, 8))
     emb = {"text": base, "video": base + 0.01 * rng.normal(size=base.shape), "audio": rng.normal(size=base.shape)}
-    results = evaluation.retrieval_results(emb, complete_dataset_size=40)
-    assert list(results) == list(evaluation.DIRECTIONS)
+    results = embedding.retrieval_results(emb, complete_dataset_size=40)
+    assert list(results) == list(embedding.DIRECTIONS)
     assert results["t2v"]["R1"] == pytest.approx(100 * 30 / 40)   # missing items count as misses
     assert results["t2a"]["R1"] < 50
-    fused = evaluation.direction_embeddings(emb)["v+a"]
+    fused = embedding.direction_embeddings(emb)["v+a"]
     v = emb["video"] / np.linalg.norm(emb["video"], axis=1, keepdims=True)
     a = emb["audio"] / np.linalg.norm(emb["audio"], axis=1, keepdims=True)
     np.testing.assert_allclose(fused, (v + a) / 2)
@@ -41,12 +43,12 @@ def test_every_direction_and_fused_embeddings():
 
 def test_trained_scores_far_above_untrained(trained_run):
     config, workdir, trained = trained_run
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
-    evals = input_pipeline.build_eval_sets(config, paths, words)
+    paths = data_sources.data_paths(config, training=False)
+    words = data_sources.load_words(config, paths)
+    evals = data_sources.build_eval_sets(config, paths, words)
     model = MultiSKModel.from_config(config)
-    batch = {k: v[:2] for k, v in input_pipeline.sample_batch(config, words.dim).items()}
-    untrained = evaluation.evaluate(model, jax.jit(model.init)(jax.random.PRNGKey(1), batch), evals,
+    batch = {k: v[:2] for k, v in data_sources.sample_batch(config, words.dim).items()}
+    untrained = embedding.evaluate(model, jax.jit(model.init)(jax.random.PRNGKey(1), batch), evals,
                                     config.eval_batch_size)
     for direction in ("t2v", "v2t"):
         before, after = untrained["MSRVTT"][direction], trained["MSRVTT"][direction]
@@ -73,11 +75,11 @@ def test_pytorch_weights_through_the_converter(trained_run, tmp_path):
     from msk_jax import convert
 
     config, workdir, _ = trained_run
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
+    paths = data_sources.data_paths(config, training=False)
+    words = data_sources.load_words(config, paths)
     model = MultiSKModel.from_config(config)
-    template = evaluate.model_template(model, config, words.dim)
-    variables, step = evaluate.load_msk_checkpoint(os.path.join(workdir, "checkpoints"), None, template, "online")
+    template = checkpoint_reader.model_template(model, config, words.dim)
+    variables, step = checkpoint_reader.load_msk_checkpoint(os.path.join(workdir, "checkpoints"), None, template, "online")
     torch_state = convert.export_state_dict(variables)
     assert "fusion_text.blocks.0.attn.qkv.weight" in torch_state
     np.savez(tmp_path / "weights.npz", **{f"param/{k}": v for k, v in torch_state.items()})
@@ -116,7 +118,7 @@ def test_bad_checkpoints_give_clear_errors(trained_run, tmp_path):
         import pickle
         pickle.dump([], open(empty, "wb"))
         no_eval.data.source = "files"
-        no_eval.data.word_vectors = input_pipeline.data_paths(config, training=False).word_vectors
+        no_eval.data.word_vectors = data_sources.data_paths(config, training=False).word_vectors
         no_eval.data.msrvtt = str(empty)
         evaluate.run(no_eval, workdir, None, output_dir=str(tmp_path))
 
@@ -160,12 +162,12 @@ def test_zero_shot_classification_trained_far_above_untrained(trained_run):
         trained = json.load(f)["Digits"]
     assert os.path.exists(os.path.join(workdir, "eval", f"step_{TRAINED_STEPS}-classification-Digits.png")) or \
         importlib.util.find_spec("matplotlib") is None
-    paths = input_pipeline.data_paths(config, training=False)
-    words = input_pipeline.load_words(config, paths)
-    sets = input_pipeline.build_evaluation_sets(config, paths, words, ["classification"])
+    paths = data_sources.data_paths(config, training=False)
+    words = data_sources.load_words(config, paths)
+    sets = data_sources.build_evaluation_sets(config, paths, words, ["classification"])
     [classification] = evaluators.build(config, sets, ["classification"])
     model = MultiSKModel.from_config(config)
-    batch = {k: v[:2] for k, v in input_pipeline.sample_batch(config, words.dim).items()}
+    batch = {k: v[:2] for k, v in data_sources.sample_batch(config, words.dim).items()}
     untrained = classification.run(model, jax.jit(model.init)(jax.random.PRNGKey(1), batch),
                                    config.eval_batch_size)["Digits"]
     assert trained["chance"]["top1"] == 10.0 and list(trained["splits"]) == ["seen_voices", "held_out_voice"]

@@ -103,7 +103,8 @@ def test_undecodable_file_is_a_data_error(tmp_path):
 @pytest.fixture(scope="module")
 def demo_videos(tmp_path_factory):
     pytest.importorskip("sklearn")
-    from msk_jax.data import demo_corpus, demo_videos
+    from msk_jax.demo import corpus as demo_corpus
+    from msk_jax.demo import videos as demo_videos
 
     try:
         demo_corpus.ensure_voices(demo_corpus.TRAIN_LANGUAGES)
@@ -119,14 +120,14 @@ def _options(videos, output, **kwargs):
 
 
 def test_demo_extraction_writes_the_howto100m_layout(demo_videos, tmp_path):
-    from msk_jax.data import demo_corpus as D
+    from msk_jax.demo import corpus as demo_corpus
     from msk_jax.data.feature_store import FeatureStoreSource  # noqa: F401 (the store's reader exists)
     from msk_jax.data.howto100m import HowTo100MReader
     from msk_jax.data.word2vec import save_word2vec_binary
 
     words = tmp_path / "words.bin"
     rng = np.random.default_rng(0)
-    save_word2vec_binary(str(words), {w: rng.normal(size=8).astype(np.float32) for w in D.DIGIT_WORDS})
+    save_word2vec_binary(str(words), {w: rng.normal(size=8).astype(np.float32) for w in demo_corpus.DIGIT_WORDS})
     out, store = tmp_path / "features", tmp_path / "store"
     captions = demo_videos / "captions.csv"
     summary = E.run(_options(demo_videos, out, captions=str(captions), store=str(store), word_vectors=str(words),
@@ -137,18 +138,18 @@ def test_demo_extraction_writes_the_howto100m_layout(demo_videos, tmp_path):
                              features_3d=str(out))
     assert len(reader) == 2
     # The demo backbone gives the corpus's own features of these clips (up to the codec).
-    sources = D.load_sources(0, 128, False)
-    strings = D.unique_strings(np.random.default_rng([0, 9]), D.SIZES["default"].msrvtt_clips, set())
+    sources = demo_corpus.load_sources(0, 128, False)
+    strings = demo_corpus.unique_strings(np.random.default_rng([0, 9]), demo_corpus.SIZES["default"].msrvtt_clips, set())
     for i in range(2):
         video = reader.video(i)
         for rows in (video.features_2d, video.features_3d):
             assert rows.dtype == np.float16
             np.testing.assert_allclose(np.linalg.norm(rows.astype(np.float32), axis=1), 1.0, atol=2e-3)
         assert video.log_mel.shape[0] == 40
-        assert video.caption["text"] == [" ".join(D.DIGIT_WORDS[int(d)] for d in strings[i])]
+        assert video.caption["text"] == [" ".join(demo_corpus.DIGIT_WORDS[int(d)] for d in strings[i])]
         rng = np.random.default_rng([0, 2, i])
-        events, duration = D.plan_test_clip(rng, strings[i], D.TRAIN_LANGUAGES)
-        clip = D.render(events, duration, sources.images, sources.pools["msrvtt"], sources.voices, rng, None)
+        events, duration = demo_corpus.plan_test_clip(rng, strings[i], demo_corpus.TRAIN_LANGUAGES)
+        clip = demo_corpus.render(events, duration, sources.images, sources.pools["msrvtt"], sources.voices, rng, None)
         f2d, f3d = sources.encoder.features(clip.frames, duration)
         for ours, corpus in ((video.features_2d, f2d), (video.features_3d, f3d)):
             assert len(ours) in (len(corpus), len(corpus) + 1)  # the extractor's last partial second / clip
@@ -198,12 +199,12 @@ def test_one_of_two_processes_finalises(demo_videos, tmp_path):
     """Two processes of one extraction run together over a finished one (a rerun, with a store
     now): both find every part present, exactly one writes the csv, captions, index and store,
     the other names it and writes nothing."""
-    from msk_jax.data import demo_corpus as D
+    from msk_jax.demo import corpus as demo_corpus
     from msk_jax.data.word2vec import save_word2vec_binary
 
     out, store, words = tmp_path / "features", tmp_path / "store", tmp_path / "words.bin"
     rng = np.random.default_rng(0)
-    save_word2vec_binary(str(words), {w: rng.normal(size=8).astype(np.float32) for w in D.DIGIT_WORDS})
+    save_word2vec_binary(str(words), {w: rng.normal(size=8).astype(np.float32) for w in demo_corpus.DIGIT_WORDS})
     captions = str(demo_videos / "captions.csv")
     E.run(_options(demo_videos, out, captions=captions))
     for index in range(2):  # every part written, as a resumed run writes them

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.howto100m import clip_shapes
-from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.loader import TrainingPipeline
 from tests.conftest import REPO_ROOT
 from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, segments, write_howto
 from tests.paper_config import paper_clip_settings
@@ -253,7 +253,7 @@ def test_windows_are_read_concurrently_against_the_bucket_latency(long_video_sto
 _HOLD_A_PIPELINE = """
 import os, sys, time
 from msk_jax.data.feature_store import FeatureStoreSource
-from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.loader import TrainingPipeline
 from tests.paper_config import paper_clip_settings
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from msk_jax.data import features as F
+from msk_jax import errors
+from msk_jax.data import model_inputs, word2vec
 from msk_jax.data.howto100m import HowTo100MReader, load_captions, sample_clip, sample_clips
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
@@ -94,17 +95,17 @@ def test_clip_without_asr_has_empty_text_and_aligned_audio(howto):
                                                                       ScriptedRandom(1.0 / 22))
     assert (start, end) == (1.0, 9.0) and raw == ""
     assert text_mask.sum() == 0 and np.all(text == 0)
-    assert audio[0, 0] == F.time_to_frames(1.0) == 98
+    assert audio[0, 0] == model_inputs.time_to_frames(1.0) == 98
 
 
 def test_max_words_and_out_of_vocabulary(howto):
     from msk_jax.data.word2vec import WordVectors
     vectors = WordVectors(["a", "c"], np.eye(2, dtype=np.float32))
-    text, mask, raw = F.text_features(F.tokenize("a b, c! a's a"), vectors, max_words=2)
+    text, mask, raw = model_inputs.text_features(word2vec.tokenize("a b, c! a's a"), vectors, max_words=2)
     assert raw == "a b c a's a"
     np.testing.assert_array_equal(mask, [1, 1])
     np.testing.assert_array_equal(text, [[1, 0], [0, 1]])  # a, c (b and a's are unknown)
-    empty, empty_mask, _ = F.text_features(F.tokenize("zz yy"), vectors, max_words=3)
+    empty, empty_mask, _ = model_inputs.text_features(word2vec.tokenize("zz yy"), vectors, max_words=3)
     assert empty_mask.sum() == 0 and empty.shape == (3, 2)
 
 
@@ -125,9 +126,9 @@ def test_video_tokens_from_2d_and_3d_rates(howto):
 
 def test_short_video_slice_is_padded_and_masked():
     f2d, f3d = np.ones((3, 2), np.float32), np.ones((4, 2), np.float32)
-    video, mask = F.video_features(f2d, f3d, 6)
+    video, mask = model_inputs.video_features(f2d, f3d, 6)
     np.testing.assert_array_equal(mask, [1, 1, 1, 1, 0, 0])
-    empty, empty_mask = F.video_features(f2d[:0], f3d, 6)
+    empty, empty_mask = model_inputs.video_features(f2d[:0], f3d, 6)
     assert empty_mask.sum() == 0 and not empty.any()
 
 
@@ -140,7 +141,7 @@ def test_short_video_slice_is_padded_and_masked():
 ])
 def test_bad_inputs_name_the_file_and_the_problem(howto, index, reason, words):
     r = reader(howto)
-    with pytest.raises(F.DataError) as err:
+    with pytest.raises(errors.DataError) as err:
         r.video(index)
     assert err.value.reason == reason
     assert words in str(err.value)
@@ -149,7 +150,7 @@ def test_bad_inputs_name_the_file_and_the_problem(howto, index, reason, words):
 
 def test_csv_without_path_column(tmp_path):
     (tmp_path / "bad.csv").write_text("video\nx\n")
-    with pytest.raises(F.DataError, match="'path' column"):
+    with pytest.raises(errors.DataError, match="'path' column"):
         HowTo100MReader(str(tmp_path / "bad.csv"), "", "", "", None, features_3d="")
 
 
@@ -195,8 +196,8 @@ def test_a_reader_pickles_as_paths_and_its_caption_vocabulary(howto, large_vocab
     for i in range(len(r)):
         try:
             want = r.sample_clips(i, np.random.default_rng(i))
-        except F.DataError as err:
-            with pytest.raises(F.DataError) as again:
+        except errors.DataError as err:
+            with pytest.raises(errors.DataError) as again:
                 worker.sample_clips(i, np.random.default_rng(i))
             assert (again.value.reason, str(again.value)) == (err.reason, str(err))
             continue

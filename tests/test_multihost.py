@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from msk_jax import metric_writers, storage
-from msk_jax.evaluate import finished_steps
+from msk_jax.checkpoint_reader import finished_steps
 from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, free_port, run_env
 from tests.train_fixtures import logged_steps, losses, main_args
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from msk_jax.data.pipeline import InputPositionError, TrainingPipeline
+from msk_jax.data.loader import InputPositionError, TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.conftest import REPO_ROOT
 from tests.data_fixtures import segments, write_howto
@@ -274,7 +274,7 @@ def test_device_batches_keep_to_the_lifetime_of_lent_batches(corpus):
 
 _HOLD_A_PIPELINE = """
 import sys, time
-from msk_jax.data.pipeline import TrainingPipeline
+from msk_jax.data.loader import TrainingPipeline
 from tests.test_howto100m import reader
 
 if __name__ == "__main__":
@@ -290,7 +290,7 @@ def test_shared_memory_of_a_killed_process_group_goes_at_the_next_start(corpus, 
     """A training process, its workers and multiprocessing's resource tracker killed together
     (SIGKILL to the process group, as a scheduler kills a job's cgroup) leave the batch buffers
     in /dev/shm; the next pipeline that starts on the host removes them, and not a live one's."""
-    from msk_jax.data import pipeline as P
+    from msk_jax.data import loader
 
     script = tmp_path / "hold.py"
     script.write_text(_HOLD_A_PIPELINE)
@@ -308,7 +308,7 @@ def test_shared_memory_of_a_killed_process_group_goes_at_the_next_start(corpus, 
             next(pipeline)
             assert not os.path.exists(killed)
             live = pipeline._slots.memory.name
-            assert live not in P.sweep_dead_segments() and os.path.isfile(f"/dev/shm/{live}")
+            assert live not in loader.sweep_dead_segments() and os.path.isfile(f"/dev/shm/{live}")
         finally:
             pipeline.close()
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from msk_jax import search
-from msk_jax.data.demo_corpus import DIGIT_WORDS, corpus_paths
+from msk_jax.demo.corpus import DIGIT_WORDS, corpus_paths
 from tests.conftest import REPO_ROOT, run_env
 
 MISSING = "demo/not_extracted"
@@ -242,7 +242,7 @@ def test_a_query_builds_no_data(tmp_path, monkeypatch):
     assert done.returncode == 1 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {demo_dir / 'word2vec.bin'}: missing, "), done.stderr
-    assert "python -m msk_jax.data.demo_corpus" in lines[0]
+    assert "python -m msk_jax.demo.corpus" in lines[0]
     assert not demo_dir.exists()
 
     cache = tmp_path / "cache"

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from msk_jax import checkpoints, lease, metric_writers
-from msk_jax.evaluate import finished_steps
+from msk_jax.checkpoint_reader import finished_steps
 from msk_jax.experiments import runner
 from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
 from tests.train_fixtures import losses, main_args

@@ -12,8 +12,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from msk_jax import checkpoints, input_pipeline, metric_writers, train
-from msk_jax.evaluate import finished_steps
+from msk_jax import checkpoints, metric_writers, train
+from msk_jax import data_sources
+from msk_jax.checkpoint_reader import finished_steps
 from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
 from tests.train_fixtures import cli_config, kill_after_checkpoint, losses, main_args, tiny_config
 
@@ -66,13 +67,13 @@ def test_missing_data_points_to_the_readme(tiny_corpus, tmp_path):
                        features_2d=os.path.join(howto, "features_2d"), audio=os.path.join(howto, "audio"),
                        word_vectors=os.path.join(tiny_corpus, "word2vec.bin"))
     with pytest.raises(FileNotFoundError, match=r"config.data.features_3d is not set: .*3D feature root"):
-        input_pipeline.data_paths(config)
+        data_sources.data_paths(config)
 
 
 def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeypatch):
     """NaN inputs in the batch of step 3 (of 0..7), between log steps (every 5): the metrics are
     read asynchronously, yet the run stops at the checkpoint of step 4, naming step 3."""
-    real = input_pipeline.build_data
+    real = data_sources.build_data
 
     def poisoned(config):
         source, words, evals = real(config)
@@ -90,7 +91,7 @@ def test_non_finite_loss_stops_without_checkpoint(tiny_corpus, tmp_path, monkeyp
 
         return NaNAudio(), words, evals
 
-    monkeypatch.setattr(input_pipeline, "build_data", poisoned)
+    monkeypatch.setattr(data_sources, "build_data", poisoned)
     config = tiny_config(tiny_corpus, num_train_steps=8, log_every_steps=5, checkpoint_every_steps=2)
     with pytest.raises(train.NonFiniteLossError, match=r"step 3: non-finite value in .*loss"):
         train.train_and_evaluate(config, str(tmp_path / "nan"))

@@ -1,5 +1,5 @@
 """From video files to text search, as a user runs it: demo test clips written as mp4 files
-(`msk_jax.data.demo_videos`), their features extracted with the demo backbone
+(`msk_jax.demo.videos`), their features extracted with the demo backbone
 (`msk_jax.extract`), indexed with the session's trained demo run and queried with their own digit
 strings (`msk_jax.search`): each query ranks its own clip far above chance. (The session's run is
 a narrow model trained for 80 steps: measured here, its own clip's mean rank 12.9-13.2 of 40 against
@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from msk_jax import search
-from msk_jax.data.demo_videos import write_demo_videos
+from msk_jax.demo.videos import write_demo_videos
 from msk_jax.extract import extractor
 
 CLIPS = 40

@@ -236,7 +236,7 @@ def run_bucket(settings, paths: dict, root: str, latencies: tuple, *, videos: in
     time and with all of a video's (of a task's videos') windows at once, by the same worker
     processes as the page-cache rate beside them."""
     from msk_jax.data.feature_store import FeatureStoreSource
-    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.loader import TrainingPipeline
 
     reason = unavailable()
     if reason:

@@ -69,15 +69,16 @@ def run_fed(videos_per_batch: int = 27, steps: int = 10, workers: int = 8, store
     """Trains the paper-width model from the store until its queues are full, then times `steps`
     fed steps (input from worker processes, transferred ahead) and `steps` steps on one device
     batch repeated; reports medians, clips/s, MFU and peak device memory."""
-    from msk_jax import input_pipeline, sharding, train, train_step
-    from msk_jax.data.demo_corpus import default_root
+    from msk_jax import sharding, train, train_step
+    from msk_jax import data_sources
+    from msk_jax.demo.corpus import default_root
     from msk_jax.data.feature_store import FeatureStoreSource
-    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.loader import TrainingPipeline
     from msk_jax.loss import ObjectiveConfig
     from msk_jax.model import MultiSKModel
 
     config = paper_config(remat, dtype, queue_len)
-    settings = input_pipeline.clip_settings(config)
+    settings = data_sources.clip_settings(config)
     root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
     started = time.perf_counter()
     source = FeatureStoreSource(synthetic_store(settings, root, store_videos, store_dtype), settings)

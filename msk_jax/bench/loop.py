@@ -36,7 +36,7 @@ def run_loop(model, objective, clips: int = 64, queue_len: int = 512, steps: int
     from msk_jax import sharding, train
     import dataclasses
 
-    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.loader import TrainingPipeline
 
     host = cpu_bench_batch(clips)
     mesh = sharding.create_mesh([("data", 1)], jax.devices()[:1])

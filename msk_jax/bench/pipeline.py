@@ -17,9 +17,9 @@ from msk_jax.bench.common import machine
 def run_pipeline(settings, corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
                  batches: int = 30, workers: tuple[int, ...] = (1, 2), feature_dim: int = 128) -> dict:
     """Clips/s of the training pipeline on the demo corpus (built if needed), per worker count."""
-    from msk_jax.data.demo_corpus import build_demo_corpus, default_root
+    from msk_jax.demo.corpus import build_demo_corpus, default_root
     from msk_jax.data.howto100m import HowTo100MReader
-    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.loader import TrainingPipeline
     from msk_jax.data.word2vec import load_word2vec_binary
 
     root = corpus_dir or default_root()
@@ -75,8 +75,8 @@ class _GrainClips:
         self.source, self.seed = source, seed
 
     def __call__(self, index: int):
-        from msk_jax.data.features import DataError
-        from msk_jax.data.pipeline import MODEL_KEYS
+        from msk_jax.errors import DataError
+        from msk_jax.data.loader import MODEL_KEYS
 
         try:
             clips = self.source.sample_clips(int(index), np.random.default_rng([self.seed, 0, int(index)]))
@@ -138,10 +138,10 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
     `bucket_latency_ms`, also the store read from a bucket on localhost at each latency
     (`msk_jax.bench.bucket`)."""
     from msk_jax.data import synthetic
-    from msk_jax.data.demo_corpus import default_root
+    from msk_jax.demo.corpus import default_root
     from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
     from msk_jax.data.howto100m import HowTo100MReader
-    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.loader import TrainingPipeline
     from msk_jax.data.word2vec import load_word2vec_binary
 
     root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
@@ -229,18 +229,18 @@ def format_pipeline_howto100m(r: dict) -> str:
 
 
 def cli(config) -> dict:
-    from msk_jax import input_pipeline
+    from msk_jax import data_sources
 
     c = config.pipeline
     if c.sizes not in ("demo", "howto100m"):
         raise ValueError(f"config.pipeline.sizes='{c.sizes}': expected 'demo' or 'howto100m'.")
     if c.sizes == "howto100m":
-        results = run_pipeline_howto100m(input_pipeline.clip_settings(config), c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
+        results = run_pipeline_howto100m(data_sources.clip_settings(config), c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
                                          grain=c.grain, bucket_latency_ms=tuple(c.bucket_latency_ms),
                                          bucket_videos=c.bucket_videos)
         print(format_pipeline_howto100m(results), flush=True)
         return results
-    results = run_pipeline(input_pipeline.clip_settings(config), c.corpus_dir or None, c.size, batches=c.batches or 30)
+    results = run_pipeline(data_sources.clip_settings(config), c.corpus_dir or None, c.size, batches=c.batches or 30)
     for key, value in results.items():
         if key.startswith("clips_per_second_"):
             print(f"input pipeline, {key.rsplit('_', 1)[1]} worker(s): {value:8.0f} clips/s", flush=True)

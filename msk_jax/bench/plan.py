@@ -33,7 +33,8 @@ def compile_paper_step(mesh_kind: str, config_arg: str = "", remat: str = "") ->
     """AOT-compiles the train step of configs/howto.py[:config_arg] (with model.remat=`remat`
     unless empty) over all local devices with the given mesh, without allocating it: per-device
     memory_analysis and cost_analysis FLOPs."""
-    from msk_jax import input_pipeline, sharding, train, train_step
+    from msk_jax import sharding, train, train_step
+    from msk_jax import data_sources
     from msk_jax.loss import ObjectiveConfig
     from msk_jax.model import MultiSKModel
 
@@ -47,7 +48,7 @@ def compile_paper_step(mesh_kind: str, config_arg: str = "", remat: str = "") ->
     objective = ObjectiveConfig.from_config(config.objective)
     tx = train_step.adam(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-             for k, v in input_pipeline.sample_batch(config, config.model.text_dim).items()}
+             for k, v in data_sources.sample_batch(config, config.model.text_dim).items()}
 
     def init(rng):
         zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}

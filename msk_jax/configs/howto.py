@@ -68,8 +68,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict()
     data.source = "files"          # "files": the original layout below; "tfds": built array_record;
                                    # "store": a feature store (read by clip window)
-    data.tfds_data_dir = ""        # for source="tfds" (python -m msk_jax.data.build_tfds ...)
-    data.store_dir = ""            # for source="store" (python -m msk_jax.data.build_feature_store ...)
+    data.tfds_data_dir = ""        # for source="tfds" (python -m msk_jax.tools.build_tfds ...)
+    data.store_dir = ""            # for source="store" (python -m msk_jax.tools.build_feature_store ...)
     data.csv = ""                  # HowTo100M csv with a `path` column
     data.caption = ""              # caption.pickle
     data.features_2d = ""          # root of <path>/<id>_2d.npz

@@ -38,7 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from msk_jax import safe_load, storage
-from msk_jax.data import features as F
+from msk_jax import errors
+from msk_jax.data import model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -71,7 +72,7 @@ class ClassificationSet:
 def class_words(name: str) -> list[str]:
     """A class name as words: CamelCase and underscores split, lower-cased."""
     spaced = _CAMEL.sub(" ", str(name).replace("_", " ").replace("-", " "))
-    return [w.lower() for w in F.tokenize(spaced)]
+    return [w.lower() for w in word2vec.tokenize(spaced)]
 
 
 def _split_names(value, where: str) -> list[str]:
@@ -81,22 +82,22 @@ def _split_names(value, where: str) -> list[str]:
         names = []
         for s in value:
             if isinstance(s, bytes) or not isinstance(s, (str, int, np.integer)):
-                raise F.DataError(where, f"'splits' must list split names (str or int), got {s!r}", "bad splits")
+                raise errors.DataError(where, f"'splits' must list split names (str or int), got {s!r}", "bad splits")
             names.append(str(s))
         return names
-    raise F.DataError(where, f"'splits' must be a list of split names, got {type(value).__name__}", "bad splits")
+    raise errors.DataError(where, f"'splits' must be a list of split names, got {type(value).__name__}", "bad splits")
 
 
 def _check_classes(path: str, classes) -> list[str]:
     if not isinstance(classes, (list, tuple)) or not classes:
-        raise F.DataError(path, "has no class names: 'classes' must be a non-empty list of str (a label is an "
+        raise errors.DataError(path, "has no class names: 'classes' must be a non-empty list of str (a label is an "
                                 "index into it)", "missing classes")
     for i, name in enumerate(classes):
         if not isinstance(name, str) or not name.strip():
-            raise F.DataError(f"{path} [class {i}]", f"class name must be a non-empty str, got {name!r}", "bad class")
+            raise errors.DataError(f"{path} [class {i}]", f"class name must be a non-empty str, got {name!r}", "bad class")
     if len(set(classes)) != len(classes):
         twice = sorted({c for c in classes if classes.count(c) > 1})
-        raise F.DataError(path, f"class names appear twice: {twice}", "bad class")
+        raise errors.DataError(path, f"class names appear twice: {twice}", "bad class")
     return [str(c) for c in classes]
 
 
@@ -106,11 +107,11 @@ def load_pickle(path: str) -> tuple[list[str], list[dict], list[str] | None]:
     with storage.open_read(path) as f:
         data = safe_load.load(f, path)  # only data types, never code; a DataError names the file
     if not isinstance(data, dict):
-        raise F.DataError(path, f"must hold a dict with 'classes' and 'videos', got {type(data).__name__}", "bad file")
+        raise errors.DataError(path, f"must hold a dict with 'classes' and 'videos', got {type(data).__name__}", "bad file")
     classes = _check_classes(path, data.get("classes"))
     videos = data.get("videos")
     if not isinstance(videos, list):
-        raise F.DataError(path, "has no 'videos' list", "bad file")
+        raise errors.DataError(path, "has no 'videos' list", "bad file")
     order = data.get("splits")
     if order is not None:
         order = _split_names(order, path)
@@ -129,24 +130,24 @@ def load_csv(path: str, dim_2d: int | None = None, dim_3d: int | None = None,
     fields = set(rows[0]) if rows else set()
     missing = [c for c in ("video", "label", "splits") if c not in fields]
     if missing:
-        raise F.DataError(path, f"needs the columns video, label and splits; missing {', '.join(missing)}", "bad csv")
+        raise errors.DataError(path, f"needs the columns video, label and splits; missing {', '.join(missing)}", "bad csv")
     classes = sorted({(row["label"] or "").strip() for row in rows})
     if "" in classes:
         i = next(i for i, row in enumerate(rows) if not (row["label"] or "").strip())
-        raise F.DataError(f"{path} [row {i + 2}]", "has an empty label", "missing classes")
+        raise errors.DataError(f"{path} [row {i + 2}]", "has an empty label", "missing classes")
     index = {c: i for i, c in enumerate(classes)}
     videos = []
     for i, row in enumerate(rows):
         where = f"{path} [row {i + 2}]"
         video = (row["video"] or "").strip().strip("/")
         if not video:
-            raise F.DataError(where, "has an empty 'video' field", "bad entry")
+            raise errors.DataError(where, "has an empty 'video' field", "bad entry")
         if video.lower().endswith(VIDEO_EXTENSIONS):
             video = os.path.splitext(video)[0]
         try:
             f2d, f3d, log_mel = read_features(root, root, root, video, dim_2d, dim_3d, audio_bins)
-        except F.DataError as err:  # names the feature file; the row says which video
-            raise F.DataError(where, str(err), err.reason) from None
+        except errors.DataError as err:  # names the feature file; the row says which video
+            raise errors.DataError(where, str(err), err.reason) from None
         videos.append({"id": video, "2d": f2d, "3d": f3d, "audio": log_mel, "label": index[row["label"].strip()],
                        "splits": row["splits"] or "", "where": where})
     return classes, videos, None
@@ -168,13 +169,13 @@ def _windows(f2d: np.ndarray, f3d: np.ndarray, log_mel: np.ndarray, n_tokens: in
     """(2D rows, 3D rows, log-mel frames) of each window of a video: the first always, then each
     next one that starts within both the video rows and the audio (one audio token)."""
     if not len(f2d) or not len(f3d):
-        raise F.DataError(where, f"has {len(f2d)} 2D and {len(f3d)} 3D feature rows: shorter than one video "
+        raise errors.DataError(where, f"has {len(f2d)} 2D and {len(f3d)} 3D feature rows: shorter than one video "
                                  "token of its window", "video too short")
-    rows_2d = F.nearest_resample(f2d, len(f3d))
+    rows_2d = model_inputs.nearest_resample(f2d, len(f3d))
     out = []
     for w in range(max(1, windows)):
         lo_tokens, lo_frames = w * n_tokens, w * n_frames
-        if w and (lo_tokens >= len(f3d) or log_mel.shape[1] - lo_frames < F.AUDIO_TOKEN_FRAMES):
+        if w and (lo_tokens >= len(f3d) or log_mel.shape[1] - lo_frames < model_inputs.AUDIO_TOKEN_FRAMES):
             break
         out.append((rows_2d[lo_tokens:lo_tokens + n_tokens], f3d[lo_tokens:lo_tokens + n_tokens],
                     log_mel[:, lo_frames:lo_frames + n_frames]))
@@ -201,8 +202,8 @@ class _Rows:
         rows = self.windows[index]
         out = {k: np.zeros((len(rows),) + shape, np.float32) for k, shape in self.shapes.items()}
         for j, (rows_2d, rows_3d, log_mel) in enumerate(rows):
-            F.video_tokens(rows_2d, rows_3d, self.n_tokens, out=(out["video"][j], out["video_mask"][j]))
-            F.audio_features(log_mel, self.n_frames, out=(out["audio"][j], out["audio_mask"][j]))
+            model_inputs.video_tokens(rows_2d, rows_3d, self.n_tokens, out=(out["video"][j], out["video_mask"][j]))
+            model_inputs.audio_features(log_mel, self.n_frames, out=(out["audio"][j], out["audio_mask"][j]))
         self._last = (key, out)
         return out
 
@@ -241,13 +242,13 @@ def build_prompts(classes: Sequence[str], templates: Sequence[str], word_vectors
         known = [w for w in words if w in word_vectors]
         missing = [w for w in words if w not in word_vectors]
         if not known:
-            raise F.DataError(f"{source} [class {c} {name!r}]",
+            raise errors.DataError(f"{source} [class {c} {name!r}]",
                               f"no word of the class name ({' '.join(words) or repr(name)}) has a vector in the word "
                               "vectors", "unknown class name")
         if missing:
             unknown[name] = missing
         for template in templates:
-            text, mask, _ = F.text_features(F.tokenize(template.replace("{}", " ".join(words))), word_vectors,
+            text, mask, _ = model_inputs.text_features(word2vec.tokenize(template.replace("{}", " ".join(words))), word_vectors,
                                             max_words)
             texts.append(text)
             masks.append(mask)
@@ -268,18 +269,18 @@ def build_classification_set(name: str, classes: list[str], videos: list[dict], 
     windows_of_rows, row_video, ids, labels, memberships, seen, left_out = [], [], [], [], [], set(), 0
     for i, entry in enumerate(videos):
         if not isinstance(entry, dict):
-            raise F.DataError(f"{source} [entry {i}]", f"must be a dict, got {type(entry).__name__}", "bad entry")
+            raise errors.DataError(f"{source} [entry {i}]", f"must be a dict, got {type(entry).__name__}", "bad entry")
         where = (entry["where"] if isinstance(entry.get("where"), str)
                  else f"{source} [entry {i}, id {entry.get('id')!r}]")
         for key in ("id", "2d", "3d", "audio", "label", "splits"):
             if key not in entry:
-                raise F.DataError(where, f"has no '{key}' field", "bad entry")
+                raise errors.DataError(where, f"has no '{key}' field", "bad entry")
         label = entry["label"]
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise F.DataError(where, f"label must be an int (an index into the {len(classes)} classes), got {label!r}",
+            raise errors.DataError(where, f"label must be an int (an index into the {len(classes)} classes), got {label!r}",
                               "bad label")
         if not 0 <= int(label) < len(classes):
-            raise F.DataError(where, f"label {int(label)} is out of range: {len(classes)} classes, labels "
+            raise errors.DataError(where, f"label {int(label)} is out of range: {len(classes)} classes, labels "
                                      f"0..{len(classes) - 1}", "label out of range")
         member = _split_names(entry["splits"], where)
         if not member:
@@ -287,13 +288,13 @@ def build_classification_set(name: str, classes: list[str], videos: list[dict], 
             continue
         vid = str(entry["id"])
         if vid in seen:
-            raise F.DataError(where, f"id {vid!r} appears twice", "duplicate id")
+            raise errors.DataError(where, f"id {vid!r} appears twice", "duplicate id")
         seen.add(vid)
-        f2d = F.check_features(where, entry["2d"], dim_2d, "'2d'")
-        f3d = F.check_features(where, entry["3d"], dim_3d, "'3d'")
-        log_mel = F.check_log_mel(where, entry["audio"], audio_bins)
+        f2d = model_inputs.check_features(where, entry["2d"], dim_2d, "'2d'")
+        f3d = model_inputs.check_features(where, entry["3d"], dim_3d, "'3d'")
+        log_mel = model_inputs.check_log_mel(where, entry["audio"], audio_bins)
         if f2d.shape[1] + f3d.shape[1] != video_dim:
-            raise F.DataError(where, f"video tokens would be {f2d.shape[1] + f3d.shape[1]}-d ('2d' + '3d'), the "
+            raise errors.DataError(where, f"video tokens would be {f2d.shape[1] + f3d.shape[1]}-d ('2d' + '3d'), the "
                                      f"model reads {video_dim}-d", "wrong dimension")
         for window in _windows(f2d, f3d, log_mel, n_video_tokens, num_audio_frames, windows, where):
             windows_of_rows.append(window)
@@ -302,7 +303,7 @@ def build_classification_set(name: str, classes: list[str], videos: list[dict], 
         labels.append(int(label))
         memberships.append(member)
     if not ids:
-        raise F.DataError(source, "has no video in a test split: an empty classification set", "empty")
+        raise errors.DataError(source, "has no video in a test split: an empty classification set", "empty")
     names = list(split_order or [])
     names += sorted({s for m in memberships for s in m} - set(names), key=lambda s: (len(s), s))
     splits = {s: np.array([s in m for m in memberships]) for s in names}

@@ -14,7 +14,8 @@ import dataclasses
 import numpy as np
 
 from msk_jax import safe_load, storage
-from msk_jax.data import features as F
+from msk_jax import errors
+from msk_jax.data import model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 
 
@@ -59,14 +60,14 @@ def load_eval_entries(path: str, fmt: EvalFormat) -> tuple[list[dict], int]:
     with storage.open_read(path) as f:
         entries = safe_load.load(f, path)  # only data types, never code; a DataError names the file
     if not isinstance(entries, list):
-        raise F.DataError(path, f"must hold a list of dicts, got {type(entries).__name__}", "bad file")
+        raise errors.DataError(path, f"must hold a list of dicts, got {type(entries).__name__}", "bad file")
     kept = [e for e in entries if isinstance(e, dict) and fmt.key_2d in e]
     normalized = []
     for i, entry in enumerate(kept):
         where = f"{path} [entry {i}, id {entry.get('id')!r}]"
         for key in ("id", fmt.key_3d, "audio", fmt.caption_key):
             if key not in entry:
-                raise F.DataError(where, f"has no '{key}' field", "bad entry")
+                raise errors.DataError(where, f"has no '{key}' field", "bad entry")
         caption = entry[fmt.caption_key]
         if isinstance(caption, (list, tuple)):  # training-style pickles hold a list
             caption = caption[0]
@@ -82,25 +83,25 @@ def build_eval_set(entries: list[dict], fmt: EvalFormat, word_vectors: WordVecto
     """Model inputs from normalised entries; a bad entry raises a DataError naming `source`,
     the entry index and its id (evaluation sets are never silently shortened)."""
     if not entries:
-        raise F.DataError(source, f"has no entry with '{fmt.key_2d}' features: an empty evaluation set", "empty")
+        raise errors.DataError(source, f"has no entry with '{fmt.key_2d}' features: an empty evaluation set", "empty")
     n_tokens = n_video_tokens or fmt.n_video_tokens
     n_frames = num_audio_frames or fmt.num_audio_frames
     columns = {k: [] for k in ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")}
     raw_texts = []
     for i, entry in enumerate(entries):
         where = f"{source} [entry {i}, id {entry['id']!r}]"
-        f2d = F.check_features(where, entry["features_2d"], dim_2d, f"'{fmt.key_2d}'")
-        f3d = F.check_features(where, entry["features_3d"], dim_3d, f"'{fmt.key_3d}'")
-        log_mel = F.check_log_mel(where, entry["audio"], audio_bins)
-        video, video_mask = F.video_features(f2d, f3d, n_tokens)
-        audio, audio_mask = F.audio_features(log_mel, n_frames)
-        text, text_mask, raw_text = F.text_features(F.tokenize(entry["caption"]), word_vectors, max_words)
+        f2d = model_inputs.check_features(where, entry["features_2d"], dim_2d, f"'{fmt.key_2d}'")
+        f3d = model_inputs.check_features(where, entry["features_3d"], dim_3d, f"'{fmt.key_3d}'")
+        log_mel = model_inputs.check_log_mel(where, entry["audio"], audio_bins)
+        video, video_mask = model_inputs.video_features(f2d, f3d, n_tokens)
+        audio, audio_mask = model_inputs.audio_features(log_mel, n_frames)
+        text, text_mask, raw_text = model_inputs.text_features(word2vec.tokenize(entry["caption"]), word_vectors, max_words)
         for key, value in zip(columns, (video, video_mask, audio, audio_mask, text, text_mask)):
             columns[key].append(value)
         raw_texts.append(raw_text)
     complete = complete_dataset_size if complete_dataset_size is not None else fmt.complete_dataset_size
     if complete < len(entries):
-        raise F.DataError(source, f"has {len(entries)} entries but complete_dataset_size is {complete}", "bad size")
+        raise errors.DataError(source, f"has {len(entries)} entries but complete_dataset_size is {complete}", "bad size")
     return EvalSet(fmt.name, {k: np.stack(v) for k, v in columns.items()}, [e["id"] for e in entries],
                    raw_texts, complete, dropped=dropped)
 

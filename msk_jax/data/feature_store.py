@@ -2,7 +2,7 @@
 
 The original layout keeps each video in three npz files that must be read whole (~15 MB per
 video at HowTo100M's sizes) to cut ten 8-second clips (~3 MB). The store is built once from that
-layout (`python -m msk_jax.data.build_feature_store`) and gives random access by time window:
+layout (`python -m msk_jax.tools.build_feature_store`) and gives random access by time window:
 
     <store>/meta.json            format, dtype, dimensions, shard files, build summary (written last:
                                  a store without it is incomplete)
@@ -41,10 +41,11 @@ import time
 import numpy as np
 
 from msk_jax import safe_load, storage
-from msk_jax.data import features as F
+from msk_jax import errors
+from msk_jax.data import model_inputs, word2vec
 from msk_jax.data import howto100m
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
-from msk_jax.data.pipeline import failure
+from msk_jax.data.loader import failure
 from msk_jax.data.word2vec import load_vectors, save_vectors
 
 FORMAT = "msk_jax.feature_store/1"
@@ -56,11 +57,11 @@ def _shard_names(meta_path: str, meta: dict) -> list[str]:
     """meta.json's shard files: plain file names inside the store (never a path elsewhere)."""
     names = meta.get("shards")
     if not isinstance(names, list):
-        raise F.DataError(meta_path, "'shards' must be a list of file names", "bad store")
+        raise errors.DataError(meta_path, "'shards' must be a list of file names", "bad store")
     for name in names:
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
                 or name.startswith("."):
-            raise F.DataError(meta_path, f"shard {name!r} is not a file name inside the store", "bad store")
+            raise errors.DataError(meta_path, f"shard {name!r} is not a file name inside the store", "bad store")
     return names
 
 
@@ -128,8 +129,8 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
             continue
         # Video rows are stored L2-normalised, as every clip uses them (the same bits as normalising
         # at sampling time, one pass fewer per clip).
-        arrays = (F.l2_normalize_rows(video.features_2d.astype(np.float32)),
-                  F.l2_normalize_rows(video.features_3d.astype(np.float32)), video.log_mel.T)
+        arrays = (model_inputs.l2_normalize_rows(video.features_2d.astype(np.float32)),
+                  model_inputs.l2_normalize_rows(video.features_3d.astype(np.float32)), video.log_mel.T)
         for kind, array in zip(KINDS, arrays):
             if dims.setdefault(kind, array.shape[1]) != array.shape[1]:
                 reasons[i], where[i] = "wrong dimension", reader.paths[i]
@@ -140,7 +141,7 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
         shards[i], offsets[i] = writer.append(blocks)
         rows[i] = [len(a) for a in arrays]
         captions[video.id] = video.caption
-        vocabulary.update(w for text in video.caption["text"] for w in F.tokenize(text) if w in reader.word_vectors)
+        vocabulary.update(w for text in video.caption["text"] for w in word2vec.tokenize(text) if w in reader.word_vectors)
         written += sum(len(b) for b in blocks)
         if progress and ((i + 1) % 1000 == 0 or i + 1 == n):
             rate = (i + 1) / max(time.monotonic() - start, 1e-9)
@@ -149,7 +150,7 @@ def build_feature_store(reader: HowTo100MReader, output: str, *, dtype: str = "f
     writer.close()
     usable = int((shards >= 0).sum())
     if not usable:
-        raise F.DataError(output, f"none of the {n} videos could be read (e.g. {where[0]}: {problems[0]})",
+        raise errors.DataError(output, f"none of the {n} videos could be read (e.g. {where[0]}: {problems[0]})",
                           "no usable video")
     vectors = reader.word_vectors.restricted(vocabulary)  # sorted
     save_vectors(output, vectors)
@@ -225,14 +226,14 @@ class FeatureStoreSource:
         self._expected = {"dim_2d": dim_2d, "dim_3d": dim_3d, "audio_bins": settings.audio_bins, "word_dim": word_dim}
         meta_path = storage.join(directory, "meta.json")
         if not storage.exists(meta_path):
-            raise F.DataError(directory, "is not a complete feature store (no meta.json); build it with "
-                              "python -m msk_jax.data.build_feature_store", "no feature store")
+            raise errors.DataError(directory, "is not a complete feature store (no meta.json); build it with "
+                              "python -m msk_jax.tools.build_feature_store", "no feature store")
         self.meta = json.loads(storage.read_bytes(meta_path))
         if self.meta.get("format") != FORMAT:
-            raise F.DataError(meta_path, f"format '{self.meta.get('format')}', expected '{FORMAT}'", "bad store")
+            raise errors.DataError(meta_path, f"format '{self.meta.get('format')}', expected '{FORMAT}'", "bad store")
         for field, want in self._expected.items():
             if want is not None and self.meta[field] != want:
-                raise F.DataError(meta_path, f"{field} is {self.meta[field]} but the config expects {want}; "
+                raise errors.DataError(meta_path, f"{field} is {self.meta[field]} but the config expects {want}; "
                                   "rebuild the store or fix the config", "wrong dimension")
         self.dtype = numpy_dtype(self.meta["dtype"])
         self.row_bytes = [self.meta[k] * self.dtype.itemsize for k in ("dim_2d", "dim_3d", "audio_bins")]
@@ -253,9 +254,9 @@ class FeatureStoreSource:
         index = safe_load.load_npz(path, names, max_bytes=(1 << 20) + (n << 14))  # 16 KiB a video: its strings
         for name in names:
             if len(index[name]) != n:
-                raise F.DataError(path, f"'{name}' has {len(index[name])} entries, meta.json says {n} videos", "bad store")
+                raise errors.DataError(path, f"'{name}' has {len(index[name])} entries, meta.json says {n} videos", "bad store")
         if index["offset"].shape != (n, 3) or index["rows"].shape != (n, 3):
-            raise F.DataError(path, "'offset' and 'rows' must be (videos, 3)", "bad store")
+            raise errors.DataError(path, "'offset' and 'rows' must be (videos, 3)", "bad store")
         self.paths = [str(p) for p in index["paths"]]
         self.shard, self.offset, self.rows = index["shard"], index["offset"], index["rows"]
         self.reason, self.where, self.problem = (index[k].astype(object) for k in ("reason", "where", "problem"))
@@ -305,7 +306,7 @@ class FeatureStoreSource:
 
     def video(self, index: int) -> _StoredVideo:
         if self.reason[index]:
-            raise F.DataError(str(self.where[index]), str(self.problem[index]), str(self.reason[index]))
+            raise errors.DataError(str(self.where[index]), str(self.problem[index]), str(self.reason[index]))
         return _StoredVideo(self, index)
 
     def sample_clips(self, index: int, rng: np.random.Generator, out=None) -> dict[str, np.ndarray]:
@@ -315,7 +316,7 @@ class FeatureStoreSource:
             return howto100m.sample_clips(self.video(index), self.paths[index], self.word_vectors, self.settings,
                                           rng, out=out)
         result = self.sample_videos([(index, rng)], None if out is None else [out])[0]
-        if isinstance(result, F.DataError):
+        if isinstance(result, errors.DataError):
             raise result
         return result
 
@@ -333,14 +334,14 @@ class FeatureStoreSource:
             for (index, rng), out in zip(requests, outs):
                 try:
                     results.append(self.sample_clips(index, rng, out=out))
-                except F.DataError as err:
+                except errors.DataError as err:
                     results.append(err)
             return results
         planned, ranges = [], []  # per request: (video, its clip plans) or the DataError
         for index, rng in requests:
             try:
                 video = self.video(index)
-            except F.DataError as err:
+            except errors.DataError as err:
                 planned.append(err)
                 continue
             plans = howto100m.plan_clips(video, self.settings, rng)
@@ -355,7 +356,7 @@ class FeatureStoreSource:
         results = []
         try:
             for item, out in zip(planned, outs):
-                if isinstance(item, F.DataError):
+                if isinstance(item, errors.DataError):
                     results.append(item)
                     continue
                 video, plans = item

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from msk_jax import safe_load, storage
-from msk_jax.data import features as F
+from msk_jax import errors
+from msk_jax.data import model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 
 
@@ -89,7 +90,7 @@ def read_csv_paths(csv_path: str) -> list[str]:
     with storage.open_read(csv_path, text=True) as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise F.DataError(csv_path, f"needs a 'path' column, found columns {reader.fieldnames}", "bad csv")
+            raise errors.DataError(csv_path, f"needs a 'path' column, found columns {reader.fieldnames}", "bad csv")
         return [row["path"].replace("None/", "") for row in reader if row["path"]]
 
 
@@ -101,7 +102,7 @@ def load_captions(path: str) -> dict:
         # video alone (check_caption).
         captions = safe_load.load(f, path, in_place=True)
     if not isinstance(captions, Mapping):
-        raise F.DataError(path, f"must hold a dict of video id -> caption, got {type(captions).__name__}", "bad file")
+        raise errors.DataError(path, f"must hold a dict of video id -> caption, got {type(captions).__name__}", "bad file")
     return captions
 
 
@@ -109,31 +110,31 @@ def check_caption(source: str, video_id: str, caption: Any) -> dict:
     """{'start', 'end', 'text'} with at least one segment, or a DataError."""
     where = f"{source} [{video_id}]"
     if caption is None:
-        raise F.DataError(where, "no ASR caption for this video", "no caption")
+        raise errors.DataError(where, "no ASR caption for this video", "no caption")
     if not isinstance(caption, Mapping) or not {"start", "end", "text"} <= set(caption):
-        raise F.DataError(where, "caption must be a dict with 'start', 'end' and 'text'", "bad caption")
+        raise errors.DataError(where, "caption must be a dict with 'start', 'end' and 'text'", "bad caption")
     for field in ("start", "end", "text"):
         if isinstance(caption[field], safe_load.Refused):
-            raise F.DataError(where, f"caption '{field}' {caption[field].problem}", "too large")
+            raise errors.DataError(where, f"caption '{field}' {caption[field].problem}", "too large")
     try:
         start = np.asarray(caption["start"], np.float64).reshape(-1)
         end = np.asarray(caption["end"], np.float64).reshape(-1)
         text = list(caption["text"])
     except (TypeError, ValueError, OverflowError) as err:
-        raise F.DataError(where, f"caption times must be numbers and texts a list ({err})", "bad caption") from None
+        raise errors.DataError(where, f"caption times must be numbers and texts a list ({err})", "bad caption") from None
     if not (len(start) == len(end) == len(text)):
-        raise F.DataError(where, f"caption has {len(start)} starts, {len(end)} ends and {len(text)} texts",
+        raise errors.DataError(where, f"caption has {len(start)} starts, {len(end)} ends and {len(text)} texts",
                           "bad caption")
     if len(start) == 0:
-        raise F.DataError(where, "caption has no ASR segments", "no ASR segments")
+        raise errors.DataError(where, "caption has no ASR segments", "no ASR segments")
     bad = ~(np.isfinite(start) & np.isfinite(end))
     if bad.any():
         i = int(np.argmax(bad))
-        raise F.DataError(where, f"segment {i} has time {start[i]}-{end[i]} (NaN or infinite)", "bad caption time")
+        raise errors.DataError(where, f"segment {i} has time {start[i]}-{end[i]} (NaN or infinite)", "bad caption time")
     reversed_ = end < start
     if reversed_.any():
         i = int(np.argmax(reversed_))
-        raise F.DataError(where, f"segment {i} ends before it starts ({start[i]}-{end[i]} s)", "bad caption time")
+        raise errors.DataError(where, f"segment {i} ends before it starts ({start[i]}-{end[i]} s)", "bad caption time")
     return {"start": start, "end": end, "text": text}
 
 
@@ -141,7 +142,7 @@ def _load_npz(path: str, key: str) -> np.ndarray:
     """Array `key` of a feature file, its size and header checked before it is inflated
     (`safe_load.load_npz`); a DataError names the file on any problem."""
     if not storage.exists(path):
-        raise F.DataError(path, "file does not exist", "missing features")
+        raise errors.DataError(path, "file does not exist", "missing features")
     return safe_load.load_npz(path, (key,))[key]
 
 
@@ -162,9 +163,9 @@ def read_features(root_2d: str, root_3d: str, root_audio: str, path: str, dim_2d
     p2d = _feature_path(root_2d, path, video_id, "_2d.npz")
     p3d = _feature_path(root_3d, path, video_id, "_3d.npz")
     paudio = storage.join(root_audio, path, f"{video_id}_spec.npz")
-    f2d = F.check_features(p2d, _load_npz(p2d, "features"), dim_2d, "2D features")
-    f3d = F.check_features(p3d, _load_npz(p3d, "features"), dim_3d, "3D features")
-    log_mel = F.check_log_mel(paudio, _load_npz(paudio, "arr_0"), audio_bins)
+    f2d = model_inputs.check_features(p2d, _load_npz(p2d, "features"), dim_2d, "2D features")
+    f3d = model_inputs.check_features(p3d, _load_npz(p3d, "features"), dim_3d, "3D features")
+    log_mel = model_inputs.check_log_mel(paudio, _load_npz(paudio, "arr_0"), audio_bins)
     return f2d, f3d, log_mel
 
 
@@ -247,23 +248,23 @@ def _extend_to_min_time(caption: dict, index: int, min_time: float) -> tuple[int
     """The original's neighbour extension around segment `index`: (first, last, words)."""
     starts, ends, texts = caption["start"], caption["end"], caption["text"]
     first = last = index
-    words = F.tokenize(texts[index])
+    words = word2vec.tokenize(texts[index])
     while ends[last] - starts[first] < min_time:
         if first > 0 and last < len(ends) - 1:
             span_next = ends[last + 1] - starts[first]
             span_prev = ends[last] - starts[first - 1]
             if span_prev <= span_next:
                 first -= 1
-                words.extend(F.tokenize(texts[first]))
+                words.extend(word2vec.tokenize(texts[first]))
             else:
                 last += 1
-                words.extend(F.tokenize(texts[last]))
+                words.extend(word2vec.tokenize(texts[last]))
         elif first > 0:
             first -= 1
-            words.extend(F.tokenize(texts[first]))
+            words.extend(word2vec.tokenize(texts[first]))
         elif last < len(ends) - 1:
             last += 1
-            words.extend(F.tokenize(texts[last]))
+            words.extend(word2vec.tokenize(texts[last]))
         else:
             break
     return first, last, words
@@ -304,14 +305,14 @@ def video_windows(video, settings: ClipSettings, start: float, end: float):
     n = min(hi3 - lo3, settings.n_video_tokens) if hi2 > lo2 else 0
     if n == 0:
         return (lo2, lo2), (lo3, lo3), None
-    index = F.nearest_indices(hi2 - lo2, hi3 - lo3)[:n]
+    index = model_inputs.nearest_indices(hi2 - lo2, hi3 - lo3)[:n]
     return (lo2 + int(index[0]), lo2 + int(index[-1]) + 1), (lo3, lo3 + n), index - index[0]
 
 
 def plan_clip(video, settings: ClipSettings, rng: np.random.Generator) -> ClipPlan:
     """One random clip (one `rng.random()`): a random start in [0, duration - min_time], the ASR
     segment there extended to min_time (or no text), and the windows it reads."""
-    duration = int(F.frames_to_time(video.num_frames))
+    duration = int(model_inputs.frames_to_time(video.num_frames))
     start = rng.random() * max(0, duration - settings.min_time)
     end = start + settings.min_time
     starts, ends = video.caption["start"], video.caption["end"]
@@ -324,7 +325,7 @@ def plan_clip(video, settings: ClipSettings, rng: np.random.Generator) -> ClipPl
     else:
         segment = None
     if segment is None:  # no ASR narration in this clip
-        first_frame = max(0, int(F.time_to_frames(start)))
+        first_frame = max(0, int(model_inputs.time_to_frames(start)))
         frames = _window(first_frame, first_frame + settings.num_audio_frames, video.num_frames)
         words = []
     else:
@@ -334,7 +335,7 @@ def plan_clip(video, settings: ClipSettings, rng: np.random.Generator) -> ClipPl
         if settings.text_audio_misaligned:
             audio_start = start + 0.5 * settings.min_time
             audio_end = audio_start + settings.min_time
-        first_frame, last_frame = F.time_to_frames([audio_start, audio_end])
+        first_frame, last_frame = model_inputs.time_to_frames([audio_start, audio_end])
         frames = _window(max(0, first_frame), last_frame, video.num_frames)
     frames = (frames[0], min(frames[1], frames[0] + settings.num_audio_frames))
     rows_2d, rows_3d, pick_2d = video_windows(video, settings, start, end)
@@ -353,11 +354,11 @@ def _fill_video(video, rows_2d: tuple[int, int], rows_3d: tuple[int, int], pick_
     tokens_2d = video.rows_2d(*rows_2d)
     if pick_2d is not None:
         tokens_2d = tokens_2d[pick_2d]
-    return F.video_tokens(tokens_2d, tokens_3d, settings.n_video_tokens, out=out, normalized=normalized)
+    return model_inputs.video_tokens(tokens_2d, tokens_3d, settings.n_video_tokens, out=out, normalized=normalized)
 
 
 def _fill_audio(video, plan: ClipPlan, settings: ClipSettings, out=None):
-    return F.audio_features(video.frames(*plan.frames), settings.num_audio_frames, out=out)
+    return model_inputs.audio_features(video.frames(*plan.frames), settings.num_audio_frames, out=out)
 
 
 def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator,
@@ -366,7 +367,7 @@ def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: n
     ({'audio', 'audio_mask', 'text', 'text_mask'} of this clip), the arrays are written there."""
     plan = plan_clip(video, settings, rng)
     audio, audio_mask = _fill_audio(video, plan, settings, None if out is None else (out["audio"], out["audio_mask"]))
-    text, text_mask, raw_text = F.text_features(plan.words, word_vectors, settings.max_words,
+    text, text_mask, raw_text = model_inputs.text_features(plan.words, word_vectors, settings.max_words,
                                                 None if out is None else (out["text"], out["text_mask"]))
     return plan.start, plan.end, audio, audio_mask, text, text_mask, raw_text
 
@@ -398,7 +399,7 @@ def fill_clips(video, path: str, plans: list[ClipPlan], word_vectors: WordVector
     raw_texts = []
     for c, plan in enumerate(plans):
         _fill_audio(video, plan, settings, out=(out["audio"][c], out["audio_mask"][c]))
-        raw_texts.append(F.text_features(plan.words, word_vectors, settings.max_words,
+        raw_texts.append(model_inputs.text_features(plan.words, word_vectors, settings.max_words,
                                          (out["text"][c], out["text_mask"][c]))[2])
         _fill_video(video, plan.rows_2d, plan.rows_3d, plan.pick_2d, settings,
                     out=(out["video"][c], out["video_mask"][c]))

@@ -2,7 +2,7 @@
 
 Build once, then train from array_record shards:
 
-    python -m msk_jax.data.build_tfds howto100m_features --manual_dir=DIR --data_dir=OUT
+    python -m msk_jax.tools.build_tfds howto100m_features --manual_dir=DIR --data_dir=OUT
 
 (the same as `tfds build --imports=msk_jax.data.tfds_builders howto100m_features --manual_dir=DIR
 --data_dir=OUT --file_format=array_record`, whose command line needs TensorFlow installed).
@@ -29,7 +29,8 @@ import tensorflow_datasets as tfds
 
 from msk_jax import storage
 from msk_jax.data import eval_sets, howto100m, word2vec
-from msk_jax.data.features import DataError, tokenize
+from msk_jax.errors import DataError
+from msk_jax.data.word2vec import tokenize
 from msk_jax.data.word2vec import WordVectors
 
 _MATRIX = dict(shape=(None, None), dtype=np.float32, encoding="bytes")

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable, Iterable, Mapping
@@ -22,6 +23,14 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from msk_jax import environment, storage
+from msk_jax.errors import DataError
+
+_WORD = re.compile(r"[\w']+")
+
+
+def tokenize(sentence) -> list[str]:
+    """The original's ASR word split: runs of word characters and apostrophes."""
+    return _WORD.findall(str(sentence))
 
 
 class WordVectors:
@@ -65,7 +74,6 @@ def load_word2vec_binary(path: str, limit: int | None = None) -> WordVectors:
     """Reads a word2vec binary file; `limit` keeps only the first words (the file's order). A file
     that is not one (a bad header, a vocabulary larger than the file can hold, a truncated word)
     raises a DataError naming it, before anything of the header's size is allocated."""
-    from msk_jax.data.features import DataError
 
     if not storage.exists(path):
         raise FileNotFoundError(f"word vectors: '{path}' does not exist.")
@@ -162,7 +170,6 @@ def caption_vectors(word_vectors: WordVectors, captions_key, texts: Callable[[],
     dir: `msk_jax.environment.cache_dir()`), the key a digest of `word_vectors.fingerprint()`
     and `captions_key` (what identifies the captions, e.g. `file_identity` of their file; None:
     the vocabulary itself, computed each time)."""
-    from msk_jax.data.features import tokenize
 
     vocabulary = None
     if captions_key is None:

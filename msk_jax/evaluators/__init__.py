@@ -1,11 +1,11 @@
 """Evaluators, one module per evaluation (as big_vision keeps them): `retrieval` (zero-shot
-retrieval in every direction, `msk_jax.evaluation`) and `classification` (zero-shot
+retrieval in every direction, `msk_jax.evaluators.embedding`) and `classification` (zero-shot
 classification of videos by their class names).
 
 Which evaluators run, on which data and how often during training is configuration:
 `config.evals.<name>` with `kind` (retrieval or classification), `sets` (the `config.data`
 fields of its data, comma-separated) and `every_steps` (0: `config.eval_every_steps`; < 0: only
-at the end of training). `msk_jax.input_pipeline.build_evaluation_sets` builds the sets of every
+at the end of training). `msk_jax.data_sources.build_evaluation_sets` builds the sets of every
 configured evaluator, one dict {set name: set}; `build` gives the evaluators that own them.
 
 Each evaluator's `run` gives {set name: metrics}; `table`, `scalars` and `write` turn them into
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from msk_jax import input_pipeline, storage
+from msk_jax import storage
+from msk_jax import data_sources
 
 RETRIEVAL = "retrieval"  # the evaluator whose files keep the names they had before evaluators
 
@@ -76,11 +77,11 @@ def _kinds() -> dict[str, type]:
 
 def build(config, sets: Mapping[str, Any], names: Sequence[str] | None = None) -> list[Evaluator]:
     """The configured evaluators (those of `names` only, when given) that have a set in `sets`
-    (the output of `input_pipeline.build_evaluation_sets`), each with its own sets, in the
+    (the output of `data_sources.build_evaluation_sets`), each with its own sets, in the
     configuration's order."""
     kinds = _kinds()
     out = []
-    for entry in input_pipeline.evaluator_entries(config, names):
+    for entry in data_sources.evaluator_entries(config, names):
         own = {name: sets[name] for name in entry.set_names if name in sets}
         if own:
             every = config.eval_every_steps if entry.every_steps == 0 else entry.every_steps

@@ -22,9 +22,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from msk_jax import evaluation, storage
+from msk_jax import storage
+from msk_jax.evaluators import embedding
 from msk_jax.data.classification_sets import ClassificationSet
-from msk_jax.data.features import l2_normalize_rows
+from msk_jax.data.model_inputs import l2_normalize_rows
 from msk_jax.evaluators import Evaluator, result_path
 
 SCORES = ("v", "a", "v+a")    # video, audio and fused video+audio embeddings against the class texts
@@ -101,7 +102,7 @@ def set_results(all_scores: Mapping[str, np.ndarray], labels: np.ndarray, splits
 
 @dataclasses.dataclass
 class _Rows:
-    """Rows to embed (`evaluation.embed` reads `batch` and the length)."""
+    """Rows to embed (`embedding.embed` reads `batch` and the length)."""
 
     batch: Mapping[str, Any]
 
@@ -122,8 +123,8 @@ class ClassificationEvaluator(Evaluator):
     def run(self, model, variables, batch_size: int, sharding=None) -> dict[str, dict]:
         results = {}
         for name, s in self.sets.items():
-            rows = evaluation.embed(model, variables, s, batch_size, sharding)
-            prompts = evaluation.embed(model, variables, _Rows(s.prompts), batch_size, sharding)
+            rows = embedding.embed(model, variables, s, batch_size, sharding)
+            prompts = embedding.embed(model, variables, _Rows(s.prompts), batch_size, sharding)
             texts = class_embeddings(prompts["text"], s.prompt_class, len(s.classes))
             all_scores = scores(video_embeddings(rows, s.row_video, len(s.video_ids)), texts)
             results[name] = set_results(all_scores, s.labels, s.splits, len(s.classes))

@@ -1,4 +1,4 @@
-"""The zero-shot retrieval evaluator: `msk_jax.evaluation` (every direction, MSR-VTT and YouCook2
+"""The zero-shot retrieval evaluator: `msk_jax.evaluators.embedding` (every direction, MSR-VTT and YouCook2
 formats) behind the `Evaluator` interface; its numbers and files are that module's."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from msk_jax import evaluation, storage
+from msk_jax import storage
+from msk_jax.evaluators import embedding
 from msk_jax.evaluators import Evaluator
 
 
@@ -16,13 +17,13 @@ class RetrievalEvaluator(Evaluator):
     kind = "retrieval"
 
     def run(self, model, variables, batch_size: int, sharding=None) -> dict[str, dict]:
-        return evaluation.evaluate(model, variables, self.sets, batch_size, sharding=sharding)
+        return embedding.evaluate(model, variables, self.sets, batch_size, sharding=sharding)
 
     def table(self, results: Mapping[str, Any]) -> str:
-        return evaluation.format_table(results)
+        return embedding.format_table(results)
 
     def scalars(self, results: Mapping[str, Any]) -> dict[str, float]:
-        return evaluation.scalars(results)
+        return embedding.scalars(results)
 
     def write(self, results: Mapping[str, Any], output_dir: str, step: int, weights: str | None = None) -> list[str]:
         path = self.result_path(output_dir, step, weights)

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax.data.demo_corpus import DIGIT_WORDS
+from msk_jax.demo.corpus import DIGIT_WORDS
 from msk_jax.data.eval_sets import EvalSet
-from msk_jax.data.pipeline import MODEL_KEYS
+from msk_jax.data.loader import MODEL_KEYS
 from msk_jax.model import MODALITIES
 from msk_jax.sharding import to_host
 
@@ -170,7 +170,7 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
 def measure_run(config, checkpoint: str, weights: str = "ema", seed: int = 0) -> dict:
     """Anchor semantics of a training run's latest checkpoint on the configured evaluation sets."""
-    from msk_jax.evaluate import restore_for_evaluation
+    from msk_jax.checkpoint_reader import restore_for_evaluation
 
     model, variables, eval_sets = restore_for_evaluation(config, checkpoint, weights)
     return measure(model, variables, eval_sets, seed, config.eval_batch_size)
@@ -180,7 +180,7 @@ def main(argv):
     from absl import app, logging
 
     from msk_jax import checkpoints
-    from msk_jax.data.features import DataError
+    from msk_jax.errors import DataError
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

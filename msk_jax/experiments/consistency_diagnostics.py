@@ -107,19 +107,20 @@ def queue_turnover(config, num_videos: int) -> dict[str, float]:
 
 def diagnose_run(config, workdir: str) -> dict[str, float]:
     """`diagnose` at the run's latest checkpoint on its next training batch, plus `queue_turnover`."""
-    from msk_jax import checkpoints, input_pipeline, train_step
+    from msk_jax import checkpoints, train_step
+    from msk_jax import data_sources
     from msk_jax.model import MultiSKModel
-    from msk_jax.data.pipeline import TrainingPipeline
+    from msk_jax.data.loader import TrainingPipeline
     from msk_jax.train import saved_input_position
 
     objective = ObjectiveConfig.from_config(config.objective)
     if not objective.consistency:
         raise ValueError(f"{workdir}: the consistency loss is off in this configuration: nothing to diagnose.")
-    source, words, _ = input_pipeline.build_data(config)
+    source, words, _ = data_sources.build_data(config)
     model = MultiSKModel.from_config(config)
     schedule = train_step.epoch_decay_schedule(config.optimizer.lr, config.optimizer.lr_decay_per_epoch, 1)
     tx = train_step.adam(schedule, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps)  # (its state's shape)
-    shapes = input_pipeline.sample_batch(config, words.dim)
+    shapes = data_sources.sample_batch(config, words.dim)
     template = jax.jit(lambda rng, batch: train_step.create_train_state(  # (jitted: op-by-op init is slow)
         rng, model, objective, tx, batch, ema_decay=config.ema_decay or None))(jax.random.PRNGKey(config.seed), shapes)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -163,11 +164,11 @@ def embedding_geometry(embeddings: Mapping[str, np.ndarray]) -> dict[str, float]
 
 def geometry_run(config, checkpoint: str, weights: str = "ema") -> dict[str, dict[str, float]]:
     """`embedding_geometry` of a run's latest checkpoint on each configured evaluation set."""
-    from msk_jax import evaluation
-    from msk_jax.evaluate import restore_for_evaluation
+    from msk_jax.evaluators import embedding
+    from msk_jax.checkpoint_reader import restore_for_evaluation
 
     model, variables, eval_sets = restore_for_evaluation(config, checkpoint, weights)
-    return {name: embedding_geometry(evaluation.embed(model, variables, eval_set, config.eval_batch_size))
+    return {name: embedding_geometry(embedding.embed(model, variables, eval_set, config.eval_batch_size))
             for name, eval_set in eval_sets.items()}
 
 
@@ -175,7 +176,7 @@ def main(argv):
     from absl import app, logging
 
     from msk_jax import checkpoints
-    from msk_jax.data.features import DataError
+    from msk_jax.errors import DataError
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

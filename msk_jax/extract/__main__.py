@@ -7,9 +7,9 @@
         [--eval_csv=clips.csv --eval_format=msrvtt|youcook2|classification --eval_output=test.pkl] \\
         [--max_duration=14400 --max_pixels=16777216 --max_aspect=10] [--retry_killed]
 
-The demo corpus end to end (`msk_jax.data.demo_videos` writes the mp4 files and captions.csv):
+The demo corpus end to end (`msk_jax.demo.videos` writes the mp4 files and captions.csv):
 
-    python -m msk_jax.data.demo_videos --out=/tmp/demo_videos --count=8
+    python -m msk_jax.demo.videos --out=/tmp/demo_videos --count=8
     python -m msk_jax.extract --videos=/tmp/demo_videos --output=/tmp/demo_features --backbone=demo \\
         --captions=/tmp/demo_videos/captions.csv --eval_csv=/tmp/demo_videos/captions.csv \\
         --eval_output=/tmp/demo_features/msrvtt_test.pkl
@@ -81,7 +81,7 @@ def _stop(signum, frame):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from msk_jax.data.features import DataError
+    from msk_jax.errors import DataError
     from msk_jax.extract.extractor import InputError, Options, run
 
     for name in ("videos", "output"):

@@ -62,7 +62,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from msk_jax import storage
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.howto100m import _load_npz
 from msk_jax.extract import video as V
 
@@ -333,8 +333,8 @@ def real_backbone(kind: str, weights, dtype: str = "float32") -> tuple[Backbone,
 
 
 def demo_backbone(kind: str, seed: int = 0, feature_dim: int = 128) -> tuple[Backbone, int]:
-    """The demo corpus's frame features (`msk_jax.extract.demo`)."""
-    from msk_jax.extract.demo import DemoBackbone
+    """The demo corpus's frame features (`msk_jax.demo.backbone`)."""
+    from msk_jax.demo.backbone import DemoBackbone
 
     return DemoBackbone(kind, seed, feature_dim), feature_dim
 

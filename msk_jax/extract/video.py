@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 
 FPS_2D, SIZE_2D = 1, 224
 FPS_3D, SIZE_3D = 24, 112

@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from msk_jax import retrieval
 from msk_jax.data.eval_sets import EvalSet
-from msk_jax.data.features import l2_normalize_rows
-from msk_jax.data.pipeline import MODEL_KEYS
+from msk_jax.data.model_inputs import l2_normalize_rows
+from msk_jax.data.loader import MODEL_KEYS
 from msk_jax.sharding import to_host
 
 SHORT = {"text": "t", "video": "v", "audio": "a"}

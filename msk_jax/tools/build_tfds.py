@@ -1,8 +1,8 @@
 """Command line: builds a msk_jax TFDS dataset as array_record shards, without TensorFlow.
 
-    python -m msk_jax.data.build_tfds howto100m_features --manual_dir=DIR --data_dir=OUT
-    python -m msk_jax.data.build_tfds msrvtt_retrieval --manual_dir=DIR --data_dir=OUT
-    python -m msk_jax.data.build_tfds youcook2_retrieval --manual_dir=DIR --data_dir=OUT
+    python -m msk_jax.tools.build_tfds howto100m_features --manual_dir=DIR --data_dir=OUT
+    python -m msk_jax.tools.build_tfds msrvtt_retrieval --manual_dir=DIR --data_dir=OUT
+    python -m msk_jax.tools.build_tfds youcook2_retrieval --manual_dir=DIR --data_dir=OUT
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.tfds_builders import BUILDERS, build
 
 FLAGS = flags.FLAGS
@@ -19,7 +19,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in BUILDERS:
-        raise app.UsageError(f"usage: python -m msk_jax.data.build_tfds DATASET --manual_dir=DIR --data_dir=OUT "
+        raise app.UsageError(f"usage: python -m msk_jax.tools.build_tfds DATASET --manual_dir=DIR --data_dir=OUT "
                              f"(DATASET: one of {sorted(BUILDERS)})")
     try:
         path = build(argv[1], FLAGS.manual_dir, FLAGS.data_dir)

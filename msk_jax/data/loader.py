@@ -71,7 +71,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 
 
 class InputPositionError(ValueError):

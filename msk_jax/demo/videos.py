@@ -1,8 +1,8 @@
 """Demo corpus videos as real mp4 files, to try `python -m msk_jax.extract` and search end to end.
 
-Each video is one clip of the spoken-digit-strings corpus (`msk_jax.data.demo_corpus`), rendered
+Each video is one clip of the spoken-digit-strings corpus (`msk_jax.demo.corpus`), rendered
 exactly as the corpus renders it (same seed, same strings, images and voices): its digit frames
-(one 8x8 image per second, drawn as a 224x224 grey grid, `msk_jax.extract.demo.render_frame`) at
+(one 8x8 image per second, drawn as a 224x224 grey grid, `msk_jax.demo.backbone.render_frame`) at
 24 frames/s, H.264 (mpeg4 where libx264 is missing), and its waveform as a 16 kHz mono AAC track.
 
 - split `msrvtt` (default): the corpus's in-domain test clips (digit strings never used in
@@ -14,7 +14,7 @@ Writes `<out>/<id>.mp4` and `<out>/captions.csv` (video, start, end, caption: th
 each caption's span in seconds), the csv `python -m msk_jax.extract` reads as --captions and
 --eval_csv, and `<out>/strings.json` (id -> digit strings).
 
-    python -m msk_jax.data.demo_videos --out DIR [--count 8] [--split msrvtt|youcook|train] [--seed 0]
+    python -m msk_jax.demo.videos --out DIR [--count 8] [--split msrvtt|youcook|train] [--seed 0]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from msk_jax.data import demo_corpus as D
+from msk_jax.demo import corpus as demo_corpus
 from msk_jax.data.audio import SAMPLE_RATE
 
 VIDEO_FPS = 24
@@ -39,7 +39,7 @@ def write_mp4(path: str, frames: np.ndarray, duration: float, waveform: np.ndarr
     and `waveform` (16 kHz mono) as AAC. Written to a temporary name, then renamed."""
     import av
 
-    from msk_jax.extract.demo import render_frame
+    from msk_jax.demo.backbone import render_frame
 
     tmp = f"{path}.tmp{os.getpid()}.mp4"
     container = av.open(tmp, "w")
@@ -77,30 +77,30 @@ def write_demo_videos(out: str, count: int = 8, split: str = "msrvtt", seed: int
     the csv rows. The clips are the corpus's own (`build_demo_corpus(size=size, seed=seed)`)."""
     if split not in ("msrvtt", "youcook", "train"):
         raise ValueError(f"demo videos: unknown split {split!r}; choose msrvtt, youcook or train.")
-    cfg = D.SIZES[size]
-    src = D.load_sources(seed, 128, progress)
+    cfg = demo_corpus.SIZES[size]
+    src = demo_corpus.load_sources(seed, 128, progress)
     rng = np.random.default_rng([seed, 9])
-    msrvtt_strings = D.unique_strings(rng, cfg.msrvtt_clips, set())
-    youcook_strings = D.unique_strings(rng, cfg.youcook_clips + D.NUM_MISSING_YOUCOOK, set(msrvtt_strings))
+    msrvtt_strings = demo_corpus.unique_strings(rng, cfg.msrvtt_clips, set())
+    youcook_strings = demo_corpus.unique_strings(rng, cfg.youcook_clips + demo_corpus.NUM_MISSING_YOUCOOK, set(msrvtt_strings))
     os.makedirs(out, exist_ok=True)
     rows, strings = [], {}
     for i in range(count):
         if split == "train":
             rng = np.random.default_rng([seed, 1, i])
-            events, duration = D.plan_training_video(rng, cfg.train_seconds, set(msrvtt_strings) | set(youcook_strings))
-            clip = D.render(events, duration, src.images, src.pools["train"], src.voices, rng, rng)
+            events, duration = demo_corpus.plan_training_video(rng, cfg.train_seconds, set(msrvtt_strings) | set(youcook_strings))
+            clip = demo_corpus.render(events, duration, src.images, src.pools["train"], src.voices, rng, rng)
             vid = f"video_{i:04d}"
             segments = clip.segments
         else:
             names = msrvtt_strings if split == "msrvtt" else youcook_strings
             if i >= len(names):
                 break
-            languages = D.TRAIN_LANGUAGES if split == "msrvtt" else (D.HELD_OUT_LANGUAGE,)
+            languages = demo_corpus.TRAIN_LANGUAGES if split == "msrvtt" else (demo_corpus.HELD_OUT_LANGUAGE,)
             rng = np.random.default_rng([seed, 2 if split == "msrvtt" else 3, i])
-            events, duration = D.plan_test_clip(rng, names[i], languages)
-            clip = D.render(events, duration, src.images, src.pools[split], src.voices, rng, None)
+            events, duration = demo_corpus.plan_test_clip(rng, names[i], languages)
+            clip = demo_corpus.render(events, duration, src.images, src.pools[split], src.voices, rng, None)
             vid = f"demo_{split}_{i:04d}"
-            segments = [(0.0, round(duration, 3), D.digit_text(names[i]))]
+            segments = [(0.0, round(duration, 3), demo_corpus.digit_text(names[i]))]
         write_mp4(os.path.join(out, vid + ".mp4"), clip.frames, duration, clip.waveform)
         rows += [{"video": vid + ".mp4", "start": s, "end": e, "caption": t} for s, e, t in segments]
         strings[vid] = clip.strings
@@ -137,7 +137,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("count", 8, "Number of videos.")
     flags.DEFINE_enum("split", "msrvtt", ["msrvtt", "youcook", "train"], "Which clips of the corpus.")
     flags.DEFINE_integer("seed", 0, "Seed of the corpus.")
-    flags.DEFINE_enum("size", "default", sorted(D.SIZES), "Corpus size (the test strings depend on it).")
+    flags.DEFINE_enum("size", "default", sorted(demo_corpus.SIZES), "Corpus size (the test strings depend on it).")
     flags.DEFINE_bool("quiet", False, "No progress lines.")
     flags.mark_flags_as_required(["out"])
     app.run(main)

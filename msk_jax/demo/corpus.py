@@ -24,7 +24,7 @@ sizes but tiny): clips whose frames and speech are one digit repeated, 10 classe
 the held-out voice with the held-out handwriting ("held_out_voice"). A corpus built before it had
 this set gets it added (`ensure_digits`); its other files stay as they are.
 
-    python -m msk_jax.data.demo_corpus --out DIR [--size tiny|default] [--force]
+    python -m msk_jax.demo.corpus --out DIR [--size tiny|default] [--force]
 
 DIR may be missing or empty, or hold a corpus this builder wrote (marked by a file
 `.msk_jax_demo_corpus`): the builder replaces nothing else, and stops with an error naming a
@@ -53,7 +53,7 @@ import numpy as np
 
 from msk_jax import environment, storage
 from msk_jax.data.audio import SAMPLE_RATE, log_mel_spectrogram, resample
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.word2vec import save_word2vec_binary
 
 CORPUS_VERSION = 1
@@ -647,14 +647,14 @@ def _refuse_foreign(paths: DemoCorpusPaths) -> None:
     names without the builder's marker: those are someone else's files, never replaced."""
     if os.path.lexists(paths.root) and not os.path.isdir(paths.root):
         raise DataError(paths.root, "is not a folder; point config.data.demo_dir (--out of python -m "
-                        "msk_jax.data.demo_corpus) at an empty or new folder", "not a folder")
+                        "msk_jax.demo.corpus) at an empty or new folder", "not a folder")
     if os.path.isfile(os.path.join(paths.root, MARKER)):
         return
     found = [os.path.basename(p) + ("/" if os.path.isdir(p) else "") for p in _entries(paths) if os.path.lexists(p)]
     if found:
         raise DataError(paths.root, f"holds files the demo corpus builder did not write ({', '.join(found)}; no "
                         f"{MARKER} marker), which it leaves alone; point config.data.demo_dir (--out of python -m "
-                        "msk_jax.data.demo_corpus) at an empty or new folder", "foreign files")
+                        "msk_jax.demo.corpus) at an empty or new folder", "foreign files")
 
 
 @contextlib.contextmanager

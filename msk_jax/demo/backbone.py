@@ -1,5 +1,5 @@
 """The `demo` backbone: the demo corpus's own frame features (`demo_corpus.FrameEncoder`) computed
-from decoded video frames, so that demo videos written as mp4 (`msk_jax.data.demo_videos`) and
+from decoded video frames, so that demo videos written as mp4 (`msk_jax.demo.videos`) and
 extracted give features a demo-trained model understands.
 
 A demo frame is an 8x8 digit image (pixels 0..16 plus noise) shown for one second; in a video it
@@ -59,11 +59,11 @@ def read_pixels(frames: np.ndarray) -> np.ndarray:
 def frame_encoder(seed: int = 0, feature_dim: int = 128):
     """The demo corpus's FrameEncoder for (seed, feature_dim): the same projections and pixel
     statistics as `demo_corpus.build_demo_corpus(seed=seed, feature_dim=feature_dim)` uses."""
-    from msk_jax.data import demo_corpus as D
+    from msk_jax.demo import corpus as demo_corpus
 
-    images, labels = D.load_digit_images()
-    pools = D.image_pools(labels)
-    return D.FrameEncoder.create(images[np.concatenate(pools["train"])], feature_dim, seed)
+    images, labels = demo_corpus.load_digit_images()
+    pools = demo_corpus.image_pools(labels)
+    return demo_corpus.FrameEncoder.create(images[np.concatenate(pools["train"])], feature_dim, seed)
 
 
 class DemoBackbone:

@@ -1,6 +1,6 @@
 """Builds a feature store (`msk_jax.data.feature_store`) from HowTo100M features in the original layout.
 
-    python -m msk_jax.data.build_feature_store --config=configs/howto.py \\
+    python -m msk_jax.tools.build_feature_store --config=configs/howto.py \\
         --config.data.csv=... --config.data.caption=... --config.data.features_2d=... \\
         --config.data.features_3d=... --config.data.audio=... --config.data.word_vectors=... \\
         --output=gs://bucket/howto100m_store [--dtype=bfloat16]
@@ -27,21 +27,21 @@ flags.mark_flags_as_required(["config", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from msk_jax import input_pipeline
+    from msk_jax import data_sources
     from msk_jax.data.feature_store import build_feature_store
-    from msk_jax.data.features import DataError
+    from msk_jax.errors import DataError
     from msk_jax.data.howto100m import HowTo100MReader
 
     config = FLAGS.config
     try:
-        paths = input_pipeline.data_paths(config)
+        paths = data_sources.data_paths(config)
         if not paths.csv:
             raise FileNotFoundError("config.data.source must be 'files' or 'demo' to build a store (it reads the "
                                     "original layout: config.data.csv, caption, features_2d/3d, audio).")
-        words = input_pipeline.load_words(config, paths)
+        words = data_sources.load_words(config, paths)
         d = config.data
         reader = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
-                                 features_3d=paths.features_3d, settings=input_pipeline.clip_settings(config),
+                                 features_3d=paths.features_3d, settings=data_sources.clip_settings(config),
                                  dim_2d=d.dim_2d, dim_3d=d.dim_3d)
         build_feature_store(reader, FLAGS.output, dtype=FLAGS.dtype, shard_bytes=FLAGS.shard_gib << 30)
     except (FileNotFoundError, FileExistsError, DataError, ValueError) as err:

@@ -26,7 +26,7 @@ import numpy as np
 from msk_jax import storage
 from msk_jax.data import classification_sets as cls_data
 from msk_jax.data import eval_sets as eval_data
-from msk_jax.data.features import DataError
+from msk_jax.errors import DataError
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
 from msk_jax.data.word2vec import load_word2vec_binary
 
@@ -60,7 +60,7 @@ def _require(path: str, what: str, field: str) -> str:
 
 def demo_paths(config):
     """Builds the demo corpus if needed (cached) and returns its paths."""
-    from msk_jax.data.demo_corpus import build_demo_corpus, default_root
+    from msk_jax.demo.corpus import build_demo_corpus, default_root
 
     size = config.data.demo_size  # each size cached in a folder of its own (the default's: demo_corpus)
     root = config.data.demo_dir or default_root("demo_corpus" if size == "default" else f"demo_corpus_{size}")

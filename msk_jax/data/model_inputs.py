@@ -10,26 +10,15 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from msk_jax.data.word2vec import WordVectors
+from msk_jax.errors import DataError
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 N_FFT = 400
 AUDIO_TOKEN_FRAMES = 64  # DAVEnet-v2 downsampling: one audio token per 64 frames
-
-_WORD = re.compile(r"[\w']+")
-
-
-class DataError(ValueError):
-    """A data file (or entry) that cannot be used; says which file and what is wrong."""
-
-    def __init__(self, path: str, problem: str, reason: str = "invalid"):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem, self.reason = path, problem, reason
 
 
 def time_to_frames(seconds) -> np.ndarray:
@@ -41,9 +30,6 @@ def time_to_frames(seconds) -> np.ndarray:
 def frames_to_time(frames) -> np.ndarray:
     return (np.asanyarray(frames) * HOP_LENGTH + N_FFT // 2).astype(int) / float(SAMPLE_RATE)
 
-
-def tokenize(sentence) -> list[str]:
-    return _WORD.findall(str(sentence))
 
 
 def _outputs(out, shapes):
