@@ -44,20 +44,6 @@ from msk_jax import storage
 from msk_jax.sharding import to_host
 from msk_jax.train_step import TrainState
 
-# Configuration fields that may change when a run is resumed: how long it runs, how often it
-# logs, evaluates and saves, where the data is read from, how it is laid out on the devices and
-# how fast it is read. Every other field changes the state's shapes or meaning.
-RESUMABLE_CHANGES = (
-    "variant", "num_train_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "eval_every_steps", "profile_steps", "profile_first_step", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
-    "model.dtype", "model.remat", "objective.matmul_precision", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
-    "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
-    "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
-    "data.eval_video_tokens", "data.eval_audio_frames", "objective.sinkhorn.problems_at_once",
-    "evals", "data.ucf101", "data.hmdb51", "data.digits",
-)
-
-
 def open_manager(directory: str, **options) -> ocp.CheckpointManager:
     """An Orbax CheckpointManager over `directory` for msk_jax's two items: the state's arrays
     and the JSON metadata (training writes through it; evaluation reads through it)."""
@@ -97,7 +83,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_differences(stored: dict, current: dict, allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+def config_differences(stored: dict, current: dict, allowed: tuple[str, ...] = ()) -> list[str]:
     """'field: old -> new' for every field (outside `allowed`) that differs between two
     configurations given as JSON-style dicts."""
     old, new = _flatten(stored), _flatten(current)
@@ -408,9 +394,13 @@ class Checkpointer:
     backoff from `backoff_seconds`, doubling), twice otherwise."""
 
     def __init__(self, workdir: str, keep: int = 3, read_attempts: int = 5, backoff_seconds: float = 1.0,
-                 clean_partial: bool = False):
+                 clean_partial: bool = False, resumable: tuple[str, ...] = ()):
         """clean_partial: remove the temporary folders of saves that never finished (only a
-        process that holds the work directory's lease may: another training may be saving)."""
+        process that holds the work directory's lease may: another training may be saving).
+        resumable: the configuration fields a resumed run may change (the config file declares
+        them, e.g. `configs/howto.py`'s RESUMABLE_CHANGES); any other difference refuses the
+        checkpoint."""
+        self.resumable = tuple(resumable)
         self.read_attempts, self.backoff_seconds = max(2, read_attempts), backoff_seconds
         self.directory = storage.join(workdir, "checkpoints")
         self.manager = open_manager(self.directory, max_to_keep=keep, create=True,
@@ -689,7 +679,7 @@ class Checkpointer:
         the saved state's array metadata (`_stored_tree`, read once for the restore too)."""
         stored = meta.get("config")
         stored = json.loads(stored) if isinstance(stored, str) else stored
-        problems = config_differences(stored, config) if stored is not None else []
+        problems = config_differences(stored, config, self.resumable) if stored is not None else []
         tree = None
         if not problems:
             tree = self._stored_tree(step)

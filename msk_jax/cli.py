@@ -26,7 +26,6 @@ configuration is first read: after the tool has started). The check loads the fi
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import importlib.util
@@ -110,33 +109,6 @@ def run(main: Callable[[list[str]], int | None], *, config_flag: str | None = No
             _fail(message, code)
 
     app.run(guarded, flags_parser=parse)
-
-
-def call(main: Callable[[], int | None]) -> int | None:
-    """`main()` of a tool that parses its own command line (`ArgumentParser`), with the
-    handling of `run` for what it raises; returns its exit status."""
-    quiet_absent_tpu()
-    try:
-        return main()
-    except SystemExit:
-        raise
-    except BaseException as err:
-        if wants_traceback(sys.argv):
-            raise
-        code, message = describe(err)
-        _fail(message, code)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser with --verbose, and a mistake told in one line (exit 2)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_argument("--verbose", action="store_true", help=f"Show the traceback of an error (also: "
-                          f"{TRACEBACK_ENV}=1).")
-
-    def error(self, message):
-        _fail(f"{message} (see --help)", 2)
 
 
 def wants_traceback(argv: Sequence[str]) -> bool:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from msk_jax import storage
+from msk_jax.data import batch
 from msk_jax.data import classification_sets as cls_data
 from msk_jax.data import eval_sets as eval_data
 from msk_jax.errors import DataError
@@ -283,11 +284,4 @@ def build_data(config):
 
 def sample_batch(config, word_dim: int) -> dict[str, np.ndarray]:
     """Zeros with the shapes of one global training batch."""
-    d = config.data
-    b = config.videos_per_batch * d.n_clips
-    return {"video": np.zeros((b, d.n_video_tokens, config.model.video_dim), np.float32),
-            "video_mask": np.ones((b, d.n_video_tokens), np.float32),
-            "text": np.zeros((b, d.max_words, word_dim), np.float32),
-            "text_mask": np.ones((b, d.max_words), np.float32),
-            "audio": np.zeros((b, config.model.audio_feat_dim, d.num_audio_frames), np.float32),
-            "audio_mask": np.ones((b, d.num_audio_frames), np.float32)}
+    return batch.zeros(batch.config_shapes(config, word_dim))

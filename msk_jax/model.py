@@ -71,15 +71,6 @@ class ModelOutputs:
     def batch_size(self) -> int:
         return self.text.input_similarity.shape[0]
 
-    @classmethod
-    def from_original_names(cls, flat: dict[str, jax.Array]) -> "ModelOutputs":
-        """The inverse of `original_names`."""
-        return cls(**{m: ModalityOutputs(
-            input_embedding=flat[f"in_{m}_embed"], joint_embedding=flat[f"{m}_embed"],
-            joint_normalized=flat[f"{m}_embed_norm"], nonempty=flat[f"{m}_nonempty_input_mask"],
-            input_similarity=flat[f"in_{m}_assignment"],
-            joint_similarity={n: flat[f"trans_{m}_a{n}_assignment"] for n in MODALITIES}) for m in MODALITIES})
-
     def original_names(self) -> dict[str, jax.Array]:
         """The outputs under the original implementation's names."""
         out = {}

@@ -28,8 +28,8 @@ import numpy as np
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from msk_jax import checkpoints, evaluators, lease, metric_writers, sharding, storage, train_step
-from msk_jax import data_sources
+from msk_jax import checkpoints, data_sources, evaluators, lease, metric_writers, sharding, storage, train_step
+from msk_jax.configs.howto import RESUMABLE_CHANGES
 from msk_jax.data.loader import InputPositionError, TrainingPipeline
 from msk_jax.data_sources import sample_batch
 from msk_jax.loss import ObjectiveConfig
@@ -399,7 +399,6 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None) ->
     finally:
         if own:
             stop.restore()
-        release_compiled_programs()
     if own and stop.signal_name == "SIGINT":
         raise KeyboardInterrupt
     return results
@@ -443,7 +442,8 @@ def _train(config, workdir: str, stop: StopRequest, cleanup: contextlib.ExitStac
                                 keep_batches=max(1, config.data.prefetch))
     cleanup.push(_closing(pipeline.close))
     cleanup.push(_closing(lambda: _report_input(pipeline, workdir, is_main)))
-    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints, clean_partial=True)
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints, clean_partial=True,
+                                          resumable=RESUMABLE_CHANGES)
     cleanup.push(_closing(checkpointer.close))
     resumed = checkpointer.restore_latest(state, json.loads(config.to_json()))
     input_position = pipeline.state()
@@ -602,9 +602,10 @@ def _report_input(pipeline: TrainingPipeline, workdir: str, is_main: bool) -> No
 
 
 def release_compiled_programs() -> None:
-    """Drops the programs JAX compiled for a run that is over. JAX keeps them in process-wide
-    caches keyed by the run's model and optimizer, which no later run shares, so a process that
-    trains run after run (a notebook, `msk_jax.experiments`, the tests) would keep them all:
-    about 2,100 memory mappings per tiny run on CPU, until LLVM cannot map another and the process
-    aborts ("Unable to allocate section memory"; Linux allows 65,530 mappings by default)."""
+    """Drops every program JAX compiled in this process, for a caller that trains run after run
+    (`msk_jax.experiments`, the tests) to call between runs. JAX keeps compiled programs in
+    process-wide caches keyed by the run's model and optimizer, which no later run shares; kept,
+    a tiny run's programs hold about 2,100 memory mappings on CPU, and Linux allows 65,530 before
+    LLVM cannot map another and the process aborts. Training itself leaves the caches alone: they
+    are the caller's too (a notebook's own jitted functions)."""
     jax.clear_caches()

@@ -8,6 +8,12 @@ import pytest
 from msk_jax.data import eval_sets
 from msk_jax.errors import DataError
 from msk_jax.data.word2vec import WordVectors, load_word2vec_binary, save_word2vec_binary
+
+
+def read_eval_pickle(path: str, fmt: eval_sets.EvalFormat, word_vectors: WordVectors, **kwargs) -> eval_sets.EvalSet:
+    """An evaluation pickle as model inputs, the way the evaluation sets are built."""
+    entries, dropped = eval_sets.load_eval_entries(path, fmt)
+    return eval_sets.build_eval_set(entries, fmt, word_vectors, source=path, dropped=dropped, **kwargs)
 from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, word_vectors, write_eval_pickle
 
 WORDS = WordVectors(list(word_vectors()), np.stack(list(word_vectors().values())))
@@ -15,7 +21,7 @@ WORDS = WordVectors(list(word_vectors()), np.stack(list(word_vectors().values())
 
 def test_msrvtt_pickle(tmp_path):
     entries = write_eval_pickle(tmp_path / "msrvtt.pkl", "msrvtt", 5, rng=np.random.default_rng(0))
-    data = eval_sets.read_eval_pickle(str(tmp_path / "msrvtt.pkl"), eval_sets.MSRVTT, WORDS)
+    data = read_eval_pickle(str(tmp_path / "msrvtt.pkl"), eval_sets.MSRVTT, WORDS)
     assert len(data) == 5 and data.complete_dataset_size == 1000 and data.dropped == 0
     assert data.batch["video"].shape == (5, 48, DIM_2D + DIM_3D)
     assert data.batch["audio"].shape == (5, 40, 3072)
@@ -31,7 +37,7 @@ def test_msrvtt_pickle(tmp_path):
 
 def test_youcook_drops_entries_without_2d(tmp_path):
     write_eval_pickle(tmp_path / "yc.pkl", "youcook", 6, rng=np.random.default_rng(1), drop_2d=2)
-    data = eval_sets.read_eval_pickle(str(tmp_path / "yc.pkl"), eval_sets.YOUCOOK2, WORDS,
+    data = read_eval_pickle(str(tmp_path / "yc.pkl"), eval_sets.YOUCOOK2, WORDS,
                                       complete_dataset_size=6)
     assert len(data) == 4 and data.dropped == 2 and data.complete_dataset_size == 6
     assert data.ids == ["clip2", "clip3", "clip4", "clip5"]
@@ -45,19 +51,19 @@ def test_bad_eval_input(tmp_path):
     with open(tmp_path / "wrong_dim.pkl", "wb") as f:
         pickle.dump(entries, f)
     with pytest.raises(DataError, match=r"wrong_dim\.pkl \[entry 1, id 'clip1'\].*dimension 3, expected 6"):
-        eval_sets.read_eval_pickle(str(tmp_path / "wrong_dim.pkl"), eval_sets.MSRVTT, WORDS, dim_3d=DIM_3D)
+        read_eval_pickle(str(tmp_path / "wrong_dim.pkl"), eval_sets.MSRVTT, WORDS, dim_3d=DIM_3D)
     with open(tmp_path / "empty.pkl", "wb") as f:
         pickle.dump([], f)
     with pytest.raises(DataError, match="empty evaluation set"):
-        eval_sets.read_eval_pickle(str(tmp_path / "empty.pkl"), eval_sets.MSRVTT, WORDS)
+        read_eval_pickle(str(tmp_path / "empty.pkl"), eval_sets.MSRVTT, WORDS)
     data = open(tmp_path / "m.pkl", "rb").read()
     (tmp_path / "cut.pkl").write_bytes(data[: len(data) // 3])
     with pytest.raises(DataError, match="cannot be read as a pickle"):
-        eval_sets.read_eval_pickle(str(tmp_path / "cut.pkl"), eval_sets.MSRVTT, WORDS)
+        read_eval_pickle(str(tmp_path / "cut.pkl"), eval_sets.MSRVTT, WORDS)
     with pytest.raises(FileNotFoundError, match="nowhere.pkl"):
-        eval_sets.read_eval_pickle(str(tmp_path / "nowhere.pkl"), eval_sets.MSRVTT, WORDS)
+        read_eval_pickle(str(tmp_path / "nowhere.pkl"), eval_sets.MSRVTT, WORDS)
     with pytest.raises(DataError, match="complete_dataset_size"):
-        eval_sets.read_eval_pickle(str(tmp_path / "m.pkl"), eval_sets.MSRVTT, WORDS, complete_dataset_size=2)
+        read_eval_pickle(str(tmp_path / "m.pkl"), eval_sets.MSRVTT, WORDS, complete_dataset_size=2)
 
 
 def test_tfds_eval_builder_matches_the_pickle(tmp_path):
@@ -67,7 +73,7 @@ def test_tfds_eval_builder_matches_the_pickle(tmp_path):
     write_eval_pickle(manual / "youcook_val.pkl", "youcook", 5, rng=np.random.default_rng(3), drop_2d=1)
     tfds_builders.build("youcook2_retrieval", str(manual), str(tmp_path / "out"))
     got = tfds_builders.read_tfds_eval_set("youcook2_retrieval", str(tmp_path / "out"), eval_sets.YOUCOOK2, WORDS)
-    want = eval_sets.read_eval_pickle(str(manual / "youcook_val.pkl"), eval_sets.YOUCOOK2, WORDS)
+    want = read_eval_pickle(str(manual / "youcook_val.pkl"), eval_sets.YOUCOOK2, WORDS)
     assert got.ids == want.ids and got.dropped == want.dropped == 1
     for key in want.batch:
         np.testing.assert_array_equal(got.batch[key], want.batch[key])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from msk_jax import experiments
+from msk_jax.experiments import compare
 from tests.train_fixtures import load_config, tiny_config
 
 
@@ -58,7 +59,7 @@ def _run(overrides, seed, in_domain, out_of_domain):
                         "YouCook2": {"t2v": {"R1": 0.0, "R5": 0.0, "R10": out_of_domain}}}}
 
 
-def test_paired_differences_and_the_comparison_command(tmp_path, capsys):
+def test_paired_differences_and_the_comparison(tmp_path):
     """Settings against a baseline seed by seed: the differences, their t interval, whether it
     excludes zero; and the command that merges two grids' summaries and plots a series."""
     base = {"objective.consistency_scale": 0}
@@ -77,19 +78,17 @@ def test_paired_differences_and_the_comparison_command(tmp_path, capsys):
     with pytest.raises(ValueError, match="baseline"):
         experiments.paired_differences(runs[3:], base, "MSRVTT", "t2v")
 
-    from msk_jax.experiments import compare
-
     (tmp_path / "a.json").write_text(json.dumps({"runs": runs[3:]}))
     (tmp_path / "b.json").write_text(json.dumps({"runs": runs[:3]}))
-    argv = [f"--runs={tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--baseline=objective.consistency_scale=0",
-            "--directions=t2v", "--field=objective.consistency_scale", "--series=objective.consistency_cost",
-            f"--plot={tmp_path / 'plot.png'}", f"--out={tmp_path / 'merged'}"]
-    assert compare.main(argv) == 0
-    assert "above 0" in capsys.readouterr().out
+    paths = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    text = compare.compare_files(paths, "objective.consistency_scale=0", ["t2v"], field="objective.consistency_scale",
+                                 series="objective.consistency_cost", plot=str(tmp_path / "plot.png"),
+                                 out=str(tmp_path / "merged"))
+    assert "above 0" in text
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == 6
-    assert compare.main(argv[:1] + ["--baseline=objective.consistency_scale=3"]) == 2
-    assert "no run has the baseline's overrides" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no run has the baseline's overrides"):
+        compare.compare_files(paths, "objective.consistency_scale=3")
 
 
 @pytest.mark.slow

@@ -7,10 +7,19 @@ import pytest
 
 from msk_jax import errors
 from msk_jax.data import model_inputs, word2vec
-from msk_jax.data.howto100m import HowTo100MReader, load_captions, sample_clip, sample_clips
+from msk_jax.data.howto100m import HowTo100MReader, load_captions, plan_clip, sample_clips
 from msk_jax.data.word2vec import load_word2vec_binary
 from tests.data_fixtures import DIM_2D, DIM_3D, segments, write_howto
 from tests.paper_config import paper_clip_settings
+
+
+def sample_clip(video, word_vectors, settings, rng):
+    """One random clip as the readers plan and fill it: (start, end, audio, audio_mask, text,
+    text_mask, raw_text)."""
+    plan = plan_clip(video, settings, rng)
+    audio, audio_mask = model_inputs.audio_features(video.frames(*plan.frames), settings.num_audio_frames)
+    text, text_mask, raw_text = model_inputs.text_features(plan.words, word_vectors, settings.max_words)
+    return plan.start, plan.end, audio, audio_mask, text, text_mask, raw_text
 
 
 class ScriptedRandom:

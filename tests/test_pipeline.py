@@ -71,14 +71,20 @@ def test_resume_continues_with_the_same_batches(corpus):
         TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=2).restore(state)
 
 
+def shard(pipeline, epoch):
+    """The first-choice videos of the pipeline's process's slots in `epoch`, in order."""
+    local = range(pipeline.batches_per_epoch * pipeline.local_videos)
+    return pipeline._order(epoch)[[pipeline._slot(i) for i in local]]
+
+
 def test_processes_read_disjoint_shards(corpus):
     shards = [TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=0, process_index=p, process_count=2)
               for p in range(2)]
-    epoch0 = [set(s._shard(0)) for s in shards]
+    epoch0 = [set(shard(s, 0)) for s in shards]
     assert not epoch0[0] & epoch0[1] and len(epoch0[0] | epoch0[1]) == 12
     # Without skips, the processes' batches together are the single-process batch.
     single = TrainingPipeline(reader(corpus, **SETTINGS), 4, seed=0)
-    assert list(single._shard(0)[:4]) == [*shards[0]._shard(0)[:2], *shards[1]._shard(0)[:2]]
+    assert list(shard(single, 0)[:4]) == [*shard(shards[0], 0)[:2], *shard(shards[1], 0)[:2]]
     batch = next(shards[1])
     assert batch["video"].shape[0] == 2 * 2  # 4 videos over 2 processes, 2 clips each
     with pytest.raises(InputPositionError, match="cannot be split over 2 processes"):

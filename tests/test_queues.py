@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from msk_jax.loss import multisk_loss
-from msk_jax.model import MODALITIES, ModelOutputs
+from msk_jax.model import MODALITIES
 from msk_jax.queues import QUEUE_NAMES, QUEUES, FeatureQueues
 from tests.paper_config import paper_objective
+from tests.test_model import outputs_from_original_names
 
 
 def _outputs(seed, batch=4, dim=6, proj=5, anchors=(3, 3, 3)):
@@ -22,7 +23,7 @@ def _outputs(seed, batch=4, dim=6, proj=5, anchors=(3, 3, 3)):
         out[f"in_{m}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, counts[m])), jnp.float32)
         for n in MODALITIES:
             out[f"trans_{m}_a{n}_assignment"] = jnp.asarray(rng.uniform(-1, 1, size=(batch, counts[n])), jnp.float32)
-    return ModelOutputs.from_original_names(out)
+    return outputs_from_original_names(out)
 
 
 def _anchors(anchors=(3, 3, 3), dim=6, proj=5):

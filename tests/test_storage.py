@@ -6,6 +6,7 @@ import os
 import pytest
 
 from msk_jax import checkpoints, metric_writers, storage
+from msk_jax.configs.howto import RESUMABLE_CHANGES
 from tests.train_fixtures import load_config
 
 
@@ -73,13 +74,13 @@ def test_config_differences_name_what_changes_the_state():
     # The run's length, cadence, data locations and layout may change on resume.
     new.num_train_steps, new.log_every_steps, new.data.csv, new.data.workers = 99, 7, "gs://b/x.csv", 8
     new.mesh = [("data", 2), ("model", 4)]
-    assert checkpoints.config_differences(_as_stored(old), _as_stored(new)) == []
+    assert checkpoints.config_differences(_as_stored(old), _as_stored(new), RESUMABLE_CHANGES) == []
     new.model.embed_dim, new.objective.sinkhorn.eps, new.seed, new.data.n_clips = 64, 0.5, 3, 4
-    assert checkpoints.config_differences(_as_stored(old), _as_stored(new)) == [
+    assert checkpoints.config_differences(_as_stored(old), _as_stored(new), RESUMABLE_CHANGES) == [
         "data.n_clips: 10 -> 4", "model.embed_dim: 128 -> 64", "objective.sinkhorn.eps: 0.07 -> 0.5", "seed: 0 -> 3"]
     baseline = load_config("demo,baseline")
-    assert checkpoints.config_differences(_as_stored(old), _as_stored(baseline)) == [
+    assert checkpoints.config_differences(_as_stored(old), _as_stored(baseline), RESUMABLE_CHANGES) == [
         "objective.consistency: true -> false"]
     stored = _as_stored(old)
     del stored["objective"]["queue_len"]  # a field the checkpoint's version did not have
-    assert checkpoints.config_differences(stored, _as_stored(old)) == ['objective.queue_len: "(absent)" -> 256']
+    assert checkpoints.config_differences(stored, _as_stored(old), RESUMABLE_CHANGES) == ['objective.queue_len: "(absent)" -> 256']

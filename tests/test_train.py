@@ -9,11 +9,11 @@ import os
 import shutil
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
-from msk_jax import checkpoints, metric_writers, train
-from msk_jax import data_sources
+from msk_jax import checkpoints, data_sources, metric_writers, train
 from msk_jax.checkpoint_reader import finished_steps
 from tests.conftest import REPO_ROOT, UNINTERRUPTED_STEPS, run_env
 from tests.train_fixtures import cli_config, kill_after_checkpoint, losses, main_args, tiny_config
@@ -42,18 +42,24 @@ def test_train_and_evaluate_writes_everything(tiny_corpus, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory mappings")
-def test_a_process_training_run_after_run_keeps_no_programs_of_the_runs_before(tiny_corpus, tmp_path):
-    """A notebook or `msk_jax.experiments` trains run after run in one process. Kept, each tiny
-    run's compiled programs held about 2,100 memory mappings on CPU (3 per kernel), and about 30
-    runs reached Linux's limit of 65,530: LLVM aborted the process mid-compile."""
+def test_training_keeps_the_callers_programs_and_a_release_between_runs_keeps_none(tiny_corpus, tmp_path):
+    """A notebook's own compiled functions survive a training run. A process that trains run
+    after run (`msk_jax.experiments`) releases each run's programs: kept, each tiny run's held
+    about 2,100 memory mappings on CPU (3 per kernel), and about 30 runs reached Linux's limit of
+    65,530, where LLVM aborts the process mid-compile."""
     def mappings():
         with open("/proc/self/maps") as f:
             return sum(1 for _ in f)
 
+    callers = jax.jit(lambda x: x * 2)
+    callers(np.float32(1))
     config = tiny_config(tiny_corpus, num_train_steps=2)
     train.train_and_evaluate(config, str(tmp_path / "first"))
+    assert callers._cache_size() == 1
+    train.release_compiled_programs()
     before = mappings()
     train.train_and_evaluate(config, str(tmp_path / "second"))  # the same programs, compiled again
+    train.release_compiled_programs()
     assert mappings() - before < 300
 
 

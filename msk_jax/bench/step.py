@@ -9,16 +9,16 @@ import jax
 import numpy as np
 
 from msk_jax.bench.common import init_state, machine, matmul_peak, time_side_by_side
+from msk_jax.data import batch as batch_spec
 
 
 def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random cpu-bench inputs (12 video tokens, 20 words, 768 log-mel frames) with full masks."""
     rng = np.random.default_rng(seed)
-    return {"video": rng.normal(size=(clips, 12, 4096)).astype(np.float32),
-            "video_mask": np.ones((clips, 12), np.float32),
-            "text": rng.normal(size=(clips, 20, 300)).astype(np.float32),
-            "text_mask": np.ones((clips, 20), np.float32),
-            "audio": rng.normal(size=(clips, 40, 768)).astype(np.float32),
-            "audio_mask": np.ones((clips, 768), np.float32)}
+    shapes = batch_spec.shapes(clips, video_tokens=12, video_dim=4096, audio_bins=40, audio_frames=768, words=20,
+                          word_dim=300)
+    return {k: np.ones(shape, np.float32) if k.endswith("_mask") else rng.normal(size=shape).astype(np.float32)
+            for k, shape in shapes.items()}
 
 
 def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: int = 5,

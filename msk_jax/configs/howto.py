@@ -16,6 +16,20 @@ import ml_collections
 from msk_jax.loss import consistency_weights
 
 
+# Configuration fields that may change when a run is resumed: how long it runs, how often it
+# logs, evaluates and saves, where the data is read from, how it is laid out on the devices and
+# how fast it is read. Every other field changes the state's shapes or meaning.
+RESUMABLE_CHANGES = (
+    "variant", "num_train_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "eval_every_steps", "profile_steps", "profile_first_step", "eval_batch_size", "eval_ema", "mesh", "sharding_rules",
+    "model.dtype", "model.remat", "objective.matmul_precision", "data.source", "data.tfds_data_dir", "data.csv", "data.caption", "data.features_2d",
+    "data.features_3d", "data.audio", "data.word_vectors", "data.msrvtt", "data.youcook2", "data.demo_dir",
+    "data.store_dir", "data.workers", "data.worker_processes", "data.prefetch", "data.msrvtt_complete_size", "data.youcook2_complete_size",
+    "data.eval_video_tokens", "data.eval_audio_frames", "objective.sinkhorn.problems_at_once",
+    "evals", "data.ucf101", "data.hmdb51", "data.digits",
+)
+
+
 def get_model_config() -> ml_collections.ConfigDict:
     """TransformerPerModalityModel2 at the paper's widths."""
     model = ml_collections.ConfigDict()

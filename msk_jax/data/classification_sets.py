@@ -39,7 +39,7 @@ import numpy as np
 
 from msk_jax import safe_load, storage
 from msk_jax import errors
-from msk_jax.data import model_inputs, word2vec
+from msk_jax.data import batch, model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -191,8 +191,8 @@ class _Rows:
     def __init__(self, windows: list, n_tokens: int, n_frames: int, video_dim: int, audio_bins: int,
                  text_shape: tuple[int, int]):
         self.windows, self.n_tokens, self.n_frames = windows, n_tokens, n_frames
-        self.shapes = {"video": (n_tokens, video_dim), "video_mask": (n_tokens,), "audio": (audio_bins, n_frames),
-                       "audio_mask": (n_frames,), "text": text_shape, "text_mask": text_shape[:1]}
+        self.shapes = batch.clip_shapes(video_tokens=n_tokens, video_dim=video_dim, audio_bins=audio_bins,
+                                        audio_frames=n_frames, words=text_shape[0], word_dim=text_shape[1])
         self._last: tuple[tuple, dict] | None = None
 
     def build(self, index: slice) -> dict[str, np.ndarray]:
@@ -310,11 +310,11 @@ def build_classification_set(name: str, classes: list[str], videos: list[dict], 
     splits = {s: mask for s, mask in splits.items() if mask.any()}
     rows = _Rows(windows_of_rows, n_video_tokens, num_audio_frames, video_dim, audio_bins or 40,
                  prompts["text"].shape[1:])
-    batch = {k: RowColumn(rows, k) for k in rows.shapes}
+    inputs = {k: RowColumn(rows, k) for k in rows.shapes}
     prompt_rows = len(prompt_class)
     for key in ("video", "video_mask", "audio", "audio_mask"):
         prompts[key] = np.zeros((prompt_rows,) + rows.shapes[key], np.float32)
-    return ClassificationSet(name, batch, np.asarray(row_video, np.int64), ids, np.asarray(labels, np.int64), splits,
+    return ClassificationSet(name, inputs, np.asarray(row_video, np.int64), ids, np.asarray(labels, np.int64), splits,
                              list(classes), prompts, prompt_class, unknown, source, left_out)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from msk_jax import safe_load, storage
 from msk_jax import errors
-from msk_jax.data import model_inputs, word2vec
+from msk_jax.data import batch, model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 
 
@@ -86,7 +86,7 @@ def build_eval_set(entries: list[dict], fmt: EvalFormat, word_vectors: WordVecto
         raise errors.DataError(source, f"has no entry with '{fmt.key_2d}' features: an empty evaluation set", "empty")
     n_tokens = n_video_tokens or fmt.n_video_tokens
     n_frames = num_audio_frames or fmt.num_audio_frames
-    columns = {k: [] for k in ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")}
+    columns = {k: [] for k in batch.KEYS}
     raw_texts = []
     for i, entry in enumerate(entries):
         where = f"{source} [entry {i}, id {entry['id']!r}]"
@@ -96,7 +96,7 @@ def build_eval_set(entries: list[dict], fmt: EvalFormat, word_vectors: WordVecto
         video, video_mask = model_inputs.video_features(f2d, f3d, n_tokens)
         audio, audio_mask = model_inputs.audio_features(log_mel, n_frames)
         text, text_mask, raw_text = model_inputs.text_features(word2vec.tokenize(entry["caption"]), word_vectors, max_words)
-        for key, value in zip(columns, (video, video_mask, audio, audio_mask, text, text_mask)):
+        for key, value in zip(batch.KEYS, (video, video_mask, audio, audio_mask, text, text_mask)):
             columns[key].append(value)
         raw_texts.append(raw_text)
     complete = complete_dataset_size if complete_dataset_size is not None else fmt.complete_dataset_size
@@ -105,8 +105,3 @@ def build_eval_set(entries: list[dict], fmt: EvalFormat, word_vectors: WordVecto
     return EvalSet(fmt.name, {k: np.stack(v) for k, v in columns.items()}, [e["id"] for e in entries],
                    raw_texts, complete, dropped=dropped)
 
-
-def read_eval_pickle(path: str, fmt: EvalFormat, word_vectors: WordVectors, **kwargs) -> EvalSet:
-    """An evaluation pickle as model inputs (keyword arguments: see `build_eval_set`)."""
-    entries, dropped = load_eval_entries(path, fmt)
-    return build_eval_set(entries, fmt, word_vectors, source=path, dropped=dropped, **kwargs)

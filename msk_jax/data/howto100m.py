@@ -28,7 +28,7 @@ import numpy as np
 
 from msk_jax import safe_load, storage
 from msk_jax import errors
-from msk_jax.data import model_inputs, word2vec
+from msk_jax.data import batch, model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 
 
@@ -361,31 +361,16 @@ def _fill_audio(video, plan: ClipPlan, settings: ClipSettings, out=None):
     return model_inputs.audio_features(video.frames(*plan.frames), settings.num_audio_frames, out=out)
 
 
-def sample_clip(video, word_vectors: WordVectors, settings: ClipSettings, rng: np.random.Generator,
-                out: dict[str, np.ndarray] | None = None):
-    """One random clip: (start, end, audio, audio_mask, text, text_mask, raw_text); with `out`
-    ({'audio', 'audio_mask', 'text', 'text_mask'} of this clip), the arrays are written there."""
-    plan = plan_clip(video, settings, rng)
-    audio, audio_mask = _fill_audio(video, plan, settings, None if out is None else (out["audio"], out["audio_mask"]))
-    text, text_mask, raw_text = model_inputs.text_features(plan.words, word_vectors, settings.max_words,
-                                                None if out is None else (out["text"], out["text_mask"]))
-    return plan.start, plan.end, audio, audio_mask, text, text_mask, raw_text
-
-
 def clip_video(video, settings: ClipSettings, start: float, end: float, out=None):
     """The video tokens of [start, end] (`video_windows`), written into `out` = (video, mask) if given."""
     return _fill_video(video, *video_windows(video, settings, start, end), settings, out=out)
 
 
-CLIP_ARRAYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
-
-
 def clip_shapes(settings: ClipSettings, video_dim: int, word_dim: int) -> dict[str, tuple[int, ...]]:
     """The shapes of one video's clip arrays (float32)."""
-    n = settings.n_clips
-    return {"video": (n, settings.n_video_tokens, video_dim), "video_mask": (n, settings.n_video_tokens),
-            "audio": (n, settings.audio_bins, settings.num_audio_frames), "audio_mask": (n, settings.num_audio_frames),
-            "text": (n, settings.max_words, word_dim), "text_mask": (n, settings.max_words)}
+    return batch.shapes(settings.n_clips, video_tokens=settings.n_video_tokens, video_dim=video_dim,
+                        audio_bins=settings.audio_bins, audio_frames=settings.num_audio_frames,
+                        words=settings.max_words, word_dim=word_dim)
 
 
 def fill_clips(video, path: str, plans: list[ClipPlan], word_vectors: WordVectors, settings: ClipSettings,
@@ -404,7 +389,7 @@ def fill_clips(video, path: str, plans: list[ClipPlan], word_vectors: WordVector
         _fill_video(video, plan.rows_2d, plan.rows_3d, plan.pick_2d, settings,
                     out=(out["video"][c], out["video_mask"][c]))
     return {
-        **{k: out[k] for k in CLIP_ARRAYS},
+        **{k: out[k] for k in batch.KEYS},
         "start": np.array([p.start for p in plans]), "end": np.array([p.end for p in plans]),
         "raw_text": np.array(raw_texts, dtype=object),
         "id": np.array([f"{path}{p.start}" for p in plans], dtype=object),
@@ -415,7 +400,7 @@ def sample_clips(video, path: str, word_vectors: WordVectors, settings: ClipSett
                  rng: np.random.Generator, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """`settings.n_clips` clips of one video (a `Video`, or anything with its window methods),
     stacked: video (n, tokens, D2 + D3), audio (n, bins, frames), text (n, words, dim), their
-    masks (`CLIP_ARRAYS`, written into `out` when given, e.g. shared memory), and `start`,
+    masks (`batch.KEYS`, written into `out` when given, e.g. shared memory), and `start`,
     `end`, `raw_text`, `id`. Planned first (`plan_clips`, every draw of `rng`), then filled
     from the windows (`fill_clips`)."""
     return fill_clips(video, path, plan_clips(video, settings, rng), word_vectors, settings, out=out)

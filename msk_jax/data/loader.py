@@ -71,13 +71,13 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from msk_jax.data import batch
 from msk_jax.errors import DataError
 
 
 class InputPositionError(ValueError):
     """An input layout or saved position this run cannot continue (says why and what to do)."""
 
-MODEL_KEYS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask")
 
 
 class VideoSource(Protocol):
@@ -380,7 +380,7 @@ class TrainingPipeline:
 
     def __init__(self, source: VideoSource, videos_per_batch: int, *, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2, workers: int = 2,
-                 processes: bool = False, keys: tuple[str, ...] = MODEL_KEYS, max_attempts: int = 1000,
+                 processes: bool = False, keys: tuple[str, ...] = batch.KEYS, max_attempts: int = 1000,
                  batch_tasks: bool = False, videos_per_task: int | None = None, keep_batches: int = 2):
         if len(source) == 0:
             raise ValueError("TrainingPipeline: the video source is empty.")
@@ -438,12 +438,6 @@ class TrainingPipeline:
         """The global slot (index into the epoch's order) of this process's `local_index`-th."""
         batch, offset = divmod(local_index, self.local_videos)
         return batch * self.videos_per_batch + self.process_index * self.local_videos + offset
-
-    def _shard(self, epoch: int) -> np.ndarray:
-        """The first-choice videos of this process's slots in `epoch`, in order."""
-        local = np.arange(self.batches_per_epoch * self.local_videos)
-        batch, offset = np.divmod(local, self.local_videos)
-        return self._order(epoch)[batch * self.videos_per_batch + self.process_index * self.local_videos + offset]
 
     def _load(self, epoch: int, slot: int, first_video: int):
         """One slot's clips (threads and the main process): (clips or None, [DataError fields])."""

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from msk_jax import retrieval
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.data.model_inputs import l2_normalize_rows
-from msk_jax.data.loader import MODEL_KEYS
+from msk_jax.data import batch as batch_spec
 from msk_jax.sharding import to_host
 
 SHORT = {"text": "t", "video": "v", "audio": "a"}
@@ -67,7 +67,7 @@ def embed(model, variables: Mapping[str, Any], eval_set: EvalSet, batch_size: in
         embed_batch = functools.partial(_embed_batch, model)
     chunks = {m: [] for m in SHORT}
     for start in range(0, n, batch_size):
-        batch = {k: eval_set.batch[k][start:start + batch_size] for k in MODEL_KEYS}
+        batch = {k: eval_set.batch[k][start:start + batch_size] for k in batch_spec.KEYS}
         real = len(batch["video"])
         if real < batch_size:
             batch = {k: np.concatenate([v, np.zeros((batch_size - real,) + v.shape[1:], v.dtype)])

@@ -35,7 +35,7 @@ import numpy as np
 
 from msk_jax.demo.corpus import DIGIT_WORDS
 from msk_jax.data.eval_sets import EvalSet
-from msk_jax.data.loader import MODEL_KEYS
+from msk_jax.data import batch as batch_spec
 from msk_jax.model import MODALITIES
 from msk_jax.sharding import to_host
 
@@ -111,7 +111,7 @@ def anchor_similarities(model, variables: Mapping[str, Any], eval_set: EvalSet,
     """{(modality, space): (N, K) cosine similarities of the clips to that modality's anchors}."""
     chunks: dict[tuple[str, str], list] = {}
     for start in range(0, len(eval_set), batch_size):
-        batch = {k: eval_set.batch[k][start:start + batch_size] for k in MODEL_KEYS}
+        batch = {k: eval_set.batch[k][start:start + batch_size] for k in batch_spec.KEYS}
         real = len(batch["video"])
         batch = {k: np.concatenate([v, np.zeros((batch_size - real,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
         for key, value in to_host(_similarities(model, variables, batch)).items():

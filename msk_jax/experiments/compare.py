@@ -9,12 +9,18 @@ values with one line per value of another, and the merged runs.
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any, Mapping, Sequence
 
-from msk_jax import storage
+from absl import app, flags
+
+from msk_jax import cli, storage
 from msk_jax.experiments.report import (plot_series, summarise_anchors, summarise_diagnostics, summarise_geometry,
                                         summarise_paired, summarise_training, summarise_wide)
 from msk_jax.experiments.runner import parse_grid
+
+FLAGS = flags.FLAGS
 
 
 def compare(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Sequence[str] = ("t2v", "t2v+a")) -> str:
@@ -25,45 +31,53 @@ def compare(runs: Sequence[Mapping], baseline: Mapping[str, Any], directions: Se
                                        summarise_diagnostics(runs)) if part)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import json
-    import sys
+def compare_files(paths: Sequence[str], baseline: str, directions: Sequence[str] = ("t2v", "t2v+a"),
+                  field: str | None = None, series: str | None = None, plot: str | None = None,
+                  out: str | None = None) -> str:
+    """`compare` of the runs in summary.json files `paths` against the runs whose overrides are
+    `baseline` (FIELD=VALUE[;FIELD=VALUE]); with `plot` also the plot of `field` by `series`,
+    with `out` the tables and the merged runs in OUT.md and OUT.json."""
+    runs = []
+    for path in paths:
+        try:
+            runs += json.loads(storage.read_bytes(path))["runs"]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a summary.json of runs ({err}).") from None
+    wanted = {name: values[0] for name, values in parse_grid(baseline.split(";")).items()}
+    text = compare(runs, wanted, directions)
+    if plot:
+        if not (field and series):
+            raise ValueError("--plot needs --field and --series.")
+        plot_series(runs, field, series, plot, wanted)
+    if out:
+        storage.write_atomic(out + ".md", text)
+        storage.write_atomic(out + ".json", json.dumps({"runs": runs}, indent=1))
+    return text
 
-    from msk_jax import cli
 
-    parser = cli.ArgumentParser(prog="python -m msk_jax.experiments.compare", description=compare.__doc__)
-    parser.add_argument("--runs", required=True, help="Comma-separated summary.json files (or JSON of {'runs': [...]}).")
-    parser.add_argument("--baseline", required=True, help="FIELD=VALUE[;FIELD=VALUE]: the baseline's overrides.")
-    parser.add_argument("--directions", default="t2v,t2v+a")
-    parser.add_argument("--field", help="Plot R@10 against this field ...")
-    parser.add_argument("--series", help="... one line per value of this one.")
-    parser.add_argument("--plot", help="Where to write the plot (with --field and --series).")
-    parser.add_argument("--out", help="Also write the tables (markdown) and the merged runs (JSON) to OUT.md / OUT.json.")
-    args = parser.parse_args(argv)
+def _define_flags() -> None:
+    flags.DEFINE_list("runs", None, "summary.json files of the runs (or JSON of {'runs': [...]}).")
+    flags.DEFINE_string("baseline", None, "FIELD=VALUE[;FIELD=VALUE]: the baseline's overrides.")
+    flags.DEFINE_list("directions", ["t2v", "t2v+a"], "Directions of the tables.")
+    flags.DEFINE_string("field", None, "Plot R@10 against this field ...")
+    flags.DEFINE_string("series", None, "... one line per value of this one.")
+    flags.DEFINE_string("plot", None, "Where to write the plot (with --field and --series).")
+    flags.DEFINE_string("out", None, "Also write the tables (markdown) and the merged runs (JSON) to OUT.md / OUT.json.")
+    flags.mark_flags_as_required(["runs", "baseline"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        runs = []
-        for path in args.runs.split(","):
-            try:
-                runs += json.loads(storage.read_bytes(path))["runs"]
-            except (KeyError, TypeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}: not a summary.json of runs ({err}).") from err
-        baseline = {field: values[0] for field, values in parse_grid(args.baseline.split(";")).items()}
-        text = compare(runs, baseline, args.directions.split(","))
-        if args.plot:
-            if not (args.field and args.series):
-                raise ValueError("--plot needs --field and --series.")
-            plot_series(runs, args.field, args.series, args.plot, baseline)
+        text = compare_files(FLAGS.runs, FLAGS.baseline, FLAGS.directions, FLAGS.field, FLAGS.series, FLAGS.plot,
+                             FLAGS.out)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        storage.write_atomic(args.out + ".md", text)
-        storage.write_atomic(args.out + ".json", json.dumps({"runs": runs}, indent=1))
-    print(text)
-    return 0
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
-    from msk_jax import cli
-
-    raise SystemExit(cli.call(main))
+    _define_flags()
+    cli.run(main)

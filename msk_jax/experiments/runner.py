@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from msk_jax import storage
+from msk_jax import storage, train
 from msk_jax.experiments.report import (summarise, summarise_anchors, summarise_diagnostics, summarise_geometry,
                                         summarise_training, summarise_wide)
 
@@ -110,9 +110,7 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
     """Trains every (setting, seed) not yet finished under `workdir`; returns every run's
     {'overrides', 'seed', 'metrics'} (plus what `analyse_fn(config, folder, done)` returns for the
     ANALYSES a run lacks, finished runs included) and writes summary.json and summary.md."""
-    if train_fn is None:
-        from msk_jax import train
-        train_fn = train.train_and_evaluate
+    train_fn = train_fn or train.train_and_evaluate
     runs, todo = [], [(o, s) for o in settings(grid) for s in seeds]
     for overrides, seed in todo:  # every setting checked before any training
         apply_overrides(config, overrides, seed)
@@ -135,8 +133,7 @@ def run_grid(config, workdir: str, grid: Mapping[str, Sequence], seeds: Sequence
             print(f"[{number}/{len(todo)}] {run_name(overrides, seed)}: measuring {', '.join(missing)}", flush=True)
             run.update(analyse_fn(run_config, folder, done=[a for a in ANALYSES if a in run]))
             storage.write_atomic(result_path, json.dumps(run, indent=1))
-            from msk_jax import train
-            train.release_compiled_programs()  # the analyses compiled for this run's model too
+        train.release_compiled_programs()  # the run's and its analyses' programs serve no later run
         runs.append(run)
         storage.write_atomic(storage.join(workdir, "summary.json"), json.dumps({"runs": runs}, indent=1))
         storage.write_atomic(storage.join(workdir, "summary.md"), "\n".join(
