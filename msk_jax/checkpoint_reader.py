@@ -14,9 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from msk_jax import convert, safe_load, storage
+from msk_jax import convert, data_sources, safe_load, storage
 from msk_jax.checkpoints import CheckpointError, open_manager, shape_differences
-from msk_jax import data_sources
 from msk_jax.model import MultiSKModel
 
 

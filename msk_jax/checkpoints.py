@@ -44,6 +44,7 @@ from msk_jax import storage
 from msk_jax.sharding import to_host
 from msk_jax.train_step import TrainState
 
+
 def open_manager(directory: str, **options) -> ocp.CheckpointManager:
     """An Orbax CheckpointManager over `directory` for msk_jax's two items: the state's arrays
     and the JSON metadata (training writes through it; evaluation reads through it)."""
@@ -70,8 +71,8 @@ def state_arrays(state: TrainState) -> dict[str, Any]:
             "opt_state": state.opt_state, "queues": state.queues, "ema_params": state.ema_params}
 
 
-# Saved by earlier versions and never used: read (and dropped) when present, never compared.
-LEGACY_ITEMS = ("rng",)
+# Items a checkpoint may hold that no part of the state uses: read (and dropped) when present, never compared.
+UNUSED_ITEMS = ("rng",)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -540,7 +541,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_arrays(template))
         stored = (self._stored_tree(step) if stored is None else stored) or {}
-        for name in LEGACY_ITEMS:
+        for name in UNUSED_ITEMS:
             if name in stored:
                 abstract[name] = jax.ShapeDtypeStruct(stored[name].shape, stored[name].dtype,
                                                       sharding=template.step.sharding)
@@ -550,7 +551,7 @@ class Checkpointer:
             restored = handler.restore(self._item(step, "state"), args=ocp.args.StandardRestore(abstract))
         finally:
             handler.close()
-        arrays = {k: v for k, v in restored.items() if k not in LEGACY_ITEMS}
+        arrays = {k: v for k, v in restored.items() if k not in UNUSED_ITEMS}
         return template.replace(**arrays), meta
 
     def _stored_tree(self, step: int) -> dict | None:
@@ -684,7 +685,7 @@ class Checkpointer:
         if not problems:
             tree = self._stored_tree(step)
             if tree is not None:
-                arrays = {k: v for k, v in dict(tree).items() if k not in LEGACY_ITEMS}
+                arrays = {k: v for k, v in dict(tree).items() if k not in UNUSED_ITEMS}
                 problems = shape_differences(arrays, state_arrays(template))
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from msk_jax import safe_load
+from msk_jax.loss import ObjectiveConfig
 from msk_jax.model import MODALITIES
 
 # The original's consistency cost divides the similarities by 0.1 in its code, not in a config.
@@ -176,7 +178,6 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError as err:
         raise ImportError(f"Reading '{path}' needs PyTorch: pip install torch (CPU build is enough), "
                           "or pass a name -> array mapping to convert_state_dict.") from err
-    from msk_jax import safe_load
 
     checkpoint = safe_load.load_torch_checkpoint(path)  # tensors and plain data only, never code
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
@@ -209,8 +210,6 @@ def model_config_from_original(config: Mapping[str, Any]) -> dict:
 
 def objective_config_from_original(config: Mapping[str, Any]):
     """ObjectiveConfig from the original's training configuration (loss, sk_params, fusion_params)."""
-    from msk_jax.loss import ObjectiveConfig
-
     loss, sk, fusion = config["loss"], config["sk_params"], config["fusion_params"]
     return ObjectiveConfig(
         consistency=True, consistency_temperature=ORIGINAL_CONSISTENCY_TEMPERATURE,

@@ -27,9 +27,9 @@ from msk_jax import storage
 from msk_jax.data import batch
 from msk_jax.data import classification_sets as cls_data
 from msk_jax.data import eval_sets as eval_data
-from msk_jax.errors import DataError
 from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
 from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.errors import DataError
 
 README_DATA = "see 'Data' in README.md, or try the demo: --config=configs/howto.py:demo"
 # Evaluation sets: (name, config.data field of the pickle, format, field of the complete size, TFDS dataset).
@@ -190,8 +190,8 @@ def set_name(field: str) -> str:
     return names[field]
 
 
-# Without `config.evals` (a configuration written before there were several evaluators):
-# retrieval on the MSR-VTT and YouCook2 pickles, as then.
+# A configuration without `config.evals` (a file of its own that predates the field) evaluates
+# retrieval on the MSR-VTT and YouCook2 pickles.
 _DEFAULT_EVALS = {"retrieval": {"kind": "retrieval", "sets": "msrvtt,youcook2", "every_steps": 0}}
 
 

@@ -31,8 +31,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msk_jax import allocator, checkpoint_reader, cli, evaluators, metric_writers, sharding, storage
-from msk_jax import data_sources
+from msk_jax import allocator, checkpoint_reader, cli, data_sources, evaluators, metric_writers, sharding, storage
 from msk_jax.checkpoints import CheckpointError
 from msk_jax.errors import DataError
 from msk_jax.model import MultiSKModel

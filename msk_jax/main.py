@@ -15,8 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from msk_jax import allocator, cli
-from msk_jax import hosts
+from msk_jax import allocator, cli, hosts
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file: configs/howto.py[:variant] (the "
@@ -59,8 +58,8 @@ def main(argv):
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
 
     from msk_jax import checkpoints, lease, train
-    from msk_jax.errors import DataError
     from msk_jax.data.loader import InputPositionError
+    from msk_jax.errors import DataError
 
     # Ctrl-C and SIGTERM save a checkpoint and stop (a second Ctrl-C stops at once, even inside XLA).
     stop = train.StopRequest(multihost=jax.process_count() > 1, exit_at_once=True)

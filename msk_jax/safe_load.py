@@ -50,6 +50,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from msk_jax import storage
 from msk_jax.errors import DataError
 
 ALLOWED_SUMMARY = "builtin containers, numbers, strings, bytes and numpy arrays"
@@ -317,8 +318,6 @@ def load_npz(path: str, keys: tuple[str, ...] | None = None, *, max_bytes: int |
     `MAX_ARRAY_BYTES`). Every problem (not a zip, a corrupt member, an object array, a size
     beyond the bound, a forged header) is a `DataError` naming the file; nothing larger than the
     bound is ever allocated."""
-    from msk_jax import storage
-
     max_bytes = MAX_ARRAY_BYTES if max_bytes is None else max_bytes
     try:
         with zipfile.ZipFile(storage.local_or_buffer(path)) as archive:
@@ -354,8 +353,6 @@ def loads(data: bytes, source: str) -> Any:
 
 def load_path(path: str) -> Any:
     """`load` of a local file or a URL (gs://...)."""
-    from msk_jax import storage
-
     with storage.open_read(path) as f:
         return load(f, path)
 
@@ -378,7 +375,6 @@ def load_torch_checkpoint(path: str):
     file and the type."""
     import torch
 
-    from msk_jax import storage
 
     version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     if version < (2, 6):

@@ -155,9 +155,8 @@ class DeviceBatches:
 
 def saved_input_position(saved, videos_per_batch: int) -> tuple[dict, str | None]:
     """The global input position of a checkpoint's `meta["input"]`, and a warning when it is
-    approximate. Checkpoints store the global position (epoch, slot); those of earlier versions
-    stored one position per process, within that process's shard: without skipped videos they
-    convert exactly, else to the batch every process had reached (the stream then differs from
+    approximate. A checkpoint's position is global (epoch, slot), or one position per process
+    within that process's shard (a list): without skipped videos a list converts exactly, else to the batch every process had reached (the stream then differs from
     an uninterrupted run's from there)."""
     if isinstance(saved, dict):
         return saved, None

@@ -59,7 +59,7 @@ def create_train_state(rng: jax.Array, model: nn.Module, objective: ObjectiveCon
     `queues` override the fresh initialisation. With `ema_decay`, an EMA of the parameters
     (decay 0.9999 in the paper) is kept in `ema_params`.
     """
-    init_rng, queue_rng, _ = jax.random.split(rng, 3)  # three keys: the initial values of earlier versions
+    init_rng, queue_rng, _ = jax.random.split(rng, 3)  # a seed's initial weights and queues come from this split
     if variables is None:
         variables = model.init(init_rng, sample_batch, train=False)
     params = variables["params"]

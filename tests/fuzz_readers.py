@@ -86,8 +86,7 @@ def _npz(compressed: bool) -> bytes:
 
 
 def _read_npz(path: str):
-    from msk_jax.data import model_inputs
-    from msk_jax.data import howto100m
+    from msk_jax.data import howto100m, model_inputs
 
     return model_inputs.check_features(path, howto100m._load_npz(path, "features"), None, "2D features")
 

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 
 from msk_jax import sharding, train, train_step
-from msk_jax.evaluators import embedding
 from msk_jax.data.eval_sets import EvalSet
+from msk_jax.evaluators import embedding
 from msk_jax.model import MultiSKModel
 from tests.conftest import TINY_MODEL, tiny_batch
 from tests.paper_config import paper_objective

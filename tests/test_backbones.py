@@ -11,7 +11,7 @@ import pytest
 
 from msk_jax import parity
 from msk_jax.convert import ConversionError
-from msk_jax.extract import backbones as B
+from msk_jax.extract import backbones
 from msk_jax.parity import backbones as golden_backbones
 
 
@@ -23,9 +23,9 @@ def _golden(golden_dir):
 def state_3d():
     """A state dict of the 3D backbone's names and torch shapes (fc and counters included)."""
     variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32),
-                                       jax.eval_shape(B.backbone("3d").init, jax.random.PRNGKey(0),
+                                       jax.eval_shape(backbones.backbone("3d").init, jax.random.PRNGKey(0),
                                                       jnp.zeros((1, 16, 32, 32, 3))))
-    state = B.export_state_dict(variables)
+    state = backbones.export_state_dict(variables)
     state.update({"fc.weight": np.zeros((400, 2048), np.float32), "fc.bias": np.zeros((400,), np.float32),
                   "bn1.num_batches_tracked": np.zeros((), np.int64)})
     return state
@@ -62,8 +62,8 @@ def test_recipe_rebuilds_the_golden_state_dict(golden_dir):
 
 def test_preprocessing_reproduces_the_reference_inputs(golden_dir):
     with _golden(golden_dir) as npz:
-        x2 = B.preprocess_2d(npz["frames_2d"])
-        x3 = B.preprocess_3d(npz["frames_3d"])
+        x2 = backbones.preprocess_2d(npz["frames_2d"])
+        x3 = backbones.preprocess_3d(npz["frames_3d"])
         assert x2.dtype == x3.dtype == np.float32
         assert x2.shape == (2, 128, 224, 3) and x3.shape == (2, 16, 112, 112, 3)
         np.testing.assert_allclose(np.moveaxis(x2, -1, 1), npz["input_2d"], atol=1e-6, rtol=0)
@@ -72,46 +72,46 @@ def test_preprocessing_reproduces_the_reference_inputs(golden_dir):
 
 def test_clips_from_frames_pads_with_black_frames():
     frames = np.full((20, 4, 4, 3), 7, np.uint8)
-    clips = B.clips_from_frames(frames)
+    clips = backbones.clips_from_frames(frames)
     assert clips.shape == (2, 16, 4, 4, 3)
     assert np.all(clips[1, :4] == 7) and np.all(clips[1, 4:] == 0)
-    x = B.preprocess_3d(clips)
-    np.testing.assert_allclose(x[1, -1, 0, 0], -np.asarray(B.MEAN_3D, np.float32), rtol=1e-6)
-    assert B.clips_from_frames(frames[:16]).shape == (1, 16, 4, 4, 3)
+    x = backbones.preprocess_3d(clips)
+    np.testing.assert_allclose(x[1, -1, 0, 0], -np.asarray(backbones.MEAN_3D, np.float32), rtol=1e-6)
+    assert backbones.clips_from_frames(frames[:16]).shape == (1, 16, 4, 4, 3)
     with pytest.raises(ValueError, match="RGB"):
-        B.preprocess_2d(np.zeros((4, 4, 3), np.uint8))
+        backbones.preprocess_2d(np.zeros((4, 4, 3), np.uint8))
 
 
 def test_l2_normalize_matches_torch_normalize():
     x = np.array([[3.0, 4.0], [0.0, 0.0]])
-    np.testing.assert_allclose(B.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
-    np.testing.assert_allclose(np.asarray(B.l2_normalize(jnp.asarray(x, jnp.float32))), [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(backbones.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(backbones.l2_normalize(jnp.asarray(x, jnp.float32))), [[0.6, 0.8], [0.0, 0.0]])
 
 
 def test_torch_names_and_layouts():
-    assert B.torch_name("params", ("layer3", "conv1", "kernel")) == "layer3.conv1.weight"
-    assert B.torch_name("params", ("layer3_5", "downsample_0", "kernel")) == "layer3.5.downsample.0.weight"
-    assert B.torch_name("params", ("layer1_0", "downsample_1", "scale")) == "layer1.0.downsample.1.weight"
-    assert B.torch_name("batch_stats", ("bn1", "var")) == "bn1.running_var"
+    assert backbones.torch_name("params", ("layer3", "conv1", "kernel")) == "layer3.conv1.weight"
+    assert backbones.torch_name("params", ("layer3_5", "downsample_0", "kernel")) == "layer3.5.downsample.0.weight"
+    assert backbones.torch_name("params", ("layer1_0", "downsample_1", "scale")) == "layer1.0.downsample.1.weight"
+    assert backbones.torch_name("batch_stats", ("bn1", "var")) == "bn1.running_var"
     w = np.arange(2 * 3 * 4 * 5 * 6, dtype=np.float32).reshape(2, 3, 4, 5, 6)  # (out, in, kt, kh, kw)
-    flax_w = B._to_flax(w)
+    flax_w = backbones._to_flax(w)
     assert flax_w.shape == (4, 5, 6, 3, 2) and flax_w[1, 2, 3, 0, 1] == w[1, 0, 1, 2, 3]
-    np.testing.assert_array_equal(B.to_torch_layout(flax_w), w)
+    np.testing.assert_array_equal(backbones.to_torch_layout(flax_w), w)
 
 
 def test_import_accepts_prefixes_and_wrappers(state_3d, tmp_path):
-    plain = B.variables_from_state_dict(state_3d, "3d")
-    n_convs = 1 + sum(B.ResNeXt101.blocks) * 3 + 4
-    assert len(jax.tree_util.tree_leaves(plain["params"])) == n_convs + 2 * (1 + sum(B.ResNeXt101.blocks) * 3 + 4)
+    plain = backbones.variables_from_state_dict(state_3d, "3d")
+    n_convs = 1 + sum(backbones.ResNeXt101.blocks) * 3 + 4
+    assert len(jax.tree_util.tree_leaves(plain["params"])) == n_convs + 2 * (1 + sum(backbones.ResNeXt101.blocks) * 3 + 4)
     assert plain["params"]["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 3, 8, 256)  # 256 / 32 groups
     assert plain["batch_stats"]["layer4_2"]["bn3"]["mean"].shape == (2048,)
     wrapped = {"epoch": 200, "arch": "resnext-101",
                "state_dict": {f"module.{k}": v for k, v in state_3d.items()}}
     for variant in (wrapped, {f"module.{k}": v for k, v in state_3d.items()}):
-        got = B.variables_from_state_dict(variant, "3d")
+        got = backbones.variables_from_state_dict(variant, "3d")
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(plain)
     np.savez(tmp_path / "resnext.npz", **state_3d)
-    loaded = B.load_backbone_weights(str(tmp_path / "resnext.npz"), "3d")
+    loaded = backbones.load_backbone_weights(str(tmp_path / "resnext.npz"), "3d")
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(plain)
 
 
@@ -121,19 +121,19 @@ def test_import_lists_every_problem(state_3d):
     state["layer2.1.conv2.weight"] = np.zeros((256, 256, 3, 3, 3), np.float32)  # not grouped
     state["layer5.0.conv1.weight"] = np.zeros((1,), np.float32)
     with pytest.raises(ConversionError) as err:
-        B.variables_from_state_dict(state, "3d")
+        backbones.variables_from_state_dict(state, "3d")
     message = str(err.value)
     assert "ResNeXt-101" in message and "3 problems" in message
     assert "missing: layer1.0.conv1.weight" in message
     assert "shape mismatch: layer2.1.conv2.weight: torch shape (256, 256, 3, 3, 3)" in message
     assert "left over: layer5.0.conv1.weight" in message
     with pytest.raises(ConversionError, match=r"ResNet-152 \(2d\) backbone \(\d+ problems\)") as err:  # 3D != 2D
-        B.variables_from_state_dict(state_3d, "2d")
+        backbones.variables_from_state_dict(state_3d, "2d")
     message = str(err.value)
     assert "more missing" in message and "more shape mismatch" in message
-    assert len(message.splitlines()) <= 3 * (B.MAX_LISTED + 1) + 1
+    assert len(message.splitlines()) <= 3 * (backbones.MAX_LISTED + 1) + 1
     with pytest.raises(ValueError, match="unknown backbone kind"):
-        B.variables_from_state_dict(state_3d, "1d")
+        backbones.variables_from_state_dict(state_3d, "1d")
 
 
 def test_pth_needs_torch_or_is_read_with_weights_only(state_3d, tmp_path, monkeypatch):
@@ -143,10 +143,10 @@ def test_pth_needs_torch_or_is_read_with_weights_only(state_3d, tmp_path, monkey
     except ImportError:
         monkeypatch.setitem(sys.modules, "torch", None)
         with pytest.raises(ImportError, match="needs PyTorch"):
-            B.load_backbone_weights(path, "3d")
+            backbones.load_backbone_weights(path, "3d")
         return
     torch.save({"state_dict": {f"module.{k}": torch.from_numpy(np.asarray(v)) for k, v in state_3d.items()}}, path)
-    loaded = B.load_backbone_weights(path, "3d")
+    loaded = backbones.load_backbone_weights(path, "3d")
     assert loaded["params"]["conv1"]["kernel"].shape == (7, 7, 7, 3, 64)
 
 
@@ -156,14 +156,14 @@ def test_bfloat16_compute_runs_and_stays_close(golden_dir):
     with _golden(golden_dir) as npz:
         state = golden_backbones.recipe_state_dict(npz["state_dict_keys_2d"], npz["state_dict_shapes_2d"],
                                                    int(npz["seed"]), "2d")
-        x = B.preprocess_2d(npz["frames_2d"][:1, :64, :64])
-    variables = B.variables_from_state_dict(state, "2d")
-    f32 = jax.jit(B.backbone("2d").apply)(variables, x)
-    bf16 = jax.jit(B.backbone("2d", dtype=jnp.bfloat16).apply)(variables, x)
-    assert f32.shape == bf16.shape == (1, B.FEATURE_DIM) and bf16.dtype == jnp.float32
-    assert float(jnp.max(jnp.abs(B.l2_normalize(bf16) - B.l2_normalize(f32)))) < 2e-2
+        x = backbones.preprocess_2d(npz["frames_2d"][:1, :64, :64])
+    variables = backbones.variables_from_state_dict(state, "2d")
+    f32 = jax.jit(backbones.backbone("2d").apply)(variables, x)
+    bf16 = jax.jit(backbones.backbone("2d", dtype=jnp.bfloat16).apply)(variables, x)
+    assert f32.shape == bf16.shape == (1, backbones.FEATURE_DIM) and bf16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(backbones.l2_normalize(bf16) - backbones.l2_normalize(f32)))) < 2e-2
     with pytest.raises(ValueError, match=r"expected input \(N, H, W, 3\)"):
-        B.backbone("2d").apply(variables, x[0])
+        backbones.backbone("2d").apply(variables, x[0])
 
 
 @pytest.mark.slow

@@ -13,12 +13,11 @@ import shutil
 import numpy as np
 import pytest
 
-from msk_jax import cli, configs, retrieval
-from msk_jax import data_sources
-from msk_jax.data import classification_sets as C
-from msk_jax.errors import DataError
+from msk_jax import cli, configs, data_sources, retrieval
+from msk_jax.data import classification_sets
 from msk_jax.data.word2vec import WordVectors
-from msk_jax.evaluators import classification as E
+from msk_jax.errors import DataError
+from msk_jax.evaluators import classification
 
 WORDS = WordVectors(["apply", "eye", "makeup", "brush", "hair", "yo", "video", "of"],
                     np.random.default_rng(0).normal(size=(8, 6)))
@@ -33,27 +32,27 @@ def test_accuracy_against_numpy_with_ties():
                        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6]])  # true 6: tied first -> rank 0.5
     labels = np.array([0, 1, 2, 6, 6])
     want = np.array([sum(s > s[y]) + (sum(s == s[y]) - 1) / 2 for s, y in zip(scores, labels)])
-    np.testing.assert_array_equal(E.class_ranks(scores, labels), want)
-    got = E.accuracy(scores, labels)
+    np.testing.assert_array_equal(classification.class_ranks(scores, labels), want)
+    got = classification.accuracy(scores, labels)
     as_retrieval = retrieval.metrics_from_ranks(want)  # R@1 counts rank 0 only, R@5 ranks below 5
     assert got["top1"] == as_retrieval["R1"] == 20.0 and got["top5"] == as_retrieval["R5"] == 80.0
     assert got["mean_class"] == pytest.approx(100 * np.mean([1, 0, 0, 0]))  # per class 0, 1, 2, 6
-    assert E.chance(10) == {"top1": 10.0, "top5": 50.0, "mean_class": 10.0}
+    assert classification.chance(10) == {"top1": 10.0, "top5": 50.0, "mean_class": 10.0}
     with pytest.raises(ValueError, match="NaN"):
-        E.class_ranks(np.array([[np.nan, 1.0]]), np.array([0]))
+        classification.class_ranks(np.array([[np.nan, 1.0]]), np.array([0]))
 
 
 def test_class_names_as_words():
-    assert C.class_words("ApplyEyeMakeup") == ["apply", "eye", "makeup"]
-    assert C.class_words("brush_hair") == ["brush", "hair"]
-    assert C.class_words("YoYo") == ["yo", "yo"]
-    assert C.class_words("PlayingDaf") == ["playing", "daf"]
-    prompts, owner, unknown = C.build_prompts(["ApplyEyeMakeup", "BrushDaf", "hair"], ("{}", "video of {}"),
+    assert classification_sets.class_words("ApplyEyeMakeup") == ["apply", "eye", "makeup"]
+    assert classification_sets.class_words("brush_hair") == ["brush", "hair"]
+    assert classification_sets.class_words("YoYo") == ["yo", "yo"]
+    assert classification_sets.class_words("PlayingDaf") == ["playing", "daf"]
+    prompts, owner, unknown = classification_sets.build_prompts(["ApplyEyeMakeup", "BrushDaf", "hair"], ("{}", "video of {}"),
                                               WORDS, 5, "x.pkl")
     assert owner.tolist() == [0, 0, 1, 1, 2, 2] and unknown == {"BrushDaf": ["daf"]}
     assert prompts["text_mask"].sum(axis=1).tolist() == [3, 5, 1, 3, 1, 3]  # words without a vector dropped
     with pytest.raises(DataError) as raised:
-        C.build_prompts(["Knitting"], ("{}",), WORDS, 5, "x.pkl")
+        classification_sets.build_prompts(["Knitting"], ("{}",), WORDS, 5, "x.pkl")
     assert str(raised.value).startswith("x.pkl [class 0 'Knitting']: no word")
 
 
@@ -74,11 +73,11 @@ def test_a_pickle_becomes_windows_and_prompts(tmp_path):
     path = _write(tmp_path / "set.pkl", {"classes": ["brush_hair", "ApplyEyeMakeup"], "splits": ["2", "1"],
                                          "videos": [_video("a", 0, ["1", "2"]),
                                                     _video("b", 1, ["2"], rows_3d=9, frames=330), _video("c", 1, [])]})
-    classes, videos, order = C.load_pickle(path)
-    one = C.build_classification_set("S", classes, videos, WORDS, source=path, split_order=order, **SETS)
+    classes, videos, order = classification_sets.load_pickle(path)
+    one = classification_sets.build_classification_set("S", classes, videos, WORDS, source=path, split_order=order, **SETS)
     assert len(one) == 2 and one.left_out == 1 and one.video_ids == ["a", "b"] and list(one.splits) == ["2", "1"]
     assert one.splits["1"].tolist() == [True, False] and one.batch["video"][0:2].shape == (2, 4, 6)
-    three = C.build_classification_set("S", classes, videos, WORDS, source=path, windows=3, split_order=order, **SETS)
+    three = classification_sets.build_classification_set("S", classes, videos, WORDS, source=path, windows=3, split_order=order, **SETS)
     # 6 3D rows, 300 frames: windows at rows 0 and 4 (frames 0 and 128), the third would start
     # past the rows; 9 rows, 330 frames: three (the last one row and 74 frames long).
     assert three.row_video.tolist() == [0, 0, 1, 1, 1]
@@ -109,7 +108,7 @@ def test_bad_files_are_one_line_naming_file_and_entry(tmp_path, case, where, pro
         data["videos"][0] = _video("a", 0, frames=20)
     path = _write(tmp_path / "bad.pkl", data)
     with pytest.raises(DataError) as raised:
-        C.build_classification_set("S", *C.load_pickle(path)[:2], WORDS, source=path, **SETS)
+        classification_sets.build_classification_set("S", *classification_sets.load_pickle(path)[:2], WORDS, source=path, **SETS)
     message = str(raised.value)
     assert message.startswith(path + ("" if where == "[file]" else f" {where}")) and problem in message, message
     assert "\n" not in cli.describe(raised.value)[1]
@@ -124,28 +123,28 @@ def test_a_csv_over_features_in_the_howto100m_layout(tmp_path):
         np.savez(folder / f"{vid}_3d.npz", features=v["3d"])
         np.savez(folder / f"{vid}_spec.npz", v["audio"])
     (tmp_path / "set.csv").write_text("video,label,splits\nCls/v_a.avi,hair,1 3\nCls/v_b,brush_hair,2\n")
-    classes, videos, _ = C.load_csv(str(tmp_path / "set.csv"))
-    one = C.build_classification_set("S", classes, videos, WORDS, source="set.csv", **SETS)
+    classes, videos, _ = classification_sets.load_csv(str(tmp_path / "set.csv"))
+    one = classification_sets.build_classification_set("S", classes, videos, WORDS, source="set.csv", **SETS)
     assert one.classes == ["brush_hair", "hair"] and one.labels.tolist() == [1, 0]
     assert {s: m.tolist() for s, m in one.splits.items()} == {"1": [True, False], "2": [False, True],
                                                               "3": [True, False]}
     (tmp_path / "set.csv").write_text("video,label,splits\nCls/v_c,hair,1\n")
     with pytest.raises(DataError, match=r"set.csv \[row 2\]: .*Cls/v_c/v_c_2d.npz: file does not exist"):
-        C.load_csv(str(tmp_path / "set.csv"))
+        classification_sets.load_csv(str(tmp_path / "set.csv"))
 
 
 def test_results_table_scalars_and_files(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 4)
     splits = {"a": np.arange(12) < 6, "b": np.arange(12) >= 6}
-    videos = E.video_embeddings({"video": rng.normal(size=(24, 5)), "audio": rng.normal(size=(24, 5))},
+    videos = classification.video_embeddings({"video": rng.normal(size=(24, 5)), "audio": rng.normal(size=(24, 5))},
                                 np.repeat(np.arange(12), 2), 12)
-    texts = E.class_embeddings(rng.normal(size=(6, 5)), np.array([0, 0, 1, 1, 2, 2]), 3)
-    results = E.set_results(E.scores(videos, texts), labels, splits, 3)
+    texts = classification.class_embeddings(rng.normal(size=(6, 5)), np.array([0, 0, 1, 1, 2, 2]), 3)
+    results = classification.set_results(classification.scores(videos, texts), labels, splits, 3)
     assert results["mean"]["v"]["top1"] == pytest.approx((results["splits"]["a"]["v"]["top1"]
                                                           + results["splits"]["b"]["v"]["top1"]) / 2)
-    evaluator = E.ClassificationEvaluator("classification", {"S": None}, 0)
-    evaluator.confusion["S"] = E.confusion_matrix(labels, np.argmax(E.scores(videos, texts)["v+a"], 1), 3)
+    evaluator = classification.ClassificationEvaluator("classification", {"S": None}, 0)
+    evaluator.confusion["S"] = classification.confusion_matrix(labels, np.argmax(classification.scores(videos, texts)["v+a"], 1), 3)
     evaluator.sets["S"] = dataclasses.make_dataclass("Set", ["classes"])(["x", "y", "z"])
     assert "mean of splits" in evaluator.table({"S": results}) and "S/b/v+a/top5" in evaluator.scalars({"S": results})
     training = evaluator.write({"S": results}, str(tmp_path), 7)
@@ -193,7 +192,7 @@ def test_the_extractor_writes_a_classification_pickle(tmp_path):
     opts = extractor.Options(videos="", output=str(tmp_path / "out"), eval_csv=str(tmp_path / "classes.csv"),
                              eval_format="classification", eval_output=str(tmp_path / "set.pkl"), log=logged.append)
     assert extractor.write_eval_pickle(opts, items, extractor._classification_rows(opts.eval_csv)) == 1
-    classes, videos, _ = C.load_pickle(str(tmp_path / "set.pkl"))
+    classes, videos, _ = classification_sets.load_pickle(str(tmp_path / "set.pkl"))
     assert classes == ["YoYo", "brush_hair"] and [(v["id"], v["label"], v["splits"]) for v in videos] == \
         [("v_a", 0, ["1", "3"])]
     assert any("row 3 left out" in line for line in logged)
@@ -212,8 +211,8 @@ def test_a_corpus_built_before_the_classification_set_gets_it_added(tiny_corpus,
     assert {p: p.read_bytes() for p in before} == before
     from msk_jax.data.word2vec import load_word2vec_binary
 
-    classes, videos, order = C.load_pickle(paths.digits)
-    digits = C.build_classification_set("Digits", classes, videos, load_word2vec_binary(paths.word_vectors),
+    classes, videos, order = classification_sets.load_pickle(paths.digits)
+    digits = classification_sets.build_classification_set("Digits", classes, videos, load_word2vec_binary(paths.word_vectors),
                                         source=paths.digits,
                                         n_video_tokens=12, num_audio_frames=768, video_dim=32, max_words=4,
                                         split_order=order)

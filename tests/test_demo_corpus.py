@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from msk_jax.demo import corpus as demo_corpus
 from msk_jax.data.audio import log_mel_spectrogram, mel_filterbank, resample
+from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.demo import corpus as demo_corpus
 from msk_jax.demo.corpus import DIGIT_WORDS, build_demo_corpus
 from msk_jax.errors import DataError
-from msk_jax.data.word2vec import load_word2vec_binary
 from tests.conftest import REPO_ROOT, run_env
 
 WORD_TO_DIGIT = {w: str(d) for d, w in enumerate(DIGIT_WORDS)}

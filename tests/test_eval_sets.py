@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from msk_jax.data import eval_sets
-from msk_jax.errors import DataError
 from msk_jax.data.word2vec import WordVectors, load_word2vec_binary, save_word2vec_binary
+from msk_jax.errors import DataError
 
 
 def read_eval_pickle(path: str, fmt: eval_sets.EvalFormat, word_vectors: WordVectors, **kwargs) -> eval_sets.EvalSet:

@@ -10,9 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from msk_jax import checkpoint_reader, evaluate
+from msk_jax import checkpoint_reader, data_sources, evaluate
 from msk_jax.evaluators import embedding
-from msk_jax import data_sources
 from msk_jax.model import MultiSKModel
 from tests.train_fixtures import TRAINED_STEPS
 

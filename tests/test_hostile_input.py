@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from msk_jax import safe_load
-from msk_jax.errors import DataError
 from msk_jax.data.loader import TrainingPipeline
+from msk_jax.errors import DataError
 from tests.conftest import REPO_ROOT, run_env
 from tests.data_fixtures import segments, write_howto
 from tests.test_howto100m import reader

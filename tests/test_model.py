@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from msk_jax.layers import BatchNorm
-from msk_jax.model import MODALITIES, MultiSKModel, pool_audio_mask
-from msk_jax.model import ModalityOutputs, ModelOutputs
+from msk_jax.model import MODALITIES, ModalityOutputs, ModelOutputs, MultiSKModel, pool_audio_mask
 from tests.conftest import TINY_MODEL, tiny_batch
 
 

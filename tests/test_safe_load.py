@@ -12,11 +12,11 @@ import pytest
 
 from msk_jax import safe_load
 from msk_jax.data import eval_sets
-from msk_jax.demo.corpus import corpus_paths
 from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
-from msk_jax.errors import DataError
 from msk_jax.data.howto100m import HowTo100MReader, load_captions
 from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.demo.corpus import corpus_paths
+from msk_jax.errors import DataError
 from tests.paper_config import paper_clip_settings
 
 

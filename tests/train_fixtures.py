@@ -9,7 +9,6 @@ import time
 
 from msk_jax import configs, metric_writers, storage
 from msk_jax.checkpoints import open_manager
-
 from tests.conftest import REPO_ROOT
 
 TINY_FEATURES = 16

@@ -1,13 +1,16 @@
 """The command line: ``python -m msk_jax.bench COMMAND [--config=configs/bench.py[:cpu_bench]]
-[--json=OUT]``, COMMAND one of ``BENCHMARKS`` or ``all``; tcmalloc preloaded first (CPU hosts), the
-``--config`` file found from any directory and checked with its overrides (``msk_jax.cli``).
+[--json=OUT]``; tcmalloc preloaded first (CPU hosts), the ``--config`` file found from any
+directory and checked with its overrides (``msk_jax.cli``). COMMAND is one of:
 """
 
 import json
 import sys
 
 from msk_jax import allocator, cli
-from msk_jax.bench import BENCHMARKS, CONFIG, run
+from msk_jax.bench import BENCHMARKS, CONFIG, NOT_IN_ALL, run
+
+__doc__ += "".join(f"\n  {name:<11} {summary}" for name, (_, summary) in BENCHMARKS.items())
+__doc__ += f"\n  {'all':<11} every one but {', '.join(NOT_IN_ALL)}\n"
 
 
 def main(argv):

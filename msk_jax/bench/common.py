@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax import allocator
+from msk_jax import allocator, train_step
 
 MB = 1e6
 
@@ -73,8 +73,6 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 def init_state(model, objective, batch):
     """The benchmarks' TrainState (Adam 5e-5, seed 0), initialised in one jitted call (op by op,
     the model's initialisation takes seconds)."""
-    from msk_jax import train_step
-
     return jax.jit(lambda rng, batch: train_step.create_train_state(
         rng, model, objective, train_step.adam(5e-5), batch))(jax.random.PRNGKey(0), batch)
 

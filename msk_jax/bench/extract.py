@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from msk_jax.bench.common import machine
+from msk_jax.extract import backbones
+from msk_jax.parity.backbones import recipe_array
 
 
 def _recipe_variables(kind: str) -> dict:
     """The backbone's variables from the golden weight recipe (seed 0), through the torch import."""
-    from msk_jax.extract import backbones
-    from msk_jax.parity.backbones import recipe_array
-
     sample = jnp.zeros((1, 32, 32, 3) if kind == "2d" else (1, 16, 32, 32, 3), jnp.float32)
     shapes = jax.eval_shape(backbones.backbone(kind).init, jax.random.PRNGKey(0), sample)
     names = backbones.export_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), shapes))
@@ -36,8 +35,6 @@ def run_extract(batch: int = 64, frame_size: tuple[int, int] = (224, 398), clip_
     """Median seconds per batch of each backbone and compute dtype (compiled ahead of time, then
     timed `repeats` times round-robin over the variants, no extra warm-up: one ResNet-152 batch
     at 224 x 398 takes tens of seconds on a few CPU cores), and the derived frames/s and clips/s."""
-    from msk_jax.extract import backbones
-
     rng = np.random.default_rng(0)
     inputs = {"2d": backbones.preprocess_2d(rng.integers(0, 256, (batch, *frame_size, 3), np.uint8)),
               "3d": backbones.preprocess_3d(rng.integers(0, 256, (batch, clip_frames, clip_size, clip_size, 3),

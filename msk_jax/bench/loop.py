@@ -8,8 +8,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from msk_jax import sharding, train
 from msk_jax.bench.common import init_state, machine, time_side_by_side
 from msk_jax.bench.step import cpu_bench_batch
+from msk_jax.data.loader import TrainingPipeline
+from msk_jax.loss import ObjectiveConfig
+from msk_jax.model import MultiSKModel
 
 
 class _MemorySource:
@@ -33,10 +37,8 @@ def run_loop(model, objective, clips: int = 64, queue_len: int = 512, steps: int
     device (`train.StepMetrics`) and read every `log_every` steps; and the loop before that, which
     transferred each batch when needed and read every metric after every step. Round-robin over
     `repeats` rounds of `steps` steps; medians."""
-    from msk_jax import sharding, train
     import dataclasses
 
-    from msk_jax.data.loader import TrainingPipeline
 
     host = cpu_bench_batch(clips)
     mesh = sharding.create_mesh([("data", 1)], jax.devices()[:1])
@@ -97,9 +99,6 @@ def format_loop(r: dict) -> str:
 
 
 def cli(config) -> dict:
-    from msk_jax.loss import ObjectiveConfig
-    from msk_jax.model import MultiSKModel
-
     c = config.loop
     results = run_loop(MultiSKModel.from_config(config), ObjectiveConfig.from_config(config.objective), clips=c.clips, queue_len=c.queue_len, steps=c.steps,
                        repeats=c.repeats)

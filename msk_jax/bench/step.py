@@ -8,8 +8,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from msk_jax import train_step
 from msk_jax.bench.common import init_state, machine, matmul_peak, time_side_by_side
 from msk_jax.data import batch as batch_spec
+from msk_jax.loss import ObjectiveConfig
+from msk_jax.model import MultiSKModel
 
 
 def cpu_bench_batch(clips: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
@@ -35,7 +38,6 @@ def run_step(model, objective, clips: int = 64, queue_len: int = 512, repeats: i
     """
     import dataclasses
 
-    from msk_jax import train_step
 
     batch = cpu_bench_batch(clips)
     results, steps = {}, {}
@@ -91,9 +93,6 @@ def format_step(r: dict) -> str:
 
 
 def cli(config) -> dict:
-    from msk_jax.loss import ObjectiveConfig
-    from msk_jax.model import MultiSKModel
-
     c = config.step
     results = run_step(MultiSKModel.from_config(config), ObjectiveConfig.from_config(config.objective), clips=c.clips,
                        queue_len=c.queue_len, repeats=c.repeats, compare_precision=c.get("compare_precision", False))

@@ -15,7 +15,6 @@ import ml_collections
 
 from msk_jax.loss import consistency_weights
 
-
 # Configuration fields that may change when a run is resumed: how long it runs, how often it
 # logs, evaluates and saves, where the data is read from, how it is laid out on the devices and
 # how fast it is read. Every other field changes the state's shapes or meaning.

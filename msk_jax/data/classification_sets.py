@@ -37,9 +37,9 @@ from typing import Sequence
 
 import numpy as np
 
-from msk_jax import safe_load, storage
-from msk_jax import errors
+from msk_jax import errors, safe_load, storage
 from msk_jax.data import batch, model_inputs, word2vec
+from msk_jax.data.howto100m import read_features
 from msk_jax.data.word2vec import WordVectors
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -122,8 +122,6 @@ def load_csv(path: str, dim_2d: int | None = None, dim_3d: int | None = None,
              audio_bins: int | None = None) -> tuple[list[str], list[dict], None]:
     """(classes, videos, None) of a csv (video, label, splits) over features in the HowTo100M
     layout under the csv's folder."""
-    from msk_jax.data.howto100m import read_features
-
     root = os.fspath(storage.path(path).parent)
     with storage.open_read(path, text=True) as f:
         rows = list(csv.DictReader(io.StringIO(f.read())))

@@ -13,8 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from msk_jax import safe_load, storage
-from msk_jax import errors
+from msk_jax import errors, safe_load, storage
 from msk_jax.data import batch, model_inputs, word2vec
 from msk_jax.data.word2vec import WordVectors
 

@@ -26,10 +26,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from msk_jax import safe_load, storage
-from msk_jax import errors
+from msk_jax import errors, safe_load, storage
 from msk_jax.data import batch, model_inputs, word2vec
-from msk_jax.data.word2vec import WordVectors
+from msk_jax.data.word2vec import WordVectors, load_vectors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +194,6 @@ class HowTo100MReader:
     def caption_words(self) -> str | None:
         """The folder of the vectors of the captions' words (`word2vec.load_vectors`), built once
         per caption file and word vectors; None without word vectors."""
-        from msk_jax.data import word2vec
-
         if self.word_vectors is None:
             return None
         if self._caption_words is None:
@@ -216,8 +213,6 @@ class HowTo100MReader:
                 "dim_2d": self.dim_2d, "dim_3d": self.dim_3d, "words": self.caption_words()}
 
     def __setstate__(self, state):
-        from msk_jax.data.word2vec import load_vectors
-
         words = state["words"]
         self.__init__(state["csv_path"], state["caption_path"], state["features_2d"], state["audio"],
                       None if words is None else load_vectors(words), features_3d=state["features_3d"],

@@ -29,9 +29,8 @@ import tensorflow_datasets as tfds
 
 from msk_jax import storage
 from msk_jax.data import eval_sets, howto100m, word2vec
+from msk_jax.data.word2vec import WordVectors, tokenize
 from msk_jax.errors import DataError
-from msk_jax.data.word2vec import tokenize
-from msk_jax.data.word2vec import WordVectors
 
 _MATRIX = dict(shape=(None, None), dtype=np.float32, encoding="bytes")
 

@@ -24,6 +24,8 @@ import functools
 
 import numpy as np
 
+from msk_jax.demo import corpus as demo_corpus
+
 GREY_OFFSET, GREY_SCALE = 2.0, 11.0
 GRID = 8
 
@@ -59,8 +61,6 @@ def read_pixels(frames: np.ndarray) -> np.ndarray:
 def frame_encoder(seed: int = 0, feature_dim: int = 128):
     """The demo corpus's FrameEncoder for (seed, feature_dim): the same projections and pixel
     statistics as `demo_corpus.build_demo_corpus(seed=seed, feature_dim=feature_dim)` uses."""
-    from msk_jax.demo import corpus as demo_corpus
-
     images, labels = demo_corpus.load_digit_images()
     pools = demo_corpus.image_pools(labels)
     return demo_corpus.FrameEncoder.create(images[np.concatenate(pools["train"])], feature_dim, seed)

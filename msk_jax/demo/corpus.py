@@ -53,8 +53,8 @@ import numpy as np
 
 from msk_jax import environment, storage
 from msk_jax.data.audio import SAMPLE_RATE, log_mel_spectrogram, resample
-from msk_jax.errors import DataError
 from msk_jax.data.word2vec import save_word2vec_binary
+from msk_jax.errors import DataError
 
 CORPUS_VERSION = 1
 
@@ -503,7 +503,7 @@ def build_training(paths: DemoCorpusPaths, src: Sources, cfg: SizeConfig, seed: 
         import multiprocessing
 
         # One BLAS thread per worker: with the library's default (a thread per core) in every
-        # worker, the cores are oversubscribed and two workers were slower than one process.
+        # worker, the cores are oversubscribed and two workers are slower than one process.
         # The spawned workers read these at their numpy import, during `map`'s first submit.
         with environment.setting(_ONE_THREAD):
             pool = concurrent.futures.ProcessPoolExecutor(

@@ -26,8 +26,9 @@ import sys
 
 import numpy as np
 
-from msk_jax.demo import corpus as demo_corpus
 from msk_jax.data.audio import SAMPLE_RATE
+from msk_jax.demo import corpus as demo_corpus
+from msk_jax.demo.backbone import render_frame
 
 VIDEO_FPS = 24
 FRAME_SIZE = 224
@@ -39,7 +40,6 @@ def write_mp4(path: str, frames: np.ndarray, duration: float, waveform: np.ndarr
     and `waveform` (16 kHz mono) as AAC. Written to a temporary name, then renamed."""
     import av
 
-    from msk_jax.demo.backbone import render_frame
 
     tmp = f"{path}.tmp{os.getpid()}.mp4"
     container = av.open(tmp, "w")

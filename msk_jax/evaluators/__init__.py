@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from msk_jax import storage
-from msk_jax import data_sources
+from msk_jax import data_sources, storage
 
 RETRIEVAL = "retrieval"  # the evaluator whose files keep the names they had before evaluators
 

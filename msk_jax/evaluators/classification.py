@@ -23,10 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from msk_jax import storage
-from msk_jax.evaluators import embedding
 from msk_jax.data.classification_sets import ClassificationSet
 from msk_jax.data.model_inputs import l2_normalize_rows
-from msk_jax.evaluators import Evaluator, result_path
+from msk_jax.evaluators import Evaluator, embedding, result_path
 
 SCORES = ("v", "a", "v+a")    # video, audio and fused video+audio embeddings against the class texts
 METRICS = ("top1", "top5", "mean_class")

@@ -14,12 +14,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from msk_jax import retrieval
+from msk_jax.data import batch as batch_spec
 from msk_jax.data.eval_sets import EvalSet
 from msk_jax.data.model_inputs import l2_normalize_rows
-from msk_jax.data import batch as batch_spec
 from msk_jax.sharding import to_host
 
 SHORT = {"text": "t", "video": "v", "audio": "a"}

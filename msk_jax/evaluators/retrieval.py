@@ -7,8 +7,7 @@ import json
 from typing import Any, Mapping
 
 from msk_jax import storage
-from msk_jax.evaluators import embedding
-from msk_jax.evaluators import Evaluator
+from msk_jax.evaluators import Evaluator, embedding
 
 
 class RetrievalEvaluator(Evaluator):

@@ -33,9 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msk_jax.demo.corpus import DIGIT_WORDS
-from msk_jax.data.eval_sets import EvalSet
+from msk_jax import checkpoints, storage
+from msk_jax.checkpoint_reader import restore_for_evaluation
 from msk_jax.data import batch as batch_spec
+from msk_jax.data.eval_sets import EvalSet
+from msk_jax.demo.corpus import DIGIT_WORDS
+from msk_jax.errors import DataError
 from msk_jax.model import MODALITIES
 from msk_jax.sharding import to_host
 
@@ -170,8 +173,6 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
 def measure_run(config, checkpoint: str, weights: str = "ema", seed: int = 0) -> dict:
     """Anchor semantics of a training run's latest checkpoint on the configured evaluation sets."""
-    from msk_jax.checkpoint_reader import restore_for_evaluation
-
     model, variables, eval_sets = restore_for_evaluation(config, checkpoint, weights)
     return measure(model, variables, eval_sets, seed, config.eval_batch_size)
 
@@ -179,8 +180,6 @@ def measure_run(config, checkpoint: str, weights: str = "ema", seed: int = 0) ->
 def main(argv):
     from absl import app, logging
 
-    from msk_jax import checkpoints
-    from msk_jax.errors import DataError
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -192,8 +191,6 @@ def main(argv):
         sys.exit(1)
     print(format_table(results), flush=True)
     if FLAGS.output:
-        from msk_jax import storage
-
         storage.write_atomic(FLAGS.output, json.dumps(results, indent=1))
         print(f"written to {FLAGS.output}", flush=True)
 

@@ -34,7 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msk_jax import checkpoints, data_sources, train_step
+from msk_jax.checkpoint_reader import restore_for_evaluation
+from msk_jax.data.loader import TrainingPipeline
+from msk_jax.errors import DataError
+from msk_jax.evaluators import embedding
 from msk_jax.loss import ObjectiveConfig, consistency_floor, consistency_terms, multisk_loss, multisk_targets
+from msk_jax.model import MultiSKModel
+from msk_jax.train import saved_input_position
 
 
 def _is_anchor(path) -> bool:
@@ -107,12 +114,6 @@ def queue_turnover(config, num_videos: int) -> dict[str, float]:
 
 def diagnose_run(config, workdir: str) -> dict[str, float]:
     """`diagnose` at the run's latest checkpoint on its next training batch, plus `queue_turnover`."""
-    from msk_jax import checkpoints, train_step
-    from msk_jax import data_sources
-    from msk_jax.model import MultiSKModel
-    from msk_jax.data.loader import TrainingPipeline
-    from msk_jax.train import saved_input_position
-
     objective = ObjectiveConfig.from_config(config.objective)
     if not objective.consistency:
         raise ValueError(f"{workdir}: the consistency loss is off in this configuration: nothing to diagnose.")
@@ -164,9 +165,6 @@ def embedding_geometry(embeddings: Mapping[str, np.ndarray]) -> dict[str, float]
 
 def geometry_run(config, checkpoint: str, weights: str = "ema") -> dict[str, dict[str, float]]:
     """`embedding_geometry` of a run's latest checkpoint on each configured evaluation set."""
-    from msk_jax.evaluators import embedding
-    from msk_jax.checkpoint_reader import restore_for_evaluation
-
     model, variables, eval_sets = restore_for_evaluation(config, checkpoint, weights)
     return {name: embedding_geometry(embedding.embed(model, variables, eval_set, config.eval_batch_size))
             for name, eval_set in eval_sets.items()}
@@ -175,8 +173,6 @@ def geometry_run(config, checkpoint: str, weights: str = "ema") -> dict[str, dic
 def main(argv):
     from absl import app, logging
 
-    from msk_jax import checkpoints
-    from msk_jax.errors import DataError
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -14,9 +14,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from msk_jax import storage, train
-from msk_jax.experiments.report import (summarise, summarise_anchors, summarise_diagnostics, summarise_geometry,
-                                        summarise_training, summarise_wide)
+from msk_jax import metric_writers, storage, train
+from msk_jax.experiments import anchor_semantics, consistency_diagnostics
+from msk_jax.experiments.report import (
+    summarise,
+    summarise_anchors,
+    summarise_diagnostics,
+    summarise_geometry,
+    summarise_training,
+    summarise_wide,
+)
 
 
 def parse_value(text: str) -> Any:
@@ -76,8 +83,6 @@ def training_losses(folder: str) -> dict[str, float]:
     """The run's losses at the end of training (mean of its last TRAINING_TAIL logged steps):
     `contrastive`, `tv`, and `consistency_unscaled`, the sum of the 18 weighted consistency
     terms before consistency_scale (logged even when the scale is 0; 0 with the loss off)."""
-    from msk_jax import metric_writers
-
     rows = [r for r in metric_writers.read_jsonl(storage.join(folder, "metrics.jsonl")) if "contrastive" in r]
     if not rows:
         raise ValueError(f"{folder}/metrics.jsonl has no logged training step.")
@@ -91,8 +96,6 @@ def analyse(config, folder: str, done: Sequence[str] = ()) -> dict:
     """A finished run's anchor semantics (`anchor_semantics`), the geometry of its embeddings and,
     when the consistency loss is on, its diagnostics (`consistency_diagnostics`); those in `done`
     are skipped. Anchor semantics needs digit-word captions (the demo corpus)."""
-    from msk_jax.experiments import anchor_semantics, consistency_diagnostics
-
     out = {}
     if "training" not in done:
         out["training"] = training_losses(folder)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msk_jax import safe_load
 from msk_jax.convert import ConversionError
 
 KINDS = ("2d", "3d")
@@ -337,8 +338,6 @@ def load_backbone_weights(path: str, kind: str) -> dict:
     (needs torch, read with ``weights_only=True``: torchvision's ``resnet152`` ImageNet file, or
     Hara et al.'s ``resnext-101-kinetics.pth``) or an ``.npz`` of the same torch names (no torch
     needed). See :func:`variables_from_state_dict`."""
-    from msk_jax import safe_load
-
     if str(path).endswith(".npz"):
         state = safe_load.load_npz(path)  # sizes and headers checked before anything is inflated
     else:

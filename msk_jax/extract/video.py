@@ -248,8 +248,6 @@ def stream_video(path: str, on_2d: Callable[[np.ndarray], None] | None = None,
     Raises DataError(path, reason) when the file cannot be opened or decoded, is beyond `limits`
     (default `Limits()`), or has no video stream while frames are asked for. An exception of a
     callback propagates as itself."""
-    import av
-
     limits = Limits() if limits is None else limits
     container = open_video(path)
     try:

@@ -18,6 +18,8 @@ from typing import Iterable
 
 import numpy as np
 
+from msk_jax.extract import backbones
+from msk_jax.extract.backbones import l2_normalize
 from msk_jax.parity.golden import GoldenInputs, Output
 
 RECIPE_VERSION = 1
@@ -66,7 +68,6 @@ def forward(kind: str, variables: dict, x: np.ndarray):
     jitted once."""
     import jax
 
-    from msk_jax.extract import backbones
 
     model = backbones.backbone(kind)
     apply = jax.jit(lambda v, x: model.apply(v, x, return_stages=True))
@@ -75,8 +76,6 @@ def forward(kind: str, variables: dict, x: np.ndarray):
 
 
 def check_backbones(inputs: GoldenInputs) -> Iterable[Output]:
-    from msk_jax.extract import backbones
-
     if int(inputs["recipe_version"]) != RECIPE_VERSION:
         raise ValueError(f"backbones.npz: recipe version {int(inputs['recipe_version'])} is not "
                          f"{RECIPE_VERSION}, the one implemented here.")
@@ -93,8 +92,6 @@ def check_backbones(inputs: GoldenInputs) -> Iterable[Output]:
 
 
 def _outputs(kind: str, features: np.ndarray, stages: dict) -> Iterable[Output]:
-    from msk_jax.extract.backbones import l2_normalize
-
     features = features.astype(np.float64)
     yield Output(f"features_{kind}", features, max_rtol=RELATIVE_TO_MAX)
     yield Output(f"features_{kind}_normalized", l2_normalize(features), atol=NORMALIZED_ATOL)

@@ -9,6 +9,8 @@ from typing import Callable
 
 import numpy as np
 
+from msk_jax.data.feature_store import numpy_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class Output:
@@ -36,7 +38,6 @@ class GoldenInputs:
             raise KeyError(f"{self._name}: missing input '{key}'.")
         value = self._npz[key]
         if self._features_dtype != "float32" and re.fullmatch(r"(step\d+/)?input/(video|audio)", key):
-            from msk_jax.data.feature_store import numpy_dtype  # features as a store of that dtype holds them
             value = value.astype(numpy_dtype(self._features_dtype)).astype(value.dtype)
         return value
 

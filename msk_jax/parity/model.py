@@ -10,7 +10,10 @@ from typing import Iterable
 
 import numpy as np
 
+from msk_jax import convert, train_step
+from msk_jax.model import MultiSKModel
 from msk_jax.parity.golden import GoldenInputs, Output, prefixed
+from msk_jax.queues import QUEUE_NAMES, FeatureQueues
 
 
 def golden_model(inputs: GoldenInputs, sample_batch: dict):
@@ -19,8 +22,6 @@ def golden_model(inputs: GoldenInputs, sample_batch: dict):
 
     import jax
 
-    from msk_jax import convert
-    from msk_jax.model import MultiSKModel
 
     config = json.loads(str(inputs["config_json"]))
     model = MultiSKModel(**convert.model_config_from_original(config))
@@ -51,8 +52,6 @@ def check_train_steps(inputs: GoldenInputs) -> Iterable[Output]:
     import jax
     import jax.numpy as jnp
 
-    from msk_jax import convert, train_step
-    from msk_jax.queues import QUEUE_NAMES, FeatureQueues
 
     steps = sorted({int(m.group(1)) for k in inputs.keys() if (m := re.match(r"step(\d+)/input/", k))})
     config, model, variables = golden_model(inputs, prefixed(inputs, "step0/input/"))

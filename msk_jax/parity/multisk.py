@@ -7,13 +7,13 @@ from typing import Iterable
 
 import numpy as np
 
+from msk_jax import convert, loss, sinkhorn
 from msk_jax.parity.golden import GoldenInputs, Output
 
 
 def check_multisk(inputs: GoldenInputs) -> Iterable[Output]:
     import jax.numpy as jnp
 
-    from msk_jax import convert, loss, sinkhorn
 
     for i in range(int(inputs["n_cases"])):
         scores = inputs[f"case{i}_scores"]

@@ -6,12 +6,11 @@ from typing import Iterable
 
 import numpy as np
 
+from msk_jax import retrieval
 from msk_jax.parity.golden import GoldenInputs, Output
 
 
 def check_retrieval(inputs: GoldenInputs) -> Iterable[Output]:
-    from msk_jax import retrieval
-
     for i in range(int(inputs["n_cases"])):
         complete = int(inputs[f"case{i}_complete"])
         metrics = retrieval.retrieval_metrics(inputs[f"case{i}_sims"], complete if complete >= 0 else None)

@@ -15,6 +15,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from msk_jax import data_sources
+from msk_jax.data.feature_store import build_feature_store
+from msk_jax.data.howto100m import HowTo100MReader
+from msk_jax.errors import DataError
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file (its data paths are read).",
                                 lock_config=True)
@@ -27,10 +32,6 @@ flags.mark_flags_as_required(["config", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from msk_jax import data_sources
-    from msk_jax.data.feature_store import build_feature_store
-    from msk_jax.errors import DataError
-    from msk_jax.data.howto100m import HowTo100MReader
 
     config = FLAGS.config
     try:

@@ -11,8 +11,8 @@ import sys
 
 from absl import app, flags
 
-from msk_jax.errors import DataError
 from msk_jax.data.tfds_builders import BUILDERS, build
+from msk_jax.errors import DataError
 
 FLAGS = flags.FLAGS
 
