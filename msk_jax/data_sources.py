@@ -31,7 +31,7 @@ from msk_jax.data.howto100m import ClipSettings, HowTo100MReader
 from msk_jax.data.word2vec import load_word2vec_binary
 from msk_jax.errors import DataError
 
-README_DATA = "see 'Data' in README.md, or try the demo: --config=configs/howto.py:demo"
+README_DATA = "see 'Data' in docs/training.md, or try the demo: --config=configs/howto.py:demo"
 # Evaluation sets: (name, config.data field of the pickle, format, field of the complete size, TFDS dataset).
 EVAL_SETS = (("MSRVTT", "msrvtt", eval_data.MSRVTT, "msrvtt_complete_size", "msrvtt_retrieval"),
              ("YouCook2", "youcook2", eval_data.YOUCOOK2, "youcook2_complete_size", "youcook2_retrieval"))
@@ -68,7 +68,7 @@ def demo_paths(config):
     if storage.is_remote(root):
         raise DataError("config.data.demo_dir", f"'{root}' is a URL, but the demo corpus is built in a local cache "
                         "folder; to read a copy of it from a bucket, use config.data.source='files' with gs:// "
-                        "paths (see README.md)", "remote demo_dir")
+                        "paths (see docs/training.md)", "remote demo_dir")
     return build_demo_corpus(root, size=config.data.demo_size,
                              feature_dim=config.data.dim_2d, progress=jax.process_index() == 0)
 

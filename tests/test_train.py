@@ -65,7 +65,7 @@ def test_training_keeps_the_callers_programs_and_a_release_between_runs_keeps_no
 
 def test_missing_data_points_to_the_readme(tiny_corpus, tmp_path):
     config = tiny_config("", arg="")
-    with pytest.raises(FileNotFoundError, match="README"):
+    with pytest.raises(FileNotFoundError, match="docs/training.md"):
         train.train_and_evaluate(config, str(tmp_path))
     # Every root is named by its field, the 3D one too (it never falls back to the 2D root).
     howto = os.path.join(tiny_corpus, "howto")

@@ -8,7 +8,7 @@ Every number from the paper lives here once. Variants are selected by the config
     --config=configs/howto.py:demo,baseline   the demo without the consistency loss
 
 Fields can be overridden on the command line, e.g. ``--config.optimizer.lr=1e-4``.
-Set the data paths (``config.data.*``) to your copy of the features; see the README.
+Set the data paths (``config.data.*``) to your copy of the features; see docs/training.md.
 """
 
 import ml_collections
@@ -77,7 +77,7 @@ def get_objective_config(consistency: bool = True) -> ml_collections.ConfigDict:
 
 
 def get_data_config() -> ml_collections.ConfigDict:
-    """Where the features are, and how clips are cut (REFERENCE: Data)."""
+    """Where the features are, and how clips are cut (as the original's data loader cuts them)."""
     data = ml_collections.ConfigDict()
     data.source = "files"          # "files": the original layout below; "tfds": built array_record;
                                    # "store": a feature store (read by clip window)
@@ -109,8 +109,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.youcook2_complete_size = 3350
     data.eval_video_tokens = 0     # 0: the format's (48 MSR-VTT, 72 YouCook2, 48 classification)
     data.eval_audio_frames = 0     # 0: the format's (3072 MSR-VTT, 4608 YouCook2, 3072 classification)
-    # Zero-shot classification sets (the original's val_cls_data_loaders; format: README, "Zero-shot
-    # classification"): a pickle, or a csv (video, label, splits) in a folder of HowTo100M-layout
+    # Zero-shot classification sets (the original's val_cls_data_loaders; format:
+    # docs/classification.md): a pickle, or a csv (video, label, splits) in a folder of HowTo100M-layout
     # features; empty paths are skipped.
     data.ucf101 = ""               # e.g. ucf101_classification.pkl
     data.hmdb51 = ""               # e.g. hmdb51_classification.pkl

@@ -155,8 +155,8 @@ def load_entries(path: str, what: str, field: str, **csv_options) -> tuple[list[
     """The classes and videos of a classification file (pickle or csv); a missing file names
     the configuration field it came from."""
     if not storage.exists(path):
-        raise FileNotFoundError(f"config.data.{field}='{path}' ({what}) does not exist; see 'Zero-shot "
-                                "classification' in README.md.")
+        raise FileNotFoundError(f"config.data.{field}='{path}' ({what}) does not exist; see "
+                                "docs/classification.md.")
     if path.lower().endswith(".csv"):
         return load_csv(path, **csv_options)
     return load_pickle(path)
