@@ -63,7 +63,7 @@ def test_training_keeps_the_callers_programs_and_a_release_between_runs_keeps_no
     assert mappings() - before < 300
 
 
-def test_missing_data_points_to_the_readme(tiny_corpus, tmp_path):
+def test_missing_data_points_to_the_training_guide(tiny_corpus, tmp_path):
     config = tiny_config("", arg="")
     with pytest.raises(FileNotFoundError, match="docs/training.md"):
         train.train_and_evaluate(config, str(tmp_path))
