@@ -13,6 +13,7 @@ session by the first worker that needs it, under a lock, in a folder all workers
 """
 
 import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -136,25 +137,29 @@ def uninterrupted_run(tiny_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
-    """The small demo corpus (40 training videos, 100 clips per test set), 32-d video features."""
+    """The small demo corpus (40 training videos, 100 clips per test set), 32-d video features,
+    built once per test session."""
     from msk_jax.demo.corpus import build_demo_corpus
 
-    root = str(tmp_path_factory.mktemp("small_demo"))
-    build_demo_corpus(root, size="small", feature_dim=32, progress=False)
-    return root
+    return build_once(tmp_path_factory, "small_demo",
+                      lambda root: build_demo_corpus(root, size="small", feature_dim=32, progress=False))
 
 
 @pytest.fixture(scope="session")
 def trained_run(small_corpus, tmp_path_factory):
-    """A narrow model trained in this process on the small corpus until it retrieves far above
-    chance (tests/train_fixtures.py `trained_config`): (config, workdir, final evaluation). The
-    evaluation, conversion and analysis tests read its checkpoints (steps 40 and 80)."""
+    """A narrow model trained on the small corpus until it retrieves far above chance
+    (tests/train_fixtures.py `trained_config`), once per test session by the first worker that
+    needs it: (config, workdir, its final evaluation as written in eval/). The evaluation,
+    conversion, search and analysis tests read its checkpoints (steps 40 and 80)."""
     from msk_jax import train
     from tests.train_fixtures import trained_config
 
     config = trained_config(small_corpus)
-    workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    return config, workdir, train.train_and_evaluate(config, workdir)
+    folder = build_once(tmp_path_factory, "trained",
+                        lambda root: train.train_and_evaluate(config, os.path.join(root, "run")))
+    workdir = os.path.join(folder, "run")
+    with open(os.path.join(workdir, "eval", f"step_{config.num_train_steps}.json")) as f:
+        return config, workdir, json.load(f)
 
 
 BUCKET = "msk-test"
