@@ -8,6 +8,8 @@ the 16 kHz audio (`msk_jax.data.audio`). Output, under one root (local or gs://)
     <output>/<path>/<id>_2d.npz     key 'features', (seconds, D) float16
     <output>/<path>/<id>_3d.npz     key 'features', (clips, D) float16
     <output>/<path>/<id>_spec.npz   key 'arr_0', (40, frames) float32
+    <output>/<path>/<id>_stills.zip a JPEG still a second (the 2D frames), what the search page
+                                    shows (`msk_jax.search.thumbnails`); not needed to train
     <output>/videos.csv             column 'path': the videos with features (HowTo100M's csv)
     <output>/caption.pickle         id -> {'start', 'end', 'text'} (empty lists for a video without
                                     captions: the training reader skips it as "no ASR segments")
@@ -65,6 +67,7 @@ from msk_jax import storage
 from msk_jax.errors import DataError
 from msk_jax.data.howto100m import _load_npz
 from msk_jax.extract import video as V
+from msk_jax.search import thumbnails
 
 Backbone = Callable[[np.ndarray], np.ndarray]
 SUFFIXES = {"2d": "_2d.npz", "3d": "_3d.npz", "audio": "_spec.npz"}
@@ -416,13 +419,21 @@ def extract_video(item: VideoItem, output: str, backbone_2d: Backbone, dim_2d: i
 
     rows_2d = _Batches(backbone_2d, batch, dim_2d)
     rows_3d = _Batches(backbone_3d, max(1, batch // V.CLIP_FRAMES), dim_3d, group=V.CLIP_FRAMES)
-    streamed = V.stream_video(item.file, rows_2d.add, rows_3d.add, limits=limits)
+    stills = thumbnails.SecondStills()
+
+    def add_2d(frame: np.ndarray) -> None:
+        rows_2d.add(frame)
+        stills.add(frame)
+
+    streamed = V.stream_video(item.file, add_2d, rows_3d.add, limits=limits)
     if streamed.frames_2d == 0 or streamed.frames_3d == 0:
         raise DataError(item.file, "no frame was decoded", "no frames")
     feats = {"2d": l2_normalize(rows_2d.finish()).astype(np.float16),
              "3d": l2_normalize(rows_3d.finish()).astype(np.float16),
              "audio": log_mel_spectrogram(streamed.waveform)}
     files = feature_files(output, item)
+    # The stills before the features: a video whose features are all written has its stills.
+    storage.write_atomic(storage.join(output, item.path, item.id + thumbnails.SUFFIX), stills.zip_bytes())
     storage.write_atomic(files["2d"], _npz_bytes(features=feats["2d"]))
     storage.write_atomic(files["3d"], _npz_bytes(features=feats["3d"]))
     storage.write_atomic(files["audio"], _npz_bytes(feats["audio"]))
@@ -757,6 +768,9 @@ def write_index(output: str, items: Sequence[VideoItem], records: dict, captions
         record = dict(records.get(it.path, {"id": it.id, "file": it.file, "error": "not extracted"}))
         record["path"] = it.path
         record["caption_segments"] = len(captions.get(it.id, {}).get("text", []))
+        if not storage.is_remote(output) and not storage.is_remote(it.file):
+            # The video file as seen from the output folder, so that both can move together.
+            record["file_from_output"] = os.path.relpath(os.path.abspath(it.file), os.path.abspath(output))
         index["videos"].append(record)
         if "error" in record:
             failed[it.path] = record["error"]
