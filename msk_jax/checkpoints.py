@@ -370,7 +370,7 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
-def _agree(value: int) -> list[int]:
+def agree(value: int) -> list[int]:
     """Every process's `value`, in process order (the same list on every process)."""
     if jax.process_count() == 1:
         return [int(value)]
@@ -478,7 +478,7 @@ class Checkpointer:
                 problem = (f"no space for the checkpoint of step {step} in {self.directory}: {_megabytes(free)} free, "
                            f"a checkpoint takes {_megabytes(needed)} (step {self._sized_step}'s)")
         if jax.process_count() > 1:
-            refused = _agree(int(problem is not None))
+            refused = agree(int(problem is not None))
             if any(refused) and problem is None:
                 problem = (f"the checkpoint of step {step} cannot be saved on process(es) "
                            f"{', '.join(str(i) for i, r in enumerate(refused) if r)} (their messages say why)")
@@ -585,12 +585,12 @@ class Checkpointer:
         failed, newest_tried = [], None
         while True:
             untried = [s for s in local_steps if newest_tried is None or s < newest_tried]
-            step = max(_agree(untried[-1] if untried else -1))  # the newest any process lists
+            step = max(agree(untried[-1] if untried else -1))  # the newest any process lists
             if step < 0:
                 break
             newest_tried = step
             status, result = self._try_restore(step, template, config)
-            statuses = _agree(status)
+            statuses = agree(status)
             if all(s == _RESTORED for s in statuses):
                 if failed:
                     moved = self._move_aside([s for s in self.all_steps() if s > step])  # process 0 moves
@@ -667,7 +667,7 @@ class Checkpointer:
                                  storage.join(target, f"{step}.{int(time.time())}"))
             except OSError as err:  # reported on every process, after they all got here
                 error = err
-        if _agree(error is not None)[0]:
+        if agree(error is not None)[0]:
             raise CheckpointError(f"could not move the unreadable checkpoints {steps} of {self.directory} to "
                                   f"{target}" + (f": {error}" if error else " (see process 0)")
                                   + "; move or remove them, then run again.")

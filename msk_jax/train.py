@@ -294,7 +294,7 @@ class StopRequest:
         """Whether to stop at this stage of the start-up (every process calls it, and agrees)."""
         if not self.multihost:
             return self.requested
-        return any(checkpoints._agree(int(self.requested)))
+        return any(checkpoints.agree(int(self.requested)))
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step` (call once per step, on every process)."""
@@ -372,7 +372,7 @@ def _take_lease(workdir: str, is_main: bool):
                                                                              flush=True))
         except lease.LeaseError as err:
             error = err
-    if jax.process_count() > 1 and checkpoints._agree(int(error is not None))[0] and error is None:
+    if jax.process_count() > 1 and checkpoints.agree(int(error is not None))[0] and error is None:
         raise lease.LeaseError(f"{workdir}: process 0 could not take the work directory's lease "
                                "(its message says why).")
     if error is not None:

@@ -88,7 +88,7 @@ def _npz(compressed: bool) -> bytes:
 def _read_npz(path: str):
     from msk_jax.data import howto100m, model_inputs
 
-    return model_inputs.check_features(path, howto100m._load_npz(path, "features"), None, "2D features")
+    return model_inputs.check_features(path, howto100m.read_feature_npz(path, "features"), None, "2D features")
 
 
 def _eval_pickle() -> bytes:

@@ -137,7 +137,7 @@ def check_caption(source: str, video_id: str, caption: Any) -> dict:
     return {"start": start, "end": end, "text": text}
 
 
-def _load_npz(path: str, key: str) -> np.ndarray:
+def read_feature_npz(path: str, key: str) -> np.ndarray:
     """Array `key` of a feature file, its size and header checked before it is inflated
     (`safe_load.load_npz`); a DataError names the file on any problem."""
     if not storage.exists(path):
@@ -145,7 +145,7 @@ def _load_npz(path: str, key: str) -> np.ndarray:
     return safe_load.load_npz(path, (key,))[key]
 
 
-def _feature_path(root: str, path: str, video_id: str, suffix: str) -> str:
+def feature_path(root: str, path: str, video_id: str, suffix: str) -> str:
     candidate = storage.join(root, path, f"{video_id}{suffix}")
     if not storage.exists(candidate):  # the original's fallback layouts
         alternative = storage.join(root, f"{path}{suffix}")
@@ -159,12 +159,12 @@ def read_features(root_2d: str, root_3d: str, root_audio: str, path: str, dim_2d
     """(2D features, 3D features, log-mel) of the video at csv `path` under the three roots, each
     checked (dimensions where given); a DataError names the file on bad input."""
     video_id = path.split("/")[-1]
-    p2d = _feature_path(root_2d, path, video_id, "_2d.npz")
-    p3d = _feature_path(root_3d, path, video_id, "_3d.npz")
+    p2d = feature_path(root_2d, path, video_id, "_2d.npz")
+    p3d = feature_path(root_3d, path, video_id, "_3d.npz")
     paudio = storage.join(root_audio, path, f"{video_id}_spec.npz")
-    f2d = model_inputs.check_features(p2d, _load_npz(p2d, "features"), dim_2d, "2D features")
-    f3d = model_inputs.check_features(p3d, _load_npz(p3d, "features"), dim_3d, "3D features")
-    log_mel = model_inputs.check_log_mel(paudio, _load_npz(paudio, "arr_0"), audio_bins)
+    f2d = model_inputs.check_features(p2d, read_feature_npz(p2d, "features"), dim_2d, "2D features")
+    f3d = model_inputs.check_features(p3d, read_feature_npz(p3d, "features"), dim_3d, "3D features")
+    log_mel = model_inputs.check_log_mel(paudio, read_feature_npz(paudio, "arr_0"), audio_bins)
     return f2d, f3d, log_mel
 
 
@@ -265,7 +265,7 @@ def _extend_to_min_time(caption: dict, index: int, min_time: float) -> tuple[int
     return first, last, words
 
 
-def _window(start, stop, length: int) -> tuple[int, int]:
+def slice_bounds(start, stop, length: int) -> tuple[int, int]:
     """[lo, hi) that the Python slice `[start:stop]` selects from `length` items (hi >= lo)."""
     lo, hi, _ = slice(int(start), int(stop)).indices(length)
     return lo, max(lo, hi)
@@ -295,8 +295,8 @@ def video_windows(video, settings: ClipSettings, start: float, end: float):
     """The rows the video tokens of [start, end] use: rows int(start * fps) : int(end * fps) + 1
     at each rate, of which only those the tokens take are read. Returns the 2D window, the 3D
     window and the row of the 2D window each token takes (None when the clip has no tokens)."""
-    lo2, hi2 = _window(start * settings.fps_2d, int(end * settings.fps_2d) + 1, video.num_rows_2d)
-    lo3, hi3 = _window(start * settings.fps_3d, int(end * settings.fps_3d) + 1, video.num_rows_3d)
+    lo2, hi2 = slice_bounds(start * settings.fps_2d, int(end * settings.fps_2d) + 1, video.num_rows_2d)
+    lo3, hi3 = slice_bounds(start * settings.fps_3d, int(end * settings.fps_3d) + 1, video.num_rows_3d)
     n = min(hi3 - lo3, settings.n_video_tokens) if hi2 > lo2 else 0
     if n == 0:
         return (lo2, lo2), (lo3, lo3), None
@@ -321,7 +321,7 @@ def plan_clip(video, settings: ClipSettings, rng: np.random.Generator) -> ClipPl
         segment = None
     if segment is None:  # no ASR narration in this clip
         first_frame = max(0, int(model_inputs.time_to_frames(start)))
-        frames = _window(first_frame, first_frame + settings.num_audio_frames, video.num_frames)
+        frames = slice_bounds(first_frame, first_frame + settings.num_audio_frames, video.num_frames)
         words = []
     else:
         first, last, words = _extend_to_min_time(video.caption, segment, settings.min_time)
@@ -331,7 +331,7 @@ def plan_clip(video, settings: ClipSettings, rng: np.random.Generator) -> ClipPl
             audio_start = start + 0.5 * settings.min_time
             audio_end = audio_start + settings.min_time
         first_frame, last_frame = model_inputs.time_to_frames([audio_start, audio_end])
-        frames = _window(max(0, first_frame), last_frame, video.num_frames)
+        frames = slice_bounds(max(0, first_frame), last_frame, video.num_frames)
     frames = (frames[0], min(frames[1], frames[0] + settings.num_audio_frames))
     rows_2d, rows_3d, pick_2d = video_windows(video, settings, start, end)
     return ClipPlan(start, end, words, frames, rows_2d, rows_3d, pick_2d)

@@ -65,8 +65,8 @@ import numpy as np
 
 from msk_jax import storage
 from msk_jax.errors import DataError
-from msk_jax.data.howto100m import _load_npz
-from msk_jax.extract import video as V
+from msk_jax.data.howto100m import read_feature_npz
+from msk_jax.extract import video
 from msk_jax.search import thumbnails
 
 Backbone = Callable[[np.ndarray], np.ndarray]
@@ -125,11 +125,11 @@ def list_videos(videos: str) -> list[VideoItem]:
         for root, dirs, files in os.walk(videos):
             dirs.sort()
             for name in sorted(files):
-                if name.lower().endswith(V.VIDEO_EXTENSIONS):
+                if name.lower().endswith(video.VIDEO_EXTENSIONS):
                     rel = os.path.relpath(os.path.join(root, name), videos)
                     items.append(VideoItem(os.path.join(root, name), os.path.splitext(rel)[0].replace(os.sep, "/")))
         if not items:
-            raise InputError(f"{videos}: no video files ({', '.join(V.VIDEO_EXTENSIONS)}) in this folder")
+            raise InputError(f"{videos}: no video files ({', '.join(video.VIDEO_EXTENSIONS)}) in this folder")
         return items
     if not os.path.exists(videos) and not storage.is_remote(videos):
         raise InputError(f"{videos}: no such folder or csv")
@@ -307,23 +307,23 @@ def real_backbone(kind: str, weights, dtype: str = "float32") -> tuple[Backbone,
     """ResNet-152 ("2d") or ResNeXt-101 ("3d") of `msk_jax.extract.backbones`, jit-compiled:
     uint8 frames (N, H, W, 3) or clips (N, 16, H, W, 3) -> (N, 2048) float32. `weights`: a weight
     file (`backbones.load_backbone_weights`) or the Flax variables themselves."""
-    import jax
+    import jax  # the networks' libraries load only when they run: the demo backbone needs none
     import jax.numpy as jnp
 
-    from msk_jax.extract import backbones as B
+    from msk_jax.extract import backbones
 
     if isinstance(weights, str):
         if not weights:
             raise InputError(f"--weights_{kind}: the real backbones need weights (or use --backbone=demo)")
         if not storage.exists(weights):
             raise InputError(f"--weights_{kind}: {weights}: file does not exist")
-        variables = B.load_backbone_weights(weights, kind)
+        variables = backbones.load_backbone_weights(weights, kind)
     else:
         variables = weights
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    model = B.backbone(kind, dtype=compute)
+    model = backbones.backbone(kind, dtype=compute)
     variables = jax.device_put(variables)
-    prep = B.preprocess_2d if kind == "2d" else B.preprocess_3d
+    prep = backbones.preprocess_2d if kind == "2d" else backbones.preprocess_3d
 
     @jax.jit
     def apply(v, x):
@@ -332,7 +332,7 @@ def real_backbone(kind: str, weights, dtype: str = "float32") -> tuple[Backbone,
     def run(batch: np.ndarray) -> np.ndarray:
         return np.asarray(apply(variables, np.asarray(prep(batch), np.float32)))
 
-    return run, B.FEATURE_DIM
+    return run, backbones.FEATURE_DIM
 
 
 def demo_backbone(kind: str, seed: int = 0, feature_dim: int = 128) -> tuple[Backbone, int]:
@@ -365,14 +365,14 @@ def is_done(output: str, item: VideoItem) -> bool:
     return all(storage.exists(p) for p in feature_files(output, item).values())
 
 
-def compute_features(decoded: V.DecodedVideo, backbone_2d: Backbone, dim_2d: int, backbone_3d: Backbone,
+def compute_features(decoded: video.DecodedVideo, backbone_2d: Backbone, dim_2d: int, backbone_3d: Backbone,
                      dim_3d: int, batch: int) -> dict[str, np.ndarray]:
     """{'2d': (N2, D) float16, '3d': (N3, D) float16, 'audio': (40, frames) float32} of a video
     decoded in memory; `extract_video` computes the same rows, the same batches, frame by frame."""
     from msk_jax.data.audio import log_mel_spectrogram
 
     f2d = _batched(backbone_2d, decoded.frames_2d, batch, dim_2d)
-    f3d = _batched(backbone_3d, V.clips_3d(decoded.frames_3d), max(1, batch // V.CLIP_FRAMES), dim_3d)
+    f3d = _batched(backbone_3d, video.clips_3d(decoded.frames_3d), max(1, batch // video.CLIP_FRAMES), dim_3d)
     return {"2d": l2_normalize(f2d).astype(np.float16), "3d": l2_normalize(f3d).astype(np.float16),
             "audio": log_mel_spectrogram(decoded.waveform)}
 
@@ -411,21 +411,21 @@ class _Batches:
 
 
 def extract_video(item: VideoItem, output: str, backbone_2d: Backbone, dim_2d: int, backbone_3d: Backbone,
-                  dim_3d: int, batch: int, limits: V.Limits | None = None) -> dict:
+                  dim_3d: int, batch: int, limits: video.Limits | None = None) -> dict:
     """Decodes one video, its frames going to the backbones batch by batch as they are decoded
     (the rows of `compute_features`), writes its three files (each atomically); returns its index
     record. Raises DataError naming the file when it cannot be decoded or is beyond `limits`."""
     from msk_jax.data.audio import log_mel_spectrogram
 
     rows_2d = _Batches(backbone_2d, batch, dim_2d)
-    rows_3d = _Batches(backbone_3d, max(1, batch // V.CLIP_FRAMES), dim_3d, group=V.CLIP_FRAMES)
+    rows_3d = _Batches(backbone_3d, max(1, batch // video.CLIP_FRAMES), dim_3d, group=video.CLIP_FRAMES)
     stills = thumbnails.SecondStills()
 
     def add_2d(frame: np.ndarray) -> None:
         rows_2d.add(frame)
         stills.add(frame)
 
-    streamed = V.stream_video(item.file, add_2d, rows_3d.add, limits=limits)
+    streamed = video.stream_video(item.file, add_2d, rows_3d.add, limits=limits)
     if streamed.frames_2d == 0 or streamed.frames_3d == 0:
         raise DataError(item.file, "no frame was decoded", "no frames")
     feats = {"2d": l2_normalize(rows_2d.finish()).astype(np.float16),
@@ -467,21 +467,21 @@ class Options:
     demo_seed: int = 0
     demo_feature_dim: int = 128
     progress_seconds: float = 10.0
-    max_duration: float = V.Limits.max_seconds
-    max_pixels: int = V.Limits.max_pixels
-    max_aspect: float = V.Limits.max_aspect
+    max_duration: float = video.Limits.max_seconds
+    max_pixels: int = video.Limits.max_pixels
+    max_aspect: float = video.Limits.max_aspect
     retry_killed: bool = False
     log: Callable[[str], None] = dataclasses.field(default=lambda m: print(f"[extract] {m}", file=sys.stderr,
                                                                             flush=True))
 
-    def limits(self) -> V.Limits:
+    def limits(self) -> video.Limits:
         """The bounds on a video (`video.Limits`) that the max_* options set."""
         for flag in ("max_duration", "max_pixels", "max_aspect"):
             if not getattr(self, flag) > 0:
                 raise InputError(f"--{flag}={getattr(self, flag)}: must be positive")
         if self.max_aspect < 1:
             raise InputError(f"--max_aspect={self.max_aspect}: must be at least 1 (longer side / shorter side)")
-        return V.Limits(max_seconds=self.max_duration, max_pixels=self.max_pixels, max_aspect=self.max_aspect)
+        return video.Limits(max_seconds=self.max_duration, max_pixels=self.max_pixels, max_aspect=self.max_aspect)
 
 
 def make_backbones(opts: Options) -> tuple[Backbone, int, Backbone, int]:
@@ -745,7 +745,7 @@ def _claim_finalising(opts: Options) -> dict | None:
 
 def _record_from_files(output: str, item: VideoItem) -> dict:
     files = feature_files(output, item)
-    arrays = {k: _load_npz(files[k], "arr_0" if k == "audio" else "features") for k in files}
+    arrays = {k: read_feature_npz(files[k], "arr_0" if k == "audio" else "features") for k in files}
     return {"rows_2d": len(arrays["2d"]), "rows_3d": len(arrays["3d"]), "audio_frames": int(arrays["audio"].shape[1]),
             "seconds": round(arrays["audio"].shape[1] / 100.0, 3), "frames": 0}
 
@@ -831,9 +831,9 @@ def write_eval_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict
         start, end = _float(row["start"], where, "start"), _float(row["end"], where, "end")
         caption = (row.get("caption", row.get("text")) or "").strip()
         files = feature_files(opts.output, item)
-        f2d, f3d = _load_npz(files["2d"], "features"), _load_npz(files["3d"], "features")
+        f2d, f3d = read_feature_npz(files["2d"], "features"), read_feature_npz(files["3d"], "features")
         if item.path not in waveforms:
-            waveforms = {item.path: V.decode_audio(item.file, opts.limits())}
+            waveforms = {item.path: video.decode_audio(item.file, opts.limits())}
         wave = waveforms[item.path]
         lo = 0 if start is None else int(start * SAMPLE_RATE)
         hi = len(wave) if end is None else int(end * SAMPLE_RATE)
@@ -842,7 +842,7 @@ def write_eval_pickle(opts: Options, items: Sequence[VideoItem], rows: list[dict
             clip_id += "_"
         ids.add(clip_id)
         audio = log_mel_spectrogram(wave[lo:hi])
-        a2d, a3d = _rows(f2d, start, end, V.FPS_2D), _rows(f3d, start, end, V.FPS_3D / V.CLIP_FRAMES)
+        a2d, a3d = _rows(f2d, start, end, video.FPS_2D), _rows(f3d, start, end, video.FPS_3D / video.CLIP_FRAMES)
         if opts.eval_format == "msrvtt":
             entries.append({"id": clip_id, "2d": a2d, "3d": a3d, "audio": audio, "eval_caption": caption,
                             "caption": [caption]})
@@ -891,8 +891,8 @@ def write_classification_pickle(opts: Options, items: Sequence[VideoItem], rows:
             opts.log(f"classification video {where} left out: {item.file} has no features")
             continue
         files = feature_files(opts.output, item)
-        videos.append({"id": item.id, "2d": _load_npz(files["2d"], "features"),
-                       "3d": _load_npz(files["3d"], "features"), "audio": _load_npz(files["audio"], "arr_0"),
+        videos.append({"id": item.id, "2d": read_feature_npz(files["2d"], "features"),
+                       "3d": read_feature_npz(files["3d"], "features"), "audio": read_feature_npz(files["audio"], "arr_0"),
                        "label": index[labels[i]],
                        "splits": [s for s in re.split(r"[\s,;|]+", row.get("splits") or "") if s]})
     write_pickle(opts.eval_output, classes, videos)

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from msk_jax import safe_load, storage
+from msk_jax.data import batch as batch_spec
 from msk_jax.errors import DataError
 from msk_jax.search import scoring
 from msk_jax.search.store import (APPROXIMATE_NAME, FORMAT, FORMAT_1, SearchError, SearchIndex, ShardColumns,
@@ -212,7 +213,7 @@ def build_index(config, checkpoint: str | None, features: str, index: str, *, wi
 
         def flush_embeddings():
             if pending:
-                batch = {k: np.stack([p[k] for p in pending]) for k in ("video", "video_mask", "audio", "audio_mask")}
+                batch = {k: np.stack([p[k] for p in pending]) for k in batch_spec.KEYS if not k.startswith("text")}
                 out = embed({**batch, **empty_text(config, len(pending))}, config.eval_batch_size)
                 for m in done:
                     done[m].append(out[m])

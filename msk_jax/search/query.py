@@ -18,6 +18,7 @@ import threading
 import numpy as np
 
 from msk_jax import storage
+from msk_jax.data import batch as batch_spec
 from msk_jax.data import model_inputs, word2vec
 from msk_jax.search import scoring
 from msk_jax.search.build import approximate_windows, load_approximate
@@ -127,10 +128,10 @@ class Searcher:
         """(Q, D) L2-normalised text embeddings and each query's unknown words."""
         inputs, unknown = self.text_inputs(queries)
         n, m = len(queries), self.config.model
-        batch = {**inputs, "video": np.zeros((n, 1, m.video_dim), np.float32),
-                 "video_mask": np.zeros((n, 1), np.float32),
-                 "audio": np.zeros((n, m.audio_feat_dim, model_inputs.AUDIO_TOKEN_FRAMES), np.float32),
-                 "audio_mask": np.zeros((n, model_inputs.AUDIO_TOKEN_FRAMES), np.float32)}
+        # Text alone: one masked video token and one audio token's frames, all zeros.
+        shapes = batch_spec.shapes(n, video_tokens=1, video_dim=m.video_dim, audio_bins=m.audio_feat_dim,
+                                   audio_frames=model_inputs.AUDIO_TOKEN_FRAMES, words=1, word_dim=1)
+        batch = {**{k: np.zeros(shape, np.float32) for k, shape in shapes.items()}, **inputs}
         batch_size = min(self.config.eval_batch_size, 1 << max(0, n - 1).bit_length())
         return model_inputs.l2_normalize_rows(self._embed(batch, batch_size)["text"]), unknown
 

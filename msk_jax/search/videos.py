@@ -24,7 +24,9 @@ import os
 import numpy as np
 
 from msk_jax import storage
+from msk_jax.data import batch as batch_spec
 from msk_jax.data import model_inputs
+from msk_jax.data.howto100m import Video, check_caption, clip_video, feature_path, read_features, slice_bounds
 from msk_jax.errors import DataError
 from msk_jax.search import thumbnails
 from msk_jax.search.store import SearchError
@@ -66,11 +68,9 @@ class FeatureLayout:
 
     def files(self, path: str) -> list[str]:
         """The three feature files of the video at csv `path`."""
-        from msk_jax.data.howto100m import _feature_path
-
         video_id = path.split("/")[-1]
-        return [_feature_path(self.features_2d, path, video_id, "_2d.npz"),
-                _feature_path(self.features_3d, path, video_id, "_3d.npz"),
+        return [feature_path(self.features_2d, path, video_id, "_2d.npz"),
+                feature_path(self.features_3d, path, video_id, "_3d.npz"),
                 storage.join(self.audio, path, f"{video_id}_spec.npz")]
 
     def stamp(self, path: str) -> str:
@@ -125,8 +125,6 @@ def read_video(layout: FeatureLayout, path: str, dim_2d: int | None, dim_3d: int
                captions: dict | None = None):
     """One video of the layout as a `howto100m.Video` (its ASR segments where `captions` has
     them, else none); a DataError names the file that cannot be used."""
-    from msk_jax.data.howto100m import Video, check_caption, read_features
-
     video_id = path.split("/")[-1]
     f2d, f3d, log_mel = read_features(layout.features_2d, layout.features_3d, layout.audio, path, dim_2d, dim_3d,
                                       audio_bins)
@@ -174,11 +172,9 @@ def window_inputs(video, settings, start: float, end: float) -> dict[str, np.nda
     """The video tokens and audio of [start, end], as a training clip of those times is built:
     `clip_video` for the video, the log-mel frames from `time_to_frames(start)` to
     `time_to_frames(end)` (at most num_audio_frames) for the audio."""
-    from msk_jax.data.howto100m import _window, clip_video
-
     tokens, token_mask = clip_video(video, settings, start, end)
     first, last = model_inputs.time_to_frames([start, end])
-    lo, hi = _window(max(0, int(first)), int(last), video.num_frames)
+    lo, hi = slice_bounds(max(0, int(first)), int(last), video.num_frames)
     hi = min(hi, lo + settings.num_audio_frames)
     audio, audio_mask = model_inputs.audio_features(video.frames(lo, hi), settings.num_audio_frames)
     return {"video": tokens, "video_mask": token_mask, "audio": audio, "audio_mask": audio_mask}
@@ -246,5 +242,5 @@ def load_weights(config, checkpoint: str, weights: str = "ema", step: int | None
 
 
 def empty_text(config, n: int) -> dict[str, np.ndarray]:
-    return {"text": np.zeros((n, config.data.max_words, config.model.text_dim), np.float32),
-            "text_mask": np.zeros((n, config.data.max_words), np.float32)}
+    shapes = batch_spec.config_shapes(config, config.model.text_dim, n)
+    return {k: np.zeros(shapes[k], np.float32) for k in ("text", "text_mask")}
