@@ -6,7 +6,8 @@ import pickle
 
 import numpy as np
 
-from msk_jax.data.word2vec import save_word2vec_binary
+from msk_jax.data import eval_sets
+from msk_jax.data.word2vec import WordVectors, save_word2vec_binary
 
 WORDS = ["a", "b", "c", "d", "e", "p", "q", "r", "s"]
 DIM_2D, DIM_3D, WORD_DIM = 4, 6, 5
@@ -75,3 +76,9 @@ def write_eval_pickle(path, kind, n, *, rng, drop_2d=0):
     with open(path, "wb") as f:
         pickle.dump(entries, f)
     return entries
+
+
+def read_eval_pickle(path: str, fmt: eval_sets.EvalFormat, word_vectors: WordVectors, **kwargs) -> eval_sets.EvalSet:
+    """An evaluation pickle as model inputs, the way the evaluation sets are built."""
+    entries, dropped = eval_sets.load_eval_entries(path, fmt)
+    return eval_sets.build_eval_set(entries, fmt, word_vectors, source=path, dropped=dropped, **kwargs)

@@ -222,8 +222,9 @@ def test_resample_doubles_the_length():
 
 
 def test_the_readers_read_it(corpus):
-    from msk_jax.data.eval_sets import MSRVTT, YOUCOOK2, read_eval_pickle
+    from msk_jax.data.eval_sets import MSRVTT, YOUCOOK2
     from msk_jax.data.howto100m import HowTo100MReader
+    from tests.data_fixtures import read_eval_pickle
     from tests.paper_config import paper_clip_settings
 
     paths, meta = corpus

@@ -8,13 +8,7 @@ import pytest
 from msk_jax.data import eval_sets
 from msk_jax.data.word2vec import WordVectors, load_word2vec_binary, save_word2vec_binary
 from msk_jax.errors import DataError
-
-
-def read_eval_pickle(path: str, fmt: eval_sets.EvalFormat, word_vectors: WordVectors, **kwargs) -> eval_sets.EvalSet:
-    """An evaluation pickle as model inputs, the way the evaluation sets are built."""
-    entries, dropped = eval_sets.load_eval_entries(path, fmt)
-    return eval_sets.build_eval_set(entries, fmt, word_vectors, source=path, dropped=dropped, **kwargs)
-from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, word_vectors, write_eval_pickle
+from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, read_eval_pickle, word_vectors, write_eval_pickle
 
 WORDS = WordVectors(list(word_vectors()), np.stack(list(word_vectors().values())))
 
