@@ -186,9 +186,24 @@ def gcs_bucket():
 SLOW_FIXTURES = ("uninterrupted_run", "trained_run", "gcs_bucket", "small_corpus")
 
 
+# The longest files first, alternating those that wait for the session's uninterrupted run with
+# those that do not: each worker takes one file at a time in this order (--dist loadfile), so a
+# long file taken last would leave the other worker idle until it ends.
+LONGEST_FIRST = ("test_multihost.py", "test_experiments.py", "test_cloud.py", "test_train_step.py",
+                 "test_stop_and_save.py", "test_parity.py", "test_train.py", "test_search.py", "test_video_search.py",
+                 "test_extract.py", "test_hostile_input.py", "test_bench.py", "test_sharding.py", "test_evaluate.py",
+                 "test_backbones.py", "test_notebooks.py")
+
+
+def _file_rank(item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Marks the users of the slow fixtures `slow`."""
+    """Marks the users of the slow fixtures `slow`; puts the longest files first."""
     for item in items:
         if any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_file_rank)  # stable: a file's tests keep their order
 
