@@ -4,7 +4,9 @@ Every path a user gives msk_jax (the work directory, data paths, checkpoints, ou
 goes through this module, which is built on etils ``epath`` (the path library orbax uses), so a
 ``gs://`` URL works wherever a local path does. Buckets are reached with gcsfs; its standard
 environment variables apply (``STORAGE_EMULATOR_HOST`` points it at a local emulator, as the
-tests do). Local caches (the demo corpus, compiled kernels) are not user paths and stay local.
+tests do). Byte ranges of bucket objects (`RangeReader`, the feature store's reads) go through
+TensorStore's kvstore when it is installed (``TENSORSTORE_GCS_HTTP_URL`` points it at an
+emulator), fsspec's gcsfs otherwise. Local caches (the demo corpus, compiled kernels) are not user paths and stay local.
 
 Objects in a bucket cannot be appended to or renamed cheaply, so:
 - `write_atomic` writes a whole file at once (on disk a temporary file of a unique name, fsynced
@@ -15,13 +17,17 @@ Objects in a bucket cannot be appended to or renamed cheaply, so:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import errno
 import functools
+import importlib.util
 import io
+import mmap
 import os
 import tempfile
+from typing import ClassVar
 
 from etils import epath
 
@@ -217,33 +223,133 @@ class AppendableFile:
             self._file.close()
 
 
+# Clients of `RangeReader` for objects in a bucket. TensorStore's kvstore (C++ HTTP on its own
+# threads) costs a worker about half the CPU per ranged GET of gcsfs/aiohttp (BENCHMARKS.md,
+# "Input path at HowTo100M sizes"), so "auto" takes it for gs:// whenever it is installed.
+RANGE_CLIENTS = ("auto", "tensorstore", "fsspec")
+
+
+def range_client(p: PathLike, client: str = "auto") -> str:
+    """The client `RangeReader` reads `p`'s byte ranges with: "local" (a memory map) for local
+    paths; for a URL `client`, or with "auto" "tensorstore" for gs:// (when installed) and
+    "fsspec" (gcsfs for gs://) otherwise. A local emulator that only gcsfs is pointed at (STORAGE_EMULATOR_HOST
+    without TENSORSTORE_GCS_HTTP_URL) keeps gcsfs, so that both never read different buckets."""
+    if client not in RANGE_CLIENTS:
+        raise ValueError(f"range reads: client '{client}', expected one of {', '.join(RANGE_CLIENTS)}.")
+    p = os.fspath(p)
+    if not is_remote(p):
+        return "local"
+    google = p.startswith("gs://")
+    if client == "tensorstore" and not google:
+        raise ValueError(f"range reads: the tensorstore client reads gs:// URLs, not '{p}'.")
+    if client != "auto":
+        return client
+    emulator_for_gcsfs_only = os.environ.get("STORAGE_EMULATOR_HOST") and not os.environ.get("TENSORSTORE_GCS_HTTP_URL")
+    if google and not emulator_for_gcsfs_only and _tensorstore_installed():
+        return "tensorstore"
+    return "fsspec"
+
+
+@functools.cache
+def _tensorstore_installed() -> bool:
+    return importlib.util.find_spec("tensorstore") is not None
+
+
+class _FsspecObject:
+    """An object read through fsspec (gcsfs for gs://): ranged GETs on its event loop."""
+
+    def __init__(self, p: str):
+        import fsspec  # optional: only bucket paths need it
+
+        self.fs, self.name = fsspec.core.url_to_fs(p)
+        self.path = p
+
+    def get(self, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self.name, start=start, end=end)
+
+    def start(self, spans: list[tuple[int, int]]):
+        """Futures of the spans' bytes, all requested at once, and what cancels those not answered."""
+        return _start_gets(self.fs, [(self.name, start, end) for start, end in spans])
+
+
+class _KvObject:
+    """An object of a gs:// bucket read through TensorStore's kvstore: each ranged GET is a
+    TensorStore future, answered on TensorStore's own threads."""
+
+    _stores: ClassVar[dict[tuple[str, str], object]] = {}  # (bucket, endpoint) -> the opened kvstore, per process
+
+    def __init__(self, p: str):
+        import tensorstore  # optional: only bucket paths need it
+
+        bucket, _, self.key = p[len("gs://"):].partition("/")
+        endpoint = os.environ.get("TENSORSTORE_GCS_HTTP_URL", "")  # read when a store is opened
+        store = self._stores.get((bucket, endpoint))
+        if store is None:
+            store = self._stores[bucket, endpoint] = tensorstore.KvStore.open(
+                {"driver": "gcs", "bucket": bucket}).result()
+        self.store, self.path = store, p
+
+    def get(self, start: int, end: int) -> bytes:
+        return _KvRead(self.store.read(self.key, byte_range=slice(start, end)), self.path, start, end).result()
+
+    def start(self, spans: list[tuple[int, int]]):
+        reads = _KvReads(_KvRead(self.store.read(self.key, byte_range=slice(start, end)), self.path, start, end)
+                         for start, end in spans)
+        return list(reads), reads
+
+
+class _KvRead:
+    """One TensorStore read: `result()` is its bytes, or an OSError naming the object."""
+
+    def __init__(self, future, p: str, start: int, end: int):
+        self.future, self.path, self.span = future, p, (start, end)
+
+    def result(self) -> bytes:
+        try:
+            read = self.future.result()
+        except (ValueError, RuntimeError) as err:  # TensorStore's errors: out of range, refused, cancelled
+            raise OSError(f"{self.path}: the read of bytes [{self.span[0]}, {self.span[1]}) failed: {err}") from None
+        if read.state != "value":
+            raise FileNotFoundError(f"{self.path}: no such object")
+        return read.value
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+class _KvReads(list):
+    def cancel(self) -> None:
+        for read in self:
+            read.cancel()
+
+
 class RangeReader:
     """Reads byte ranges of files: through a read-only memory map on disk (no copy: the bytes are
-    read where they are used), ranged GETs in a bucket. `read` reads one range (one request);
-    `read_ranges` starts many at once, ranges of a file that overlap or lie within `max_gap`
-    bytes of each other fetched as one. Counts the bytes it fetched (`bytes_read`) and the
-    requests (`requests`; on disk, the merged ranges). Each process makes its own (it pickles as
-    a fresh one)."""
+    read where they are used), ranged GETs in a bucket (`client`: see `range_client`). `read`
+    reads one range (one request); `read_ranges` starts many at once, ranges of a file that
+    overlap or lie within `max_gap` bytes of each other fetched as one (reading the gap costs
+    less than a request when it is small: `max_gap` is that threshold). Counts the bytes it
+    fetched, gaps included (`bytes_read`), and the requests (`requests`; on disk, the merged
+    ranges). Each process makes its own (it pickles as a fresh one)."""
 
-    def __init__(self, max_gap: int = 64 << 10):
-        self.max_gap = max_gap
+    def __init__(self, max_gap: int = 64 << 10, client: str = "auto"):
+        if client not in RANGE_CLIENTS:
+            raise ValueError(f"range reads: client '{client}', expected one of {', '.join(RANGE_CLIENTS)}.")
+        self.max_gap, self.client = max_gap, client
         self._files: dict[str, object] = {}
         self.bytes_read = 0
         self.requests = 0
 
     def _handle(self, p: str):
-        """A memoryview of the file's map (disk), or (filesystem, object path) (bucket)."""
+        """A memoryview of the file's map (disk), or the object's client (bucket)."""
         handle = self._files.get(p)
         if handle is None:
-            if is_remote(p):
-                import fsspec
-
-                handle = fsspec.core.url_to_fs(p)
-            else:
-                import mmap
-
+            kind = range_client(p, self.client)
+            if kind == "local":
                 with open(p, "rb") as f:
                     handle = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            else:
+                handle = _KvObject(p) if kind == "tensorstore" else _FsspecObject(p)
             self._files[p] = handle
         return handle
 
@@ -253,18 +359,17 @@ class RangeReader:
         if isinstance(handle, memoryview):
             data = handle[offset:offset + length]
         else:
-            fs, object_path = handle
-            data = fs.cat_file(object_path, start=offset, end=offset + length)
+            data = handle.get(offset, offset + length)
         _check_length(p, offset, length, len(data))
         self.bytes_read += length
         self.requests += 1
         return data
 
-    def read_ranges(self, ranges: list[tuple[str, int, int]]) -> "PendingRanges":
+    def read_ranges(self, ranges: list[tuple[str, int, int]]) -> PendingRanges:
         """Starts reading every (path, offset, length) of `ranges` and returns at once: in a
-        bucket every request is in flight together (gcsfs's event loop), on disk the ranges are
-        views of the map. `pending[i]` is range i's bytes (a read-only memoryview), waited for
-        when first asked; a failed request raises there."""
+        bucket every request is in flight together, on disk the ranges are views of the map.
+        `pending[i]` is range i's bytes (a read-only memoryview), waited for when first asked;
+        a failed request raises there."""
         order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
         merged: list[list] = []          # [path, start, end] of each request
         where = [(-1, 0)] * len(ranges)  # (request, offset in it) of each range
@@ -281,7 +386,7 @@ class RangeReader:
         self.requests += len(merged)
         self.bytes_read += sum(end - start for _, start, end in merged)
         requests: list = [None] * len(merged)
-        remote: dict[int, tuple[object, list]] = {}  # id(filesystem) -> (filesystem, [(request, object path)])
+        remote: dict[int, tuple[object, list]] = {}  # id(object's client) -> (client, [request])
         for r, (p, start, end) in enumerate(merged):
             handle = self._handle(p)
             if isinstance(handle, memoryview):
@@ -289,12 +394,12 @@ class RangeReader:
                     _check_length(p, start, end - start, max(0, len(handle) - start))
                 requests[r] = handle[start:end]
             else:
-                remote.setdefault(id(handle[0]), (handle[0], []))[1].append((r, handle[1]))
+                remote.setdefault(id(handle), (handle, []))[1].append(r)
         started = []
-        for fs, gets in remote.values():
-            futures, task = _start_gets(fs, [(path, merged[r][1], merged[r][2]) for r, path in gets])
+        for handle, numbers in remote.values():
+            futures, task = handle.start([(merged[r][1], merged[r][2]) for r in numbers])
             started.append(task)
-            for (r, _), future in zip(gets, futures):
+            for r, future in zip(numbers, futures):
                 requests[r] = future
         return PendingRanges(ranges, merged, where, requests, started)
 
@@ -302,7 +407,7 @@ class RangeReader:
         self._files.clear()  # maps are unmapped when no array views them any more
 
     def __getstate__(self):
-        return {"max_gap": self.max_gap}
+        return {"max_gap": self.max_gap, "client": self.client}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -326,7 +431,6 @@ def _start_gets(fs, gets: list[tuple[str, int, int]]):
     for a filesystem without an event loop, functions that read them (and None)."""
     if not getattr(fs, "async_impl", False):
         return [functools.partial(fs.cat_file, path, start=start, end=end) for path, start, end in gets], None
-    import asyncio
 
     futures = [concurrent.futures.Future() for _ in gets]
 

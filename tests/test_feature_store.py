@@ -1,9 +1,13 @@
-"""The feature store: the clips of the npz files, read by window; stored videos that cannot be used
-skip as in the npz files; worker processes give the batches of threads; a store in a bucket; the
-windows of several videos read at once (the same clips as one window at a time), coalesced into
-fewer requests, and in flight together against a bucket's latency."""
+"""The feature store: the clips of the npz files, read by window, in both layouts (time blocks,
+and the kinds layout of older stores); stored videos that cannot be used skip as in the npz
+files; worker processes give the batches of threads; a store in a bucket, read through either
+client; the windows of several videos read at once (the same clips as one window at a time),
+coalesced into fewer requests, and in flight together against a bucket's latency."""
 
+import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,16 +16,23 @@ import time
 import numpy as np
 import pytest
 
-from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
-from msk_jax.errors import DataError
+from msk_jax.bench.bucket import request_counts, set_latency
+from msk_jax.data.feature_store import (
+    FORMAT,
+    FORMAT_KINDS,
+    FeatureStoreSource,
+    TimeBlocks,
+    build_feature_store,
+)
 from msk_jax.data.howto100m import clip_shapes
 from msk_jax.data.loader import TrainingPipeline
+from msk_jax.errors import DataError
 from tests.conftest import REPO_ROOT
 from tests.data_fixtures import DIM_2D, DIM_3D, WORD_DIM, segments, write_howto
 from tests.paper_config import paper_clip_settings
 from tests.test_howto100m import reader
 
-SETTINGS = dict(n_clips=3, num_audio_frames=256)
+SETTINGS = {"n_clips": 3, "num_audio_frames": 256}
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +56,23 @@ def store(corpus, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def kinds_store(corpus, tmp_path_factory):
+    """The layout of format 1 (each video's 2D, 3D and log-mel blocks one after the other): what
+    stores built before the time blocks hold."""
+    path = str(tmp_path_factory.mktemp("store") / "kinds")
+    build_feature_store(reader(corpus, **SETTINGS), path, shard_bytes=1 << 14, progress=False, layout="kinds")
+    return path
+
+
 def _same_clips(a, b):
     return all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_store_gives_the_clips_of_the_npz_files(corpus, store):
     raw, stored = reader(corpus, **SETTINGS), FeatureStoreSource(store, paper_clip_settings(**SETTINGS))
+    assert stored.meta["format"] == FORMAT and stored.meta["block_rows"] == [4, 6, 400]
+    assert stored.meta["block_lead"] == [4, 6, 0]  # the clips' audio starts 4 s after their video
     assert len(stored.meta["shards"]) > 1 and stored.meta["usable"] == 8
     assert stored.meta["skipped"] == {"no ASR segments": 1, "missing features": 1}
     for i in range(len(raw)):
@@ -90,6 +112,54 @@ def test_store_checks_the_config(store):
         FeatureStoreSource(store, paper_clip_settings(**SETTINGS), dim_2d=2048)
     with pytest.raises(DataError, match="no meta.json"):
         FeatureStoreSource(os.path.dirname(store), paper_clip_settings(**SETTINGS))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("format", "msk_jax.feature_store/9", "format 'msk_jax.feature_store/9', expected 'msk_jax.feature_store/2'"),
+    ("block_rows", [2, 0, 200], "'block_rows' must be 3 integers of at least 1, got \\[2, 0, 200\\]"),
+    ("block_lead", [4, 6], "'block_lead' must be 3 integers of at least 0")])
+def test_a_store_with_a_bad_layout_is_refused_in_one_line(store, tmp_path, field, value, message):
+    copy = str(tmp_path / "store")
+    shutil.copytree(store, copy)
+    meta_path = pathlib.Path(copy, "meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=message) as err:
+        FeatureStoreSource(copy, paper_clip_settings(**SETTINGS))
+    assert "meta.json" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rows, lead, counts", [
+    ((4, 6, 40), (4, 6, 0), (39, 59, 160)),        # HowTo100M's video rates, video rows stored 4 s later
+    ((2, 3, 20), (0, 0, 0), (7, 9, 150)),          # audio longer than the video
+    ((1, 2, 5), (3, 0, 11), (0, 4, 23)),           # no 2D rows, leads longer than a block
+    ((4, 1, 3), (1, 2, 0), (9, 1, 2))])
+def test_time_blocks_place_every_row_where_the_layout_says(rows, lead, counts):
+    """Every row of every kind, written in time blocks, is found at its `position`; a window's
+    rows come back from its `span` (a view or gathered), and the blocks hold the same seconds."""
+    widths = (3, 2, 1)
+    arrays = [np.arange(n * w, dtype=np.float32).reshape(n, w) + 1e4 * k
+              for k, (n, w) in enumerate(zip(counts, widths))]
+    layout = TimeBlocks(rows, lead, [w * 4 for w in widths])
+    data = b"".join(bytes(piece) for piece in layout.write(arrays))
+    assert len(data) == sum(a.nbytes for a in arrays)
+    n = list(counts)
+    video = layout.of(n)
+    for kind, array in enumerate(arrays):
+        for row in range(len(array)):
+            at = video.position(kind, row)
+            assert at == layout.position(n, kind, row)  # full blocks' arithmetic, the general rule
+            assert np.frombuffer(data, np.float32, widths[kind], at).tolist() == array[row].tolist()
+            block = (row + lead[kind]) // rows[kind]  # the block of the row's time
+            assert layout.before(n, block)[kind] <= row < layout.before(n, block + 1)[kind]
+        for lo in range(len(array)):
+            for hi in range(lo + 1, min(len(array), lo + 3 * rows[kind]) + 1):
+                at, length = video.span(kind, lo, hi)
+                got = video.rows(memoryview(data)[at:at + length], kind, lo, hi, np.dtype(np.float32), widths[kind])
+                np.testing.assert_array_equal(got, array[lo:hi])
+    first = layout.first_positions(np.array([counts]))
+    assert first.tolist() == [[layout.position(n, k, 0) for k in range(3)]]
 
 
 def _take(pipeline, n):
@@ -148,12 +218,14 @@ def _sample_videos(source, requests, outs=None):
     return source.sample_videos([(i, np.random.default_rng(seed)) for i, seed in requests], outs)
 
 
-def test_sample_videos_gives_the_clips_of_sample_clips(corpus, store):
+def test_sample_videos_gives_the_clips_of_sample_clips(corpus, store, kinds_store):
     raw, settings = reader(corpus, **SETTINGS), paper_clip_settings(**SETTINGS)
     want = [_expected(raw, i, seed) for i, seed in REQUESTS]
     assert sum(isinstance(w, DataError) for w in want) == 4
+    assert FeatureStoreSource(kinds_store, settings).meta["format"] == FORMAT_KINDS  # an older store reads too
     for source in (FeatureStoreSource(store, settings), FeatureStoreSource(store, settings, concurrent_reads=False),
-                   FeatureStoreSource(store, settings, max_gap=0)):
+                   FeatureStoreSource(store, settings, max_gap=0), FeatureStoreSource(kinds_store, settings),
+                   FeatureStoreSource(kinds_store, settings, concurrent_reads=False)):
         got = _sample_videos(source, REQUESTS)
         assert len(got) == len(REQUESTS)
         for w, g in zip(want, got):
@@ -179,55 +251,56 @@ def bucket_store(corpus, gcs_bucket):
     return url
 
 
-def test_store_in_a_bucket(corpus, store, bucket_store):
+@pytest.mark.parametrize("client", ["tensorstore", "fsspec"])
+def test_store_in_a_bucket(corpus, store, bucket_store, client):
     settings = paper_clip_settings(**SETTINGS)
-    local, remote = (FeatureStoreSource(p, settings) for p in (store, bucket_store))
+    local, remote = FeatureStoreSource(store, settings), FeatureStoreSource(bucket_store, settings, client=client)
     for i in (0, 7):
         assert _same_clips(local.sample_clips(i, np.random.default_rng(i)), remote.sample_clips(i, np.random.default_rng(i)))
     assert remote.bytes_read == local.bytes_read
     # Several videos at once, and one window at a time: the clips of the npz files.
     raw = reader(corpus, **SETTINGS)
     want = [_expected(raw, i, seed) for i, seed in REQUESTS]
-    for source in (remote, FeatureStoreSource(bucket_store, settings, concurrent_reads=False)):
+    for source in (remote, FeatureStoreSource(bucket_store, settings, concurrent_reads=False, client=client)):
         for w, g in zip(want, _sample_videos(source, REQUESTS)):
             _check(w, g)
     with pytest.raises(DataError, match="no ASR segments"):
         remote.sample_clips(8, np.random.default_rng(0))
 
 
-def test_windows_that_overlap_or_nearly_touch_are_read_by_one_request(bucket_store):
-    from msk_jax.bench.bucket import request_counts
-
+def test_windows_that_overlap_or_lie_within_the_gap_are_read_by_one_request(bucket_store):
     endpoint, settings = os.environ["STORAGE_EMULATOR_HOST"], paper_clip_settings(**SETTINGS)
-    requests, served = {}, {}
-    for name, options in (("one at a time", dict(concurrent_reads=False)), ("overlapping", dict(max_gap=0)),
-                          ("within 64 KiB", {})):
+    requests, served, read = {}, {}, {}
+    for name, options in (("one at a time", {"concurrent_reads": False}), ("overlapping", {"max_gap": 0}),
+                          ("within 64 KiB", {"max_gap": 64 << 10}), ("default gap", {})):
         source = FeatureStoreSource(bucket_store, settings, **options)
         before = request_counts(endpoint)["ranged_reads"]
         _sample_videos(source, REQUESTS)
         requests[name], served[name] = source.requests, request_counts(endpoint)["ranged_reads"] - before
+        read[name] = source.bytes_read
     assert served == requests  # what the reader counts is what the server answered
-    # A clip's windows overlap others; a small video's blocks lie within 64 KiB of each other.
-    assert requests["within 64 KiB"] < requests["overlapping"] < requests["one at a time"]
-    assert requests["within 64 KiB"] <= 3 * 17  # at most one per block of each usable video
+    # In time blocks a clip's three windows overlap: at most one request per clip, fewer when
+    # clips overlap; a gap read costs bytes, and the default (1.125 MiB) spans this whole small store.
+    assert requests["default gap"] == 1 < requests["within 64 KiB"] < requests["overlapping"] <= 17 * 3
+    assert requests["overlapping"] < requests["one at a time"]
+    assert read["overlapping"] < read["within 64 KiB"] < read["default gap"]
 
 
-LONG = dict(n_clips=10, num_audio_frames=256)
+LONG = {"n_clips": 10, "num_audio_frames": 256}
 
 
 @pytest.fixture(scope="module")
 def long_video_store(tmp_path_factory, gcs_bucket):
-    """One 300 s video, narrated every 10 s, in the bucket: ten clips read ~30 windows."""
+    """One 300 s video, narrated every 10 s, in the bucket in the kinds layout: ten clips read
+    ~30 windows."""
     root = str(tmp_path_factory.mktemp("long_video"))
     write_howto(root, [("demo/long", 300, segments(*[(10.0 * k + 1, 10.0 * k + 4, "a b c") for k in range(30)]), {})])
     url = f"{gcs_bucket}/long_video_store"
-    build_feature_store(reader(root, **LONG), url, progress=False)
+    build_feature_store(reader(root, **LONG), url, progress=False, layout="kinds")
     return url
 
 
 def test_windows_are_read_concurrently_against_the_bucket_latency(long_video_store):
-    from msk_jax.bench.bucket import set_latency
-
     endpoint, latency = os.environ["STORAGE_EMULATOR_HOST"], 0.2
     source = FeatureStoreSource(long_video_store, paper_clip_settings(**LONG), max_gap=0)
     want = [source.sample_clips(0, np.random.default_rng(seed)) for seed in range(4)]  # no latency yet

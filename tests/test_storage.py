@@ -1,7 +1,9 @@
-"""Paths on disk (the bucket side is in test_cloud.py) and the resume check of configurations."""
+"""Paths on disk (the bucket side is in test_cloud.py), byte ranges from a bucket through either
+client, and the resume check of configurations."""
 
 import json
 import os
+import pickle
 
 import pytest
 
@@ -56,6 +58,38 @@ def test_atomic_write_syncs_and_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(IsADirectoryError):
         storage.write_atomic(folder / "taken", b"x")
     assert sorted(os.listdir(folder)) == ["b.json", f"b.json.tmp{os.getpid()}", "taken"]
+
+
+@pytest.mark.parametrize("client", ["tensorstore", "fsspec"])
+def test_byte_ranges_of_a_bucket_object(gcs_bucket, client):
+    data = bytes(range(256)) * 64  # 16 KiB
+    url = f"{gcs_bucket}/ranges/object.bin"
+    storage.write_atomic(url, data)
+    reader = pickle.loads(pickle.dumps(storage.RangeReader(max_gap=100, client=client)))  # as a worker gets it
+    assert reader.client == client and reader.max_gap == 100
+    assert bytes(reader.read(url, 10, 20)) == data[10:30]
+    pending = reader.read_ranges([(url, 5000, 100), (url, 0, 10), (url, 50, 10), (url, 16000, 384), (url, 7, 0)])
+    assert [bytes(pending[i]) for i in range(5)] == [data[5000:5100], data[:10], data[50:60], data[16000:], b""]
+    # The first two ranges 40 bytes apart are one request; 1 + 3 requests, the gap's bytes counted.
+    assert reader.requests == 4 and reader.bytes_read == 20 + 60 + 100 + 384
+    with pytest.raises(OSError, match="object.bin"):
+        reader.read(url, 16000, 1000)  # past the end
+    with pytest.raises(OSError, match="missing.bin"):
+        reader.read_ranges([(f"{gcs_bucket}/ranges/missing.bin", 0, 10)])[0]
+
+
+def test_the_range_client_of_a_path(monkeypatch):
+    assert storage.range_client("/tmp/x") == "local"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")
+    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
+    assert storage.range_client("gs://b/x") == "fsspec"  # an emulator that only gcsfs is pointed at
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "http://127.0.0.1:1")
+    assert storage.range_client("gs://b/x") == "tensorstore"
+    assert storage.range_client("s3://b/x") == storage.range_client("gs://b/x", "fsspec") == "fsspec"
+    with pytest.raises(ValueError, match="the tensorstore client reads gs:// URLs, not 's3://b/x'"):
+        storage.range_client("s3://b/x", "tensorstore")
+    with pytest.raises(ValueError, match="client 'curl', expected one of auto, tensorstore, fsspec"):
+        storage.RangeReader(client="curl")
 
 
 def _umask():

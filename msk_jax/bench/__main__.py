@@ -21,6 +21,8 @@ def main(argv):
                              "COMMAND: " + ", ".join(f"{n} ({h})" for n, (_, h) in BENCHMARKS.items())
                              + ", all (every one but plan, fed and extract)")
     try:
+        if FLAGS.out:  # accelerator's folder
+            FLAGS.config.accelerator.out = FLAGS.out
         results = run(argv[1], FLAGS.config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -37,6 +39,7 @@ def _define_flags():
 
     config_flags.DEFINE_config_file("config", CONFIG, "The benchmarks' shapes (configs/bench.py).")
     flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+    flags.DEFINE_string("out", None, "accelerator: the folder of its JSON and markdown table.")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,16 @@ import time
 import jax
 import numpy as np
 
+from msk_jax import configs, data_sources, sharding, train, train_step
 from msk_jax.bench.common import machine
+from msk_jax.data import synthetic
+from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
+from msk_jax.data.howto100m import HowTo100MReader
+from msk_jax.data.loader import TrainingPipeline
+from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.demo.corpus import default_root
+from msk_jax.loss import ObjectiveConfig
+from msk_jax.model import MultiSKModel
 
 # Dense bf16 matmul peaks (vendor figures, TFLOP/s) by the device kind JAX reports.
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197,
@@ -34,8 +43,6 @@ def chip_peak_flops(device) -> float | None:
 def paper_config(remat: str = "", dtype: str = "bfloat16", queue_len: int = 0):
     """configs/howto.py at the paper's widths, with `model.remat`, the compute dtype and the queue
     length overridden where given."""
-    from msk_jax import configs
-
     config = configs.get_config("howto", "")
     if remat:
         config.model.remat = remat
@@ -47,15 +54,10 @@ def paper_config(remat: str = "", dtype: str = "bfloat16", queue_len: int = 0):
 
 def synthetic_store(settings, root: str, videos: int, dtype: str, seconds: int = 396, dim: int = 2048) -> str:
     """A feature store of `videos` synthetic videos at HowTo100M's sizes under `root` (built once)."""
-    from msk_jax.data import synthetic
-    from msk_jax.data.feature_store import build_feature_store
-    from msk_jax.data.howto100m import HowTo100MReader
-    from msk_jax.data.word2vec import load_word2vec_binary
-
-    store_dir = os.path.join(root, f"store_{dtype}_{videos}_{seconds}_{dim}")
+    store_dir = os.path.join(root, f"store_time_blocks_{dtype}_{videos}_{seconds}_{dim}")
     if not os.path.exists(os.path.join(store_dir, "meta.json")):
-        paths = synthetic.write_synthetic_howto100m(os.path.join(root, "npz"), videos, seconds=seconds, dim_2d=dim,
-                                                    dim_3d=dim, progress=False)
+        paths = synthetic.write_synthetic_howto100m(os.path.join(root, f"npz_{videos}_{seconds}_{dim}"), videos,
+                                                    seconds=seconds, dim_2d=dim, dim_3d=dim, progress=False)
         reader = HowTo100MReader(paths["csv"], paths["caption"], paths["features_2d"], paths["audio"],
                                  load_word2vec_binary(paths["word_vectors"]), features_3d=paths["features_3d"],
                                  settings=settings, dim_2d=dim, dim_3d=dim)
@@ -65,24 +67,21 @@ def synthetic_store(settings, root: str, videos: int, dtype: str, seconds: int =
 
 def run_fed(videos_per_batch: int = 27, steps: int = 10, workers: int = 8, store_videos: int = 120,
             store_dtype: str = "float16", remat: str = "", dtype: str = "bfloat16", queue_len: int = 0,
-            corpus_dir: str | None = None) -> dict:
-    """Trains the paper-width model from the store until its queues are full, then times `steps`
-    fed steps (input from worker processes, transferred ahead) and `steps` steps on one device
-    batch repeated; reports medians, clips/s, MFU and peak device memory."""
-    from msk_jax import sharding, train, train_step
-    from msk_jax import data_sources
-    from msk_jax.demo.corpus import default_root
-    from msk_jax.data.feature_store import FeatureStoreSource
-    from msk_jax.data.loader import TrainingPipeline
-    from msk_jax.loss import ObjectiveConfig
-    from msk_jax.model import MultiSKModel
-
-    config = paper_config(remat, dtype, queue_len)
+            corpus_dir: str | None = None, config=None, store_seconds: int = 396, store_dim: int = 2048,
+            keep_batches: int = 0):
+    """Trains the paper-width model (or `config`'s) from the store until its queues are full,
+    then times `steps` fed steps (input from worker processes, transferred ahead) and `steps`
+    steps on one device batch repeated; reports medians, clips/s, MFU and peak device memory.
+    With `keep_batches`, returns (results, session): the state after the timed steps and that
+    many more of the pipeline's batches (host copies), for more steps from the same state."""
+    config = config if config is not None else paper_config(remat, dtype, queue_len)
+    dtype = config.model.dtype
     settings = data_sources.clip_settings(config)
     root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
     started = time.perf_counter()
-    source = FeatureStoreSource(synthetic_store(settings, root, store_videos, store_dtype), settings)
-    store_seconds = time.perf_counter() - started
+    source = FeatureStoreSource(synthetic_store(settings, root, store_videos, store_dtype, store_seconds, store_dim),
+                                settings)
+    store_build_seconds = time.perf_counter() - started
 
     mesh = sharding.create_mesh([("data", -1)])
     batch_sharding = sharding.batch_sharding(mesh)
@@ -137,21 +136,26 @@ def run_fed(videos_per_batch: int = 27, steps: int = 10, workers: int = 8, store
         fed_seconds, input_wait, loss = timed(fed_batch)
         bare_seconds, _, _ = timed(lambda: device_batch)
         memory = jax.local_devices()[0].memory_stats() or {}
+        kept = [{k: np.array(v) for k, v in next(pipeline).items()} for _ in range(keep_batches)]
     finally:
         pipeline.close()
     device = jax.local_devices()[0]
     peak = chip_peak_flops(device)
     clips = videos_per_batch * settings.n_clips
-    return {"device": device.device_kind, "devices": len(mesh.devices.flat), "machine": machine(),
+    results = {"device": device.device_kind, "devices": len(mesh.devices.flat), "machine": machine(),
             "remat": config.model.remat, "dtype": dtype, "videos_per_batch": videos_per_batch, "clips_per_step": clips,
             "queue_len": config.objective.queue_len, "warmup_steps": warmup, "steps": steps, "workers": workers,
-            "store_videos": store_videos, "store_dtype": store_dtype, "store_seconds": store_seconds,
+            "store_videos": store_videos, "store_dtype": store_dtype, "store_seconds": store_build_seconds,
             "compile_seconds": compile_seconds, "flops_per_step": flops,
             "fed_step_seconds": fed_seconds, "bare_step_seconds": bare_seconds, "input_wait_seconds": input_wait,
             "clips_per_second": clips / fed_seconds, "videos_per_second": videos_per_batch / fed_seconds,
             "mfu": flops / fed_seconds / (peak * len(mesh.devices.flat)) if peak else None,
             "peak_bytes_in_use": memory.get("peak_bytes_in_use"), "bytes_limit": memory.get("bytes_limit"),
             "loss": loss}
+    if not keep_batches:
+        return results
+    return results, {"config": config, "state": state, "state_sharding": state_sharding, "step_fn": step_fn,
+                     "batch_sharding": batch_sharding, "batches": kept}
 
 
 def format_fed(r: dict) -> str:

@@ -11,17 +11,22 @@ import time
 
 import numpy as np
 
+from msk_jax import data_sources
+from msk_jax.bench import bucket
 from msk_jax.bench.common import machine
+from msk_jax.data import synthetic
+from msk_jax.data.batch import KEYS
+from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
+from msk_jax.data.howto100m import HowTo100MReader
+from msk_jax.data.loader import TrainingPipeline
+from msk_jax.data.word2vec import load_word2vec_binary
+from msk_jax.demo.corpus import build_demo_corpus, default_root
+from msk_jax.errors import DataError
 
 
 def run_pipeline(settings, corpus_dir: str | None = None, size: str = "default", videos_per_batch: int = 8,
                  batches: int = 30, workers: tuple[int, ...] = (1, 2), feature_dim: int = 128) -> dict:
     """Clips/s of the training pipeline on the demo corpus (built if needed), per worker count."""
-    from msk_jax.demo.corpus import build_demo_corpus, default_root
-    from msk_jax.data.howto100m import HowTo100MReader
-    from msk_jax.data.loader import TrainingPipeline
-    from msk_jax.data.word2vec import load_word2vec_binary
-
     root = corpus_dir or default_root()
     paths = build_demo_corpus(root, size=size, feature_dim=feature_dim, progress=False)
     source = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio,
@@ -75,14 +80,11 @@ class _GrainClips:
         self.source, self.seed = source, seed
 
     def __call__(self, index: int):
-        from msk_jax.errors import DataError
-        from msk_jax.data.loader import MODEL_KEYS
-
         try:
             clips = self.source.sample_clips(int(index), np.random.default_rng([self.seed, 0, int(index)]))
         except DataError:
             return None
-        return {k: clips[k] for k in MODEL_KEYS}
+        return {k: clips[k] for k in KEYS}
 
 
 def _grain_pipeline(source, videos_per_batch: int, workers: int):
@@ -128,7 +130,8 @@ def _time_grain(source, videos_per_batch: int, batches: int, workers: int) -> di
 def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int = 300, videos_per_batch: int = 16,
                            batches: int = 12, workers: tuple[int, ...] = (1, 2), dtype: str = "float32",
                            seconds: int = 396, dim: int = 2048, grain: bool = False,
-                           bucket_latency_ms: tuple = (), bucket_videos: int = 48) -> dict:
+                           bucket_latency_ms: tuple = (), bucket_videos: int = 48,
+                           bucket_variants: tuple = tuple(bucket.VARIANTS)) -> dict:
     """The input path at HowTo100M's per-video sizes (`msk_jax.data.synthetic`), read from the page
     cache: today's npz files read whole by threads, against the feature store read by window
     (threads; worker processes filling a slot per video that this process concatenates; worker
@@ -137,20 +140,13 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
     the store through grain's worker processes (grain installed separately); with
     `bucket_latency_ms`, also the store read from a bucket on localhost at each latency
     (`msk_jax.bench.bucket`)."""
-    from msk_jax.data import synthetic
-    from msk_jax.demo.corpus import default_root
-    from msk_jax.data.feature_store import FeatureStoreSource, build_feature_store
-    from msk_jax.data.howto100m import HowTo100MReader
-    from msk_jax.data.loader import TrainingPipeline
-    from msk_jax.data.word2vec import load_word2vec_binary
-
     root = corpus_dir or os.path.join(os.path.dirname(default_root()), "bench_howto100m")
     paths = synthetic.write_synthetic_howto100m(os.path.join(root, "npz"), videos, seconds=seconds, dim_2d=dim,
                                                 dim_3d=dim, progress=False)
     reader = HowTo100MReader(paths["csv"], paths["caption"], paths["features_2d"], paths["audio"],
                              load_word2vec_binary(paths["word_vectors"]), features_3d=paths["features_3d"],
                              settings=settings, dim_2d=dim, dim_3d=dim)
-    store_dir = os.path.join(root, f"store_{dtype}_{videos}_{seconds}_{dim}")
+    store_dir = os.path.join(root, f"store_time_blocks_{dtype}_{videos}_{seconds}_{dim}")
     if not os.path.exists(os.path.join(store_dir, "meta.json")):
         build_feature_store(reader, store_dir, dtype=dtype, progress=False)
     store = FeatureStoreSource(store_dir, settings)
@@ -195,11 +191,9 @@ def run_pipeline_howto100m(settings, corpus_dir: str | None = None, videos: int 
                             "scaling_1_to_2": (rows[2]["videos_per_second"] / rows[1]["videos_per_second"]
                                                if 1 in rows and 2 in rows else None)}
     if bucket_latency_ms:
-        from msk_jax.bench import bucket
-
         results["bucket"] = bucket.run_bucket(settings, paths, root, tuple(bucket_latency_ms), videos=bucket_videos,
                                               videos_per_batch=videos_per_batch, batches=batches, workers=workers,
-                                              dtype=dtype, seconds=seconds, dim=dim)
+                                              dtype=dtype, seconds=seconds, dim=dim, variants=tuple(bucket_variants))
     return results
 
 
@@ -222,22 +216,20 @@ def format_pipeline_howto100m(r: dict) -> str:
         if r[name]["scaling_1_to_2"]:
             lines.append(f"{'':26s} 1 -> 2 workers: {r[name]['scaling_1_to_2']:.2f}x")
     if "bucket" in r:
-        from msk_jax.bench.bucket import format_bucket
-
-        lines.append(format_bucket(r["bucket"]))
+        lines.append(bucket.format_bucket(r["bucket"]))
     return "\n".join(lines)
 
 
 def cli(config) -> dict:
-    from msk_jax import data_sources
 
     c = config.pipeline
     if c.sizes not in ("demo", "howto100m"):
         raise ValueError(f"config.pipeline.sizes='{c.sizes}': expected 'demo' or 'howto100m'.")
     if c.sizes == "howto100m":
-        results = run_pipeline_howto100m(data_sources.clip_settings(config), c.corpus_dir or None, c.videos, batches=c.batches or 12, dtype=c.dtype,
-                                         grain=c.grain, bucket_latency_ms=tuple(c.bucket_latency_ms),
-                                         bucket_videos=c.bucket_videos)
+        results = run_pipeline_howto100m(data_sources.clip_settings(config), c.corpus_dir or None, c.videos,
+                                         batches=c.batches or 12, dtype=c.dtype, grain=c.grain,
+                                         bucket_latency_ms=tuple(c.bucket_latency_ms), bucket_videos=c.bucket_videos,
+                                         bucket_variants=tuple(c.get("bucket_variants", tuple(bucket.VARIANTS))))
         print(format_pipeline_howto100m(results), flush=True)
         return results
     results = run_pipeline(data_sources.clip_settings(config), c.corpus_dir or None, c.size, batches=c.batches or 30)

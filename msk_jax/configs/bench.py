@@ -1,11 +1,11 @@
-"""The benchmarks' shapes (BENCH.md), one section per `python -m msk_jax.bench` command.
+"""The benchmarks' shapes (BENCHMARKS.md), one section per `python -m msk_jax.bench` command.
 
     python -m msk_jax.bench step                                   # configs/bench.py:cpu_bench
     python -m msk_jax.bench step --config=configs/bench.py:cpu_bench --config.step.repeats=7
     python -m msk_jax.bench sk --config.sk.n=4000 --json=OUT
 
 `model` is the cpu-bench model: the paper's input widths and anchor count with narrower layers,
-so that one train step runs on a CPU (BENCH.md "cpu-bench"). The objective (Multi-SK settings
+so that one train step runs on a CPU (BENCHMARKS.md, "cpu-bench"). The objective (Multi-SK settings
 included) and the clip settings are the paper's, read from configs/howto.py. `plan` compiles the
 configs/howto.py step itself (its `howto` field names a variant).
 """
@@ -51,6 +51,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pipeline --sizes=howto100m measures it).
     config.plan = ml_collections.ConfigDict(dict(targets="v4-8,v5e-16,8xH100", meshes="data,fsdp,fsdp_model2",
                                                  remats="", howto="", store_videos_per_core=0.0))
+    # plan's request budget: per store layout the read requests and MB read per video (what
+    # `bench pipeline --config.pipeline.sizes=howto100m` measures: time blocks with the 1.125 MiB gap,
+    # the kinds layout of format 1 with 64 KiB), pods of pod_hosts hosts, a paper run of
+    # paper_videos x the config's epochs; from_json: the compiled rows of an earlier `--json`.
+    config.plan.update(dict(layouts="time_blocks,kinds", requests_per_video=(3.98, 21.4), mb_per_video=(5.12, 2.68),
+                            pod_hosts=(1, 4, 16, 64), paper_videos=1.22e6, dollars_per_1000_reads=0.0004,
+                            from_json=""))
     # fed: the paper-width step (configs/howto.py widths, `dtype` compute, `remat` "" keeps the
     # config's) on this host's accelerators, fed by `workers` processes from a store of
     # `store_videos` synthetic HowTo100M-size videos; queue_len 0 keeps the paper's 5,500.
@@ -63,4 +70,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of seconds on a few CPU cores, hence few repeats.
     config.extract = ml_collections.ConfigDict(dict(batch=64, frame_size=(224, 398), clip_frames=16, clip_size=112,
                                                     kinds=("2d", "3d"), dtypes=("float32", "bfloat16"), repeats=2))
+    # search: query latency and memory of the search index at each size (windows) of synthetic
+    # float16 embeddings, dim 0: configs/howto.py's projection_dim; exact_queries of the queries
+    # timed exactly, all approximately (candidates rescored exactly); folder: where the synthetic
+    # vectors go ("": the system's temporary folder; 1M windows take 12.3 GB).
+    config.search = ml_collections.ConfigDict(dict(sizes=(10_000, 100_000, 1_000_000), dim=0, queries=50,
+                                                   exact_queries=10, k=10, candidates=400, approximate=True,
+                                                   folder="", seed=0))
+    # accelerator: one host measured within budget_seconds (parts skipped past it), written to
+    # `out` (--out=DIR): the fed step as `fed` (54 videos x 10 clips, 8 workers, a float16 store of
+    # 60 synthetic videos), dtype_steps more steps in bf16 and float32, the extractor's bf16
+    # backbones at extract_batch, the evaluation's embedding rate, the demo's wall time; `small`:
+    # tiny widths and sizes (a CPU, the tests).
+    config.accelerator = ml_collections.ConfigDict(dict(out="", small=False, budget_seconds=450.0, steps=10, workers=8,
+                                                        videos_per_batch=54, store_videos=60, dtype_steps=3,
+                                                        extract_batch=64, corpus_dir="",
+                                                        parts=("step", "dtypes", "extractor", "evaluation", "demo")))
     return config

@@ -7,7 +7,10 @@
 
 then train with ``--config.data.source=store --config.data.store_dir=<output>``. The same config
 (paths, dimensions, log-mel bins) is read as for training; ``--config=configs/howto.py:demo``
-builds the store of the demo corpus.
+builds the store of the demo corpus. ``--layout=time_blocks`` (the default) keeps a clip's rows of
+all three kinds in one byte range, a few requests per video from a bucket; ``--layout=kinds``
+writes format 1 (each video's 2D, 3D and log-mel blocks apart). A store of either layout gives
+the same clips; to give a format-1 store time blocks, build it again into a new folder.
 """
 
 import sys
@@ -26,6 +29,8 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file (it
 flags.DEFINE_string("output", None, "Folder (or gs:// URL) of the store to build.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "How the feature rows are stored.")
 flags.DEFINE_integer("shard_gib", 4, "Size of each shard file, GiB.")
+flags.DEFINE_enum("layout", "time_blocks", ["time_blocks", "kinds"], "time_blocks: a clip is one byte range; "
+                  "kinds: each video's 2D, 3D and log-mel blocks apart (format 1).")
 flags.mark_flags_as_required(["config", "output"])
 
 
@@ -44,7 +49,8 @@ def main(argv):
         reader = HowTo100MReader(paths.csv, paths.caption, paths.features_2d, paths.audio, words,
                                  features_3d=paths.features_3d, settings=data_sources.clip_settings(config),
                                  dim_2d=d.dim_2d, dim_3d=d.dim_3d)
-        build_feature_store(reader, FLAGS.output, dtype=FLAGS.dtype, shard_bytes=FLAGS.shard_gib << 30)
+        build_feature_store(reader, FLAGS.output, dtype=FLAGS.dtype, shard_bytes=FLAGS.shard_gib << 30,
+                            layout=FLAGS.layout)
     except (FileNotFoundError, FileExistsError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
