@@ -20,7 +20,6 @@ import resource
 import shutil
 import sys
 import time
-import zipfile
 
 import numpy as np
 

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
