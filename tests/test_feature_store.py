@@ -17,13 +17,7 @@ import numpy as np
 import pytest
 
 from msk_jax.bench.bucket import request_counts, set_latency
-from msk_jax.data.feature_store import (
-    FORMAT,
-    FORMAT_KINDS,
-    FeatureStoreSource,
-    TimeBlocks,
-    build_feature_store,
-)
+from msk_jax.data.feature_store import FORMAT, FORMAT_KINDS, FeatureStoreSource, TimeBlocks, build_feature_store
 from msk_jax.data.howto100m import clip_shapes
 from msk_jax.data.loader import TrainingPipeline
 from msk_jax.errors import DataError

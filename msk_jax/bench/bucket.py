@@ -36,12 +36,7 @@ import urllib.request
 import numpy as np
 
 from msk_jax import environment, storage
-from msk_jax.data.feature_store import (
-    DEFAULT_MAX_GAP,
-    FORMAT,
-    FeatureStoreSource,
-    build_feature_store,
-)
+from msk_jax.data.feature_store import DEFAULT_MAX_GAP, FORMAT, FeatureStoreSource, build_feature_store
 from msk_jax.data.howto100m import HowTo100MReader, clip_shapes
 from msk_jax.data.loader import TrainingPipeline
 from msk_jax.data.word2vec import load_word2vec_binary

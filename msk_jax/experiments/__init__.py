@@ -16,34 +16,11 @@ Modules:
   __main__                -- the runner's command line (`python -m msk_jax.experiments --help`).
 """
 
-from msk_jax.experiments.report import (
-                                        DIAGNOSTICS,
-                                        METRICS,
-                                        interval,
-                                        paired_differences,
-                                        plot,
-                                        plot_series,
-                                        summarise,
-                                        summarise_anchors,
-                                        summarise_diagnostics,
-                                        summarise_geometry,
-                                        summarise_paired,
-                                        summarise_training,
-                                        summarise_wide,
-)
-from msk_jax.experiments.runner import (
-                                        ANALYSES,
-                                        TRAINING_TAIL,
-                                        analyse,
-                                        apply_overrides,
-                                        parse_grid,
-                                        parse_value,
-                                        plot_field,
-                                        run_grid,
-                                        run_name,
-                                        settings,
-                                        training_losses,
-)
+from msk_jax.experiments.report import (DIAGNOSTICS, METRICS, interval, paired_differences, plot, plot_series,
+                                        summarise, summarise_anchors, summarise_diagnostics, summarise_geometry,
+                                        summarise_paired, summarise_training, summarise_wide)
+from msk_jax.experiments.runner import (ANALYSES, TRAINING_TAIL, analyse, apply_overrides, parse_grid, parse_value,
+                                        plot_field, run_grid, run_name, settings, training_losses)
 
 __all__ = ["ANALYSES", "DIAGNOSTICS", "METRICS", "TRAINING_TAIL", "analyse", "apply_overrides",
            "interval", "paired_differences", "parse_grid", "parse_value", "plot", "plot_field", "plot_series",

@@ -16,15 +16,8 @@ from typing import Any, Mapping, Sequence
 from absl import app, flags
 
 from msk_jax import cli, storage
-from msk_jax.experiments.report import (
-    plot_series,
-    summarise_anchors,
-    summarise_diagnostics,
-    summarise_geometry,
-    summarise_paired,
-    summarise_training,
-    summarise_wide,
-)
+from msk_jax.experiments.report import (plot_series, summarise_anchors, summarise_diagnostics, summarise_geometry,
+                                        summarise_paired, summarise_training, summarise_wide)
 from msk_jax.experiments.runner import parse_grid
 
 FLAGS = flags.FLAGS

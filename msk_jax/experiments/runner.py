@@ -16,14 +16,8 @@ import numpy as np
 
 from msk_jax import metric_writers, storage, train
 from msk_jax.experiments import anchor_semantics, consistency_diagnostics
-from msk_jax.experiments.report import (
-    summarise,
-    summarise_anchors,
-    summarise_diagnostics,
-    summarise_geometry,
-    summarise_training,
-    summarise_wide,
-)
+from msk_jax.experiments.report import (summarise, summarise_anchors, summarise_diagnostics, summarise_geometry,
+                                        summarise_training, summarise_wide)
 
 
 def parse_value(text: str) -> Any:
